@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Both create .venv on first use. PyTorch is installed first, pinned to the local CPU build;
+# override with e.g. `make test TORCH_SPEC="torch==2.14.1"` for another build.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+# MNIST: ../shared/data/mnist beside the checkout when present, else ./data (see data/README.md).
+ICSTOOLS_DATA ?= $(if $(wildcard ../shared/data/mnist/*.gz),$(abspath ../shared/data),$(abspath data))
+export ICSTOOLS_DATA
+
+.PHONY: demo test test-all lint bench clean
+
+$(BIN)/.icstools-installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/.icstools-installed
+	$(BIN)/icstools demo
+
+lint: $(BIN)/.icstools-installed
+	$(BIN)/ruff check icstools tests bench
+
+test: lint
+	$(BIN)/python -m pytest -m "not slow"
+
+test-all: lint
+	$(BIN)/python -m pytest
+
+bench: $(BIN)/.icstools-installed
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/memory.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
