@@ -1,0 +1,33 @@
+"""icstools: measure internal covariate shift in PyTorch training.
+
+Hooks attach to any ``torch.nn.Module`` and record per-unit activation statistics at scheduled
+optimizer steps into an xarray dataset, streamed to a crash-safe Zarr store.
+
+Examples
+--------
+>>> import torch, icstools
+>>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 2))
+>>> icstools.list_sites(model)[:2]
+['0:input', '0:output']
+"""
+
+__version__ = "0.1.0"
+
+from icstools.recorder import Recorder, RecorderError
+from icstools.schedules import as_schedule, at_steps, every, log_spaced
+from icstools.sites import SiteSelectionError, list_sites, select_sites
+from icstools.store import open_run
+
+__all__ = [
+    "Recorder",
+    "RecorderError",
+    "SiteSelectionError",
+    "__version__",
+    "as_schedule",
+    "at_steps",
+    "every",
+    "list_sites",
+    "log_spaced",
+    "open_run",
+    "select_sites",
+]

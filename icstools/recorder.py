@@ -1,0 +1,720 @@
+"""The recorder: hooks on any ``torch.nn.Module`` → per-unit statistics per step → run dataset.
+
+Hooks live here and only here. They are attached by :meth:`Recorder.attach` (or ``with rec:``)
+and removed by :meth:`Recorder.detach`, which ``__exit__`` calls in a ``finally`` block, so no
+hook outlives the ``with`` block even when training raises.
+
+Step bookkeeping. ``rec.step`` counts optimizer steps (an optimizer step post-hook, or
+:meth:`Recorder.step_done` by hand). The record of step ``t`` describes the model with the
+weights after ``t`` updates: the ``train`` source pools every training forward made at that
+step (gradient accumulation and modules called several times are pooled; ``calls`` counts
+them), the ``probe`` source evaluates the fixed probe batch once, right before the first
+training forward of the step. A forward counts as training when the model is in train mode
+and gradients are enabled; evaluation forwards (``model.eval()`` or ``torch.no_grad()``) are
+never recorded as ``train``. A record is closed at the first training forward of a later step,
+or by :meth:`Recorder.flush`, :meth:`Recorder.to_dataset` and leaving the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from icstools import __version__
+from icstools.schedules import Schedule, as_schedule
+from icstools.sites import Selector, Site, default_unit_dim, find_tensor, select_sites
+from icstools.statistics import DEFAULT_QUANTILES, ActivationStatistics, choose_hist_edges
+from icstools.store import BackgroundWriter, RunWriter, open_run
+
+__all__ = ["SCHEMA_VERSION", "Recorder", "RecorderError"]
+
+#: Version of the run-dataset layout (DESIGN.md §3) written in every run's attrs.
+SCHEMA_VERSION = 1
+
+SOURCES = ("train", "probe")
+UNIT_STATS = ("mean", "var", "skew", "kurt", "min", "max", "sat_frac", "zero_frac", "nonfinite")
+_RESERVED = {*UNIT_STATS, "quantile_value", "hist", "calls", "count", "step", "lr"}
+
+
+class RecorderError(ValueError):
+    """A recorder used in a way it does not support (the message says how to fix it)."""
+
+
+class _Layout:
+    """The static shape of a run, fixed at the first record: sites, their units, edges."""
+
+    def __init__(
+        self,
+        sources: tuple[str, ...],
+        sites: list[Site],
+        widths: dict[str, int],
+        unit_dims: dict[str, int],
+        edges: dict[str, np.ndarray],
+        sat: dict[str, float | None],
+        quantiles: np.ndarray,
+        log_names: tuple[str, ...],
+    ) -> None:
+        self.sources = sources
+        self.sites = [s.name for s in sites]
+        self.widths = widths
+        self.unit_dims = unit_dims
+        self.edges = edges
+        self.sat = sat
+        self.quantiles = quantiles
+        self.log_names = log_names
+        self.offsets: dict[str, int] = {}
+        offset = 0
+        for name in self.sites:
+            self.offsets[name] = offset
+            offset += widths[name]
+        self.n_units = offset
+        self.n_bins = len(next(iter(edges.values()))) + 1  # bins + under/overflow
+
+    def empty_record(self, step: int) -> dict[str, Any]:
+        ns, nu, nsite = len(self.sources), self.n_units, len(self.sites)
+        rec: dict[str, Any] = {"step": step}
+        for name in UNIT_STATS:
+            rec[name] = np.full((ns, nu), np.nan, np.float32)
+        rec["count"] = np.zeros((ns, nu), np.int64)
+        rec["quantile_value"] = np.full((ns, nu, len(self.quantiles)), np.nan, np.float32)
+        rec["hist"] = np.zeros((ns, nsite, self.n_bins), np.int64)
+        rec["calls"] = np.zeros((ns, nsite), np.int64)
+        return rec
+
+    def static_coords(self) -> dict[str, Any]:
+        unit_site = np.concatenate([[s] * self.widths[s] for s in self.sites]).astype(str)
+        unit_index = np.concatenate([np.arange(self.widths[s]) for s in self.sites])
+        return {
+            "source": ("source", np.array(self.sources, dtype=str)),
+            "unit": ("unit", np.arange(self.n_units, dtype=np.int64)),
+            "unit_site": ("unit", unit_site),
+            "unit_index": ("unit", unit_index.astype(np.int64)),
+            "site": ("site", np.array(self.sites, dtype=str)),
+            "quantile": ("quantile", self.quantiles.astype(np.float64)),
+            "bin": ("bin", np.arange(self.n_bins, dtype=np.int64)),
+            "hist_edges": (("site", "edge"), np.stack([self.edges[s] for s in self.sites])),
+            "site_units": ("site", np.array([self.widths[s] for s in self.sites], np.int64)),
+            "site_unit_dim": ("site", np.array([self.unit_dims[s] for s in self.sites], np.int64)),
+            "sat_threshold": (
+                "site",
+                np.array([np.nan if self.sat[s] is None else self.sat[s] for s in self.sites]),
+            ),
+        }
+
+    def block(self, records: list[dict[str, Any]], attrs: dict[str, Any]) -> xr.Dataset:
+        steps = np.array([r["step"] for r in records], dtype=np.int64)
+        data: dict[str, Any] = {}
+        for name in (*UNIT_STATS, "count"):
+            data[name] = (("source", "step", "unit"), np.stack([r[name] for r in records], 1))
+        data["quantile_value"] = (
+            ("source", "step", "unit", "quantile"),
+            np.stack([r["quantile_value"] for r in records], 1),
+        )
+        data["hist"] = (
+            ("source", "step", "site", "bin"),
+            np.stack([r["hist"] for r in records], 1),
+        )
+        data["calls"] = (("source", "step", "site"), np.stack([r["calls"] for r in records], 1))
+        for name in ("loss", "lr", *self.log_names):
+            data[name] = (("step",), np.array([r.get(name, np.nan) for r in records], np.float64))
+        coords = {"step": ("step", steps), **self.static_coords()}
+        return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+class Recorder:
+    """Record per-unit activation statistics of any PyTorch model during training.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model; it is not modified (hooks only).
+    sites : selector, optional
+        Which tensors to record (see :func:`icstools.sites.select_sites`): a module type,
+        a name or glob (``"fc3"``, ``"features.*"``, ``"fc3:input"``), a predicate
+        ``(name, module) -> bool``, or a list of these. Default: the inputs of all element-wise
+        nonlinearities.
+    role : {"input", "output"} or both, optional
+        Role for selectors that don't name one (default ``"input"`` for ``sites=None``, else
+        ``"output"``).
+    every : int or callable
+        Schedule in optimizer steps: every N steps, or any ``step -> bool``
+        (see :mod:`icstools.schedules`).
+    optimizer : torch.optim.Optimizer, optional
+        Steps are counted by a post-hook on its ``step()``; its first parameter group's learning
+        rate is recorded as ``lr``. Without one, call :meth:`step_done` after each update.
+    probe : tensor, tuple of positional args, or dict of keyword args, optional
+        A fixed batch evaluated at each recorded step (source ``probe``), with no effect on
+        training: no gradient, buffers (BN running statistics) restored, RNG state and module
+        modes restored.
+    probe_mode : {"train", "eval"}
+        Mode of the probe forward: ``"train"`` (BN normalizes with the probe batch's own
+        statistics, as the network computes during training) or ``"eval"`` (running statistics).
+    path : str or Path, optional
+        Zarr store to stream the run to. Without it everything stays in memory.
+    overwrite : bool
+        Replace an existing store at ``path``.
+    quantiles : sequence of float
+        Levels of ``quantile_value`` (default: the paper's 0.15/0.5/0.85 on a 5% grid + 1%/99%).
+    bins : int
+        Bins of the per-site histogram (plus an underflow and an overflow bin).
+    hist_range : (float, float) or dict, optional
+        Histogram range for all sites, or per site-name glob; default: the first recorded
+        values' range, widened by 25% on each side.
+    saturation : dict, optional
+        ``|x|`` thresholds of ``sat_frac`` per site-name glob; defaults to 4.585 for sigmoid
+        inputs and 2.993 for tanh inputs (derivative below 0.01), none elsewhere.
+    unit_dim : int or dict, optional
+        Dimension holding units, for all sites or per site-name glob; default: last for
+        ``[batch, (time,) features]``, 1 for ``[N, C, ...]`` and convolution-like modules.
+    quantile_sample : int or None
+        Values per unit kept for exact quantiles per step; beyond it a uniform random sample of
+        that size is used (see :mod:`icstools.statistics`). ``None``: always exact.
+    chunk_steps : int
+        Records buffered and written per Zarr chunk along ``step``.
+    flush_seconds : float
+        Also write buffered records when this much time has passed since the last write, so a
+        crash loses at most that much.
+    seed : int
+        Seed of the recorder's own generator (quantile sampling); never touches the global RNG.
+
+    Examples
+    --------
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> with Recorder(model, nn.Sigmoid, role="input", every=2, optimizer=opt) as rec:
+    ...     for _ in range(4):
+    ...         loss = model(torch.randn(16, 4)).pow(2).mean()
+    ...         opt.zero_grad(); loss.backward(); opt.step()
+    ...         rec.log(loss=loss)
+    >>> ds = rec.to_dataset()
+    >>> ds["mean"].dims, ds.sizes["step"], list(ds.site.values)
+    (('source', 'step', 'unit'), 2, ['1:input'])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: Selector = None,
+        *,
+        role: str | Sequence[str] | None = None,
+        every: int | Schedule = 1,
+        optimizer: torch.optim.Optimizer | None = None,
+        probe: Any = None,
+        probe_mode: str = "train",
+        path: str | Path | None = None,
+        overwrite: bool = False,
+        quantiles: Sequence[float] = DEFAULT_QUANTILES,
+        bins: int = 64,
+        hist_range: tuple[float, float] | dict[str, tuple[float, float]] | None = None,
+        saturation: dict[str, float] | None = None,
+        unit_dim: int | dict[str, int] | None = None,
+        quantile_sample: int | None = 8192,
+        chunk_steps: int = 64,
+        flush_seconds: float = 30.0,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if probe_mode not in ("train", "eval"):
+            raise ValueError(f"probe_mode must be 'train' or 'eval', got {probe_mode!r}")
+        if probe is not None and find_tensor(probe) is None:
+            raise TypeError(
+                "probe must be a tensor, a tuple of positional arguments or a dict of keyword "
+                f"arguments holding at least one floating-point tensor, got {type(probe).__name__}"
+            )
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+            raise ValueError(f"bins must be an int ≥ 1, got {bins!r}")
+        if isinstance(chunk_steps, bool) or not isinstance(chunk_steps, int) or chunk_steps < 2:
+            raise ValueError(
+                f"chunk_steps must be an int ≥ 2 (a chunk of 1 step is slow), got {chunk_steps!r}"
+            )
+        if not flush_seconds > 0:
+            raise ValueError(f"flush_seconds must be > 0, got {flush_seconds!r}")
+        self.model = model
+        self.sites: list[Site] = select_sites(model, sites, role)
+        self.schedule: Schedule = as_schedule(every)
+        self.optimizer = optimizer
+        self.probe = probe
+        self.probe_mode = probe_mode
+        self.path = None if path is None else Path(path)
+        self.quantiles = np.asarray(quantiles, dtype=np.float64)
+        self.bins = bins
+        self.quantile_sample = quantile_sample
+        self.chunk_steps = chunk_steps
+        self.flush_seconds = float(flush_seconds)
+        self.seed = int(seed)
+        self._hist_range = hist_range
+        self._saturation = dict(saturation or {})
+        self._unit_dim = unit_dim
+        self._modules = dict(model.named_modules())
+        # Validate the options now (not at the first hook call) by resolving them once per site.
+        self._site_sat = {s.name: self._site_saturation(s) for s in self.sites}
+        for s in self.sites:
+            self._site_option(self._unit_dim, s.name, "unit_dim", int)
+            rng = self._site_option(self._hist_range, s.name, "hist_range", tuple)
+            if rng is not None and not (len(rng) == 2 and float(rng[0]) < float(rng[1])):
+                raise ValueError(
+                    f"hist_range for {s.name} must be (low, high) with low < high, got {rng!r}"
+                )
+        ActivationStatistics(
+            np.linspace(0, 1, 2), 0, quantiles=self.quantiles, quantile_sample=quantile_sample
+        )  # validates quantile options
+
+        self.step = 0  # optimizer steps completed
+        self.diverged_step: int | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._collect: str | None = None  # source being recorded by the hooks, or None
+        self._in_probe = False
+        self._pending: int | None = None  # step of the open record
+        self._pending_logs: dict[str, Any] = {}
+        self._last_forward_step: int | None = None
+        self._stats: dict[tuple[str, str], ActivationStatistics] = {}
+        self._edges: dict[str, np.ndarray] = {}
+        self._unit_dims: dict[str, int] = {}
+        self._layout: _Layout | None = None
+        self._records: list[dict[str, Any]] = []  # in memory (no path) or buffered for the store
+        self._n_records = 0
+        self._last_write = time.monotonic()
+        self._writer: BackgroundWriter | None = None
+        if self.path is not None:
+            self._writer = BackgroundWriter(
+                RunWriter(self.path, chunk_steps=chunk_steps, overwrite=overwrite)
+            )
+
+    # ----------------------------------------------------------------- options per site
+    @staticmethod
+    def _site_option(option: Any, site: str, what: str, kind: type) -> Any:
+        if option is None:
+            return None
+        if isinstance(option, dict):
+            for pattern, value in option.items():
+                if fnmatchcase(site, pattern) or fnmatchcase(site.rpartition(":")[0], pattern):
+                    return value
+            return None
+        if kind is int and (isinstance(option, bool) or not isinstance(option, int)):
+            raise TypeError(f"{what} must be an int or a dict of site glob -> int, got {option!r}")
+        if kind is tuple and not isinstance(option, (tuple, list)):
+            raise TypeError(
+                f"{what} must be (low, high) or a dict of site glob -> (low, high), got {option!r}"
+            )
+        return option
+
+    def _site_saturation(self, site: Site) -> float | None:
+        value = self._site_option(self._saturation, site.name, "saturation", float)
+        if value is None:
+            return site.default_saturation(self._modules[site.module_name])
+        if not float(value) > 0:
+            raise ValueError(f"saturation threshold for {site.name} must be > 0, got {value!r}")
+        return float(value)
+
+    # ----------------------------------------------------------------- hooks
+    def attach(self) -> Recorder:
+        """Register the hooks (``with rec:`` does this and :meth:`detach` on exit)."""
+        if self._handles:
+            raise RecorderError("this recorder is already attached; use one `with rec:` at a time")
+        try:
+            root = self.model
+            self._handles.append(root.register_forward_pre_hook(self._on_forward_start))
+            self._handles.append(root.register_forward_hook(self._on_forward_end, always_call=True))
+            for site in self.sites:
+                module = self._modules[site.module_name]
+                if site.role == "input":
+                    hook = self._make_input_hook(site, module)
+                    self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                else:
+                    hook = self._make_output_hook(site, module)
+                    self._handles.append(module.register_forward_hook(hook))
+            if self.optimizer is not None:
+                self._handles.append(self.optimizer.register_step_post_hook(self._on_opt_step))
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook this recorder registered (safe to call twice)."""
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+        self._collect = None
+
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are registered."""
+        return bool(self._handles)
+
+    def __enter__(self) -> Recorder:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.detach()
+        finally:
+            self.close()
+
+    def _make_input_hook(self, site: Site, module: nn.Module) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self._collect is not None:
+                self._observe(site, module, find_tensor(args) if args else find_tensor(kwargs))
+
+        return hook
+
+    def _make_output_hook(self, site: Site, module: nn.Module) -> Callable[..., None]:
+        def hook(mod: nn.Module, args: tuple, output: object) -> None:
+            if self._collect is not None:
+                self._observe(site, module, find_tensor(output))
+
+        return hook
+
+    def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
+        if self._in_probe:
+            return
+        if not (module.training and torch.is_grad_enabled()):
+            self._collect = None  # evaluation forwards are not training data
+            return
+        step = self.step
+        self._last_forward_step = step
+        if self._pending is not None and self._pending != step:
+            self._close_record()
+        if not self.schedule(step):
+            self._collect = None
+            return
+        if self._pending is None:
+            self._pending = step
+            if self.probe is not None:
+                self._run_probe()
+        self._collect = "train"
+
+    def _on_forward_end(self, module: nn.Module, args: tuple, output: object) -> None:
+        if not self._in_probe:
+            self._collect = None
+
+    def _on_opt_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self.step += 1
+
+    def step_done(self) -> None:
+        """Count one optimizer step by hand (only when no optimizer was given).
+
+        Examples
+        --------
+        >>> rec = Recorder(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+        >>> rec.step_done(); rec.step
+        1
+        """
+        if self.optimizer is not None:
+            raise RecorderError(
+                "steps are already counted by the optimizer given to the Recorder; "
+                "step_done() would count them twice"
+            )
+        self.step += 1
+
+    def _observe(self, site: Site, module: nn.Module, x: torch.Tensor | None) -> None:
+        if x is None:
+            return
+        if self._layout is not None and site.name not in self._layout.widths:
+            return  # not called at the first record, so not in the run's layout
+        key = (self._collect, site.name)
+        stats = self._stats.get(key)
+        if stats is None:
+            stats = self._new_stats(site, module, x, key)
+        stats.update(x)
+
+    def _new_stats(
+        self, site: Site, module: nn.Module, x: torch.Tensor, key: tuple[str, str]
+    ) -> ActivationStatistics:
+        name = site.name
+        if name not in self._unit_dims:
+            ud = self._site_option(self._unit_dim, name, "unit_dim", int)
+            self._unit_dims[name] = default_unit_dim(module, x) if ud is None else int(ud)
+        if name not in self._edges:
+            rng = self._site_option(self._hist_range, name, "hist_range", tuple)
+            if rng is None:
+                self._edges[name] = choose_hist_edges(x, self.bins)
+            else:
+                self._edges[name] = np.linspace(float(rng[0]), float(rng[1]), self.bins + 1)
+        seed = zlib.crc32(f"{self.seed}/{key[0]}/{name}".encode())
+        stats = ActivationStatistics(
+            self._edges[name],
+            self._unit_dims[name],
+            quantiles=self.quantiles,
+            sat_threshold=self._site_sat[name],
+            quantile_sample=self.quantile_sample,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self._stats[key] = stats
+        return stats
+
+    def _run_probe(self) -> None:
+        model = self.model
+        modes = [(m, m.training) for m in model.modules()]
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        self._in_probe, self._collect = True, "probe"
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                if self.probe_mode == "eval":
+                    model.eval()
+                if isinstance(self.probe, dict):
+                    model(**self.probe)
+                elif isinstance(self.probe, (tuple, list)):
+                    model(*self.probe)
+                else:
+                    model(self.probe)
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for m, training in modes:
+                m.training = training
+            self._in_probe, self._collect = False, None
+
+    # ----------------------------------------------------------------- records
+    def log(self, **scalars: float | torch.Tensor) -> None:
+        """Attach scalars (``loss=...``) to the record of the latest training forward.
+
+        Values logged at unscheduled steps are ignored; tensors are read once per record, not
+        per call. Names are fixed by the first record (``loss`` always exists).
+
+        Examples
+        --------
+        >>> rec = Recorder(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
+        >>> rec.log(loss=0.5, accuracy=0.9)
+        """
+        for name, value in scalars.items():
+            if name in _RESERVED or name.startswith("_"):
+                raise RecorderError(
+                    f"cannot log {name!r}: the name is used by the run dataset "
+                    f"({sorted(_RESERVED)}); choose another"
+                )
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise RecorderError(
+                        f"log({name}=...) needs a scalar, got a tensor of shape "
+                        f"{tuple(value.shape)}"
+                    )
+            elif not isinstance(value, (int, float, np.number)) or isinstance(value, bool):
+                raise TypeError(
+                    f"log({name}=...) needs a number or a 1-element tensor, got {value!r}"
+                )
+        step = self._last_forward_step if self._last_forward_step is not None else self.step
+        if self._pending is None:
+            if self._pending_logs or not self.schedule(step) or self._last_forward_step is not None:
+                return
+            self._pending = step  # logs without any forward (e.g. a user-driven loop)
+        if step != self._pending:
+            return
+        for name, value in scalars.items():
+            self._pending_logs[name] = value.detach() if isinstance(value, torch.Tensor) else value
+
+    def _close_record(self) -> None:
+        step = self._pending
+        if step is None:
+            return
+        self._pending = None
+        logs, self._pending_logs = self._pending_logs, {}
+        results: dict[tuple[str, str], tuple[dict[str, torch.Tensor], int]] = {}
+        for key, stats in self._stats.items():
+            if stats.calls:
+                results[key] = (stats.compute(), stats.calls)
+                stats.reset()
+        if self._layout is None:
+            if not results and not logs:
+                return
+            self._layout = self._make_layout(results, logs)
+        record = self._assemble(step, results, logs)
+        self._check_divergence(record, logs)
+        self._emit(record)
+
+    def _make_layout(self, results: dict, logs: dict) -> _Layout:
+        seen = {name for (_, name) in results}
+        sites = [s for s in self.sites if s.name in seen]
+        if not sites and self.sites:
+            raise RecorderError(
+                "no selected site received a floating-point tensor during the first recorded "
+                f"step; selected: {[s.name for s in self.sites][:10]}. Check the sites (e.g. an "
+                "embedding's input is integer: record its output instead)"
+            )
+        widths = {}
+        for (_, name), (out, _) in results.items():
+            widths[name] = int(out["mean"].shape[0])
+        sources = ("train", "probe") if self.probe is not None else ("train",)
+        return _Layout(
+            sources,
+            sites,
+            widths,
+            {s.name: self._unit_dims[s.name] for s in sites},
+            {s.name: self._edges[s.name] for s in sites},
+            {s.name: self._site_sat[s.name] for s in sites},
+            self.quantiles,
+            tuple(sorted(k for k in logs if k != "loss")),
+        )
+
+    def _assemble(self, step: int, results: dict, logs: dict) -> dict[str, Any]:
+        if self._layout is None:
+            raise RuntimeError("internal: record assembled before the layout was fixed")
+        layout = self._layout
+        rec = layout.empty_record(step)
+        # One device -> host transfer per record: flatten everything, move, split.
+        keys, parts = [], []
+        for (source, name), (out, calls) in results.items():
+            if name not in layout.widths or source not in layout.sources:
+                continue
+            if out["mean"].shape[0] != layout.widths[name]:
+                raise RecorderError(
+                    f"site {name} has {out['mean'].shape[0]} units at step {step}, but "
+                    f"{layout.widths[name]} at the first record; a site's width must not change "
+                    f"(set unit_dim for it if the wrong dimension is taken as units)"
+                )
+            keys.append((source, name, calls))
+            parts.append(out)
+        scalar_names = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+        tensors = [t.reshape(-1).double() for out in parts for t in out.values()]
+        tensors += [logs[k].reshape(-1).double() for k in scalar_names]
+        if tensors:
+            devices = {t.device for t in tensors}
+            if len(devices) == 1:
+                flat = torch.cat(tensors).cpu().numpy()
+            else:
+                flat = torch.cat([t.cpu() for t in tensors]).numpy()
+        pos = 0
+        for (source, name, calls), out in zip(keys, parts, strict=True):
+            si = layout.sources.index(source)
+            k = layout.sites.index(name)
+            lo = layout.offsets[name]
+            hi = lo + layout.widths[name]
+            for field, t in out.items():
+                n = t.numel()
+                values = flat[pos : pos + n]
+                pos += n
+                if field == "quantile_value":
+                    rec[field][si, lo:hi] = values.reshape(hi - lo, -1)
+                elif field == "hist":
+                    rec["hist"][si, k] = values
+                else:
+                    rec[field][si, lo:hi] = values
+            rec["calls"][si, k] = calls
+        for name in scalar_names:
+            logs[name] = float(flat[pos])
+            pos += 1
+        for name in ("loss", *layout.log_names):
+            rec[name] = float(logs.get(name, math.nan))
+        rec["lr"] = (
+            float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else math.nan
+        )
+        return rec
+
+    def _check_divergence(self, rec: dict[str, Any], logs: dict[str, Any]) -> None:
+        if self.diverged_step is not None:
+            return
+        loss_bad = "loss" in logs and not math.isfinite(rec["loss"])
+        if loss_bad or bool(np.any(rec["nonfinite"] > 0)):
+            self.diverged_step = int(rec["step"])
+            if self._writer is not None:
+                self._writer.set_attrs(diverged_step=self.diverged_step)
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        self._records.append(record)
+        self._n_records += 1
+        if self._writer is None:
+            return
+        if (
+            len(self._records) >= self.chunk_steps
+            or time.monotonic() - self._last_write > self.flush_seconds
+        ):
+            self._submit()
+
+    def _submit(self) -> None:
+        if self._writer is None or not self._records or self._layout is None:
+            return
+        block = self._layout.block(self._records, self._attrs())
+        self._records = []
+        self._writer.submit(block)
+        self._last_write = time.monotonic()
+
+    def _attrs(self) -> dict[str, Any]:
+        attrs: dict[str, Any] = {
+            "icstools_version": __version__,
+            "schema_version": SCHEMA_VERSION,
+            "recorder_config": json.dumps(self.config()),
+            "model_summary": str(self.model)[:20000],
+            "model_class": type(self.model).__name__,
+            "seed": self.seed,
+            "sites_not_recorded": json.dumps(
+                [s.name for s in self.sites if self._layout and s.name not in self._layout.widths]
+            ),
+        }
+        if self.diverged_step is not None:
+            attrs["diverged_step"] = self.diverged_step
+        return attrs
+
+    def config(self) -> dict[str, Any]:
+        """The recorder's configuration as JSON-able values (stored in the run's attrs)."""
+        probe = find_tensor(self.probe) if self.probe is not None else None
+        return {
+            "sites": [s.name for s in self.sites],
+            "schedule": repr(self.schedule),
+            "probe_shape": None if probe is None else list(probe.shape),
+            "probe_mode": self.probe_mode,
+            "quantiles": self.quantiles.tolist(),
+            "bins": self.bins,
+            "hist_range": repr(self._hist_range),
+            "saturation": {k: float(v) for k, v in self._saturation.items()},
+            "unit_dim": repr(self._unit_dim),
+            "quantile_sample": self.quantile_sample,
+            "chunk_steps": self.chunk_steps,
+            "seed": self.seed,
+            "path": None if self.path is None else str(self.path),
+        }
+
+    # ----------------------------------------------------------------- results
+    @property
+    def n_records(self) -> int:
+        """Records closed so far."""
+        return self._n_records
+
+    def flush(self) -> None:
+        """Close the open record and write everything buffered to the store (waits for it)."""
+        self._close_record()
+        if self._writer is not None:
+            self._submit()
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the store; the in-memory record stays available."""
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+
+    def to_dataset(self) -> xr.Dataset:
+        """The run so far as an ``xarray.Dataset`` (DESIGN.md §3).
+
+        With a ``path``, the store is flushed and read back (loaded into memory); without one,
+        the dataset is built from the records held in memory.
+        """
+        self._close_record()
+        if self._writer is not None:
+            self.flush()
+            return open_run(self.path).load()
+        if self._layout is None or not self._records:
+            raise RecorderError(
+                "nothing was recorded yet: the schedule selected no training forward so far "
+                f"(step {self.step}, schedule {self.schedule!r})"
+            )
+        return self._layout.block(self._records, self._attrs())

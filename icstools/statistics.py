@@ -1,0 +1,538 @@
+"""Per-unit activation statistics, streaming and mergeable.
+
+A *unit* is one feature of a site: the last dimension of ``[batch, features]`` and
+``[batch, time, features]``, the channel of ``[N, C, H, W]`` (values pooled over N, H, W, as
+BatchNorm pools them, Ioffe & Szegedy 2015 §3.2). For every unit the state holds
+
+- the count of finite values and of all values,
+- the mean and the central moment sums ``M2, M3, M4`` (merged exactly with Pébay's formulas),
+- min and max,
+- counts of saturated values (``|x| > threshold``), exact zeros and non-finite values,
+- a fixed-edge histogram of the whole site with under- and overflow bins,
+- a sample of the values for quantiles (all of them up to ``quantile_sample`` per unit).
+
+Every statistic except ``nonfinite`` is taken over the *finite* values of a unit; ``nonfinite``
+is the share of NaN and ±inf among all its values. Moments are computed in float32, or float64
+for float64 inputs, on the tensor's device; nothing leaves the device until
+:meth:`ActivationStatistics.compute`.
+
+The state of two :class:`ActivationStatistics` over disjoint values merges exactly
+(:meth:`ActivationStatistics.merge`), so batches, repeated calls of a module and ranks combine
+to what one pass over all the values gives. Quantiles are exact while the pooled values of a
+unit number at most ``quantile_sample``; beyond that they are taken on a uniform random sample
+of that many values (drawn with the object's own generator, never the global RNG). The standard
+error of such a quantile is about ``sqrt(q(1-q)/m) / f(x_q)`` for a sample of ``m`` values and
+density ``f``: for ``m = 8192`` and a Gaussian unit, 0.014σ at the median.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DEFAULT_QUANTILES",
+    "SIGMOID_SATURATION",
+    "TANH_SATURATION",
+    "ActivationStatistics",
+    "StatisticsState",
+    "choose_hist_edges",
+    "merge_states",
+    "quantiles_from_sorted",
+    "summarize",
+]
+
+# Saturation: where the derivative of the nonlinearity falls below 0.01. These are DESIGN.md's
+# thresholds (|x| > 4.6 for sigmoid, > 3.0 for tanh); for tanh that is 1% of its maximum
+# derivative, for sigmoid 4% of it (1% of sigmoid's maximum 1/4 would be |x| > 5.99).
+#: |x| beyond which sigmoid'(x) = s(1 - s) < 0.01: logit((1 + sqrt(0.96)) / 2) ≈ 4.585.
+SIGMOID_SATURATION = float(math.log((1 + math.sqrt(0.96)) / (1 - math.sqrt(0.96))))
+#: |x| beyond which tanh'(x) = 1 - tanh(x)² < 0.01: atanh(sqrt(0.99)) ≈ 2.993.
+TANH_SATURATION = float(math.atanh(math.sqrt(0.99)))
+
+#: The paper's Fig. 1 percentiles (0.15, 0.5, 0.85) on a 5% grid, plus the 1st and 99th.
+DEFAULT_QUANTILES: tuple[float, ...] = tuple(
+    float(q) for q in np.round(np.concatenate([[0.01], np.arange(1, 20) * 0.05, [0.99]]), 4)
+)
+
+
+@dataclass
+class StatisticsState:
+    """Mergeable state of one site's units (tensors on the activations' device).
+
+    Shapes: ``[units]`` unless noted; ``hist`` is ``[bins + 2]`` (underflow, bins, overflow);
+    ``sample`` is ``[m, units]`` raw values (non-finite kept, excluded when sorted).
+    """
+
+    count: torch.Tensor  # finite values per unit (int64)
+    total: torch.Tensor  # all values per unit (int64)
+    mean: torch.Tensor
+    m2: torch.Tensor
+    m3: torch.Tensor
+    m4: torch.Tensor
+    min: torch.Tensor
+    max: torch.Tensor
+    n_sat: torch.Tensor
+    n_zero: torch.Tensor
+    hist: torch.Tensor
+    sample: torch.Tensor
+    calls: int = 1
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _unit_dim(x: torch.Tensor, unit_dim: int) -> int:
+    if not -x.ndim <= unit_dim < x.ndim:
+        raise ValueError(
+            f"unit_dim {unit_dim} is out of range for a tensor of shape {tuple(x.shape)}; "
+            f"valid: {-x.ndim}..{x.ndim - 1}"
+        )
+    return unit_dim % x.ndim
+
+
+def summarize(
+    x: torch.Tensor,
+    unit_dim: int,
+    *,
+    hist_edges: np.ndarray,
+    sat_threshold: float | None = None,
+    sample_rate: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> StatisticsState:
+    """Reduce one tensor to the mergeable per-unit state.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Activations with at least one dimension; ``x.shape[unit_dim]`` units.
+    unit_dim : int
+        The dimension that indexes units; every other dimension is pooled.
+    hist_edges : numpy.ndarray
+        Increasing bin edges of the site histogram (``bins + 1`` values).
+    sat_threshold : float, optional
+        Values with ``|x| > sat_threshold`` count as saturated; ``None`` counts none.
+    sample_rate : float
+        Share of the pooled positions kept for quantiles (1.0 keeps all).
+    generator : torch.Generator, optional
+        CPU generator for the quantile sample; required when ``sample_rate < 1``.
+
+    Returns
+    -------
+    StatisticsState
+
+    Examples
+    --------
+    >>> x = torch.randn(60, 100)
+    >>> s = summarize(x, 1, hist_edges=np.linspace(-4, 4, 9))
+    >>> s.mean.shape
+    torch.Size([100])
+    """
+    unit_dim = _unit_dim(x, unit_dim)
+    x = x.detach()
+    dtype = _compute_dtype(x)
+    if x.dtype != dtype:
+        x = x.to(dtype)  # float16/bfloat16 are reduced in float32
+    units = x.shape[unit_dim]
+    dims = tuple(d for d in range(x.ndim) if d != unit_dim)
+    n_total = x.numel() // units if units else 0
+    bshape = [1] * x.ndim
+    bshape[unit_dim] = units
+    total = torch.full((units,), n_total, dtype=torch.int64, device=x.device)
+    lo, hi = float(hist_edges[0]), float(hist_edges[-1])
+    bins = len(hist_edges) - 1
+
+    if n_total == 0:
+        nan = torch.full((units,), math.nan, dtype=dtype, device=x.device)
+        zero = torch.zeros(units, dtype=torch.int64, device=x.device)
+        return StatisticsState(
+            count=zero,
+            total=zero.clone(),
+            mean=nan,
+            m2=nan.clone(),
+            m3=nan.clone(),
+            m4=nan.clone(),
+            min=nan.clone(),
+            max=nan.clone(),
+            n_sat=zero.clone(),
+            n_zero=zero.clone(),
+            hist=torch.zeros(bins + 2, dtype=torch.int64, device=x.device),
+            sample=torch.empty(0, units, dtype=dtype, device=x.device),
+        )
+
+    # Fast path when every value is finite: a NaN or inf anywhere makes its unit's sum
+    # non-finite (so does overflow of the sum, which the masked path then handles correctly).
+    # On CPU the test costs nothing; on asynchronous devices it would be a host sync per call,
+    # so there the masked path always runs.
+    var, mean = torch.var_mean(x, dim=dims, correction=0)  # [units]
+    all_finite = x.device.type == "cpu" and bool(torch.isfinite(mean).all())
+    if all_finite:
+        count = total
+        d = x - mean.view(bshape)
+        d2 = d * d
+        m2 = var * n_total
+        m3 = (d2 * d).sum(dim=dims)
+        m4 = (d2 * d2).sum(dim=dims)
+        mn = x.amin(dim=dims)
+        mx = x.amax(dim=dims)
+        n_zero = (x == 0).sum(dim=dims)
+        n_sat = (
+            (x.abs() > sat_threshold).sum(dim=dims)
+            if sat_threshold is not None
+            else torch.zeros_like(n_zero)
+        )
+        flat = x.reshape(-1)
+        under = (flat < lo).sum().view(1)
+        over = (flat > hi).sum().view(1)
+        inner = torch.histc(flat, bins=bins, min=lo, max=hi)
+    else:
+        finite = torch.isfinite(x)
+        count = finite.sum(dim=dims)  # [units]
+        xz = torch.where(finite, x, 0)
+        mean = xz.sum(dim=dims) / count  # NaN where a unit has no finite value
+        d = torch.where(finite, x - mean.view(bshape), 0)
+        d2 = d * d
+        m2 = d2.sum(dim=dims)
+        m3 = (d2 * d).sum(dim=dims)
+        m4 = (d2 * d2).sum(dim=dims)
+        mn = torch.where(finite, x, math.inf).amin(dim=dims)
+        mx = torch.where(finite, x, -math.inf).amax(dim=dims)
+        n_zero = (x == 0).sum(dim=dims)
+        n_sat = (
+            (finite & (x.abs() > sat_threshold)).sum(dim=dims)
+            if sat_threshold is not None
+            else torch.zeros_like(n_zero)
+        )
+        flat = x[finite]  # [n_finite]
+        under = (flat < lo).sum().view(1)
+        over = (flat > hi).sum().view(1)
+        inner = torch.histc(flat, bins=bins, min=lo, max=hi)
+    hist = torch.cat([under, inner.to(torch.int64), over])  # [bins + 2]
+
+    sample = _sample_rows(x, unit_dim, sample_rate, generator)
+    return StatisticsState(
+        count=count,
+        total=total,
+        mean=mean,
+        m2=m2,
+        m3=m3,
+        m4=m4,
+        min=mn,
+        max=mx,
+        n_sat=n_sat,
+        n_zero=n_zero,
+        hist=hist,
+        sample=sample,
+    )
+
+
+def _sample_rows(
+    x: torch.Tensor, unit_dim: int, rate: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Copy ``rate`` of the pooled positions as ``[m, units]`` (a copy: in-place ops may follow)."""
+    rows = x.movedim(unit_dim, -1)  # [..., units], a view
+    n = rows.numel() // rows.shape[-1]
+    if rate >= 1.0:
+        return rows.reshape(n, rows.shape[-1]).clone()  # [n, units]
+    if generator is None:
+        raise ValueError("a generator is required to sample quantile values (sample_rate < 1)")
+    m = max(1, round(n * rate))
+    flat_index = torch.randperm(n, generator=generator)[:m].to(x.device)
+    index = torch.unravel_index(flat_index, rows.shape[:-1])
+    return rows[index].clone()  # [m, units]
+
+
+def merge_states(a: StatisticsState, b: StatisticsState) -> StatisticsState:
+    """Merge the states of two disjoint sets of values of the same units (exact).
+
+    Moments combine with Pébay's (2008) pairwise formulas; counts, histograms add; samples
+    concatenate (the caller keeps their rates equal so the pooled sample stays uniform).
+
+    Examples
+    --------
+    >>> e = np.linspace(-3, 3, 7)
+    >>> x = torch.randn(100, 4)
+    >>> ab = merge_states(summarize(x[:30], 1, hist_edges=e), summarize(x[30:], 1, hist_edges=e))
+    >>> torch.allclose(ab.mean, x.mean(0))
+    True
+    """
+    if a.mean.shape != b.mean.shape:
+        raise ValueError(
+            f"cannot merge statistics of {a.mean.shape[0]} and {b.mean.shape[0]} units"
+        )
+    na = a.count.to(a.mean.dtype)
+    nb = b.count.to(a.mean.dtype)
+    n = na + nb
+    safe_n = torch.where(n > 0, n, 1)
+    # A side with no finite values contributes nothing (its mean is NaN).
+    ma = torch.where(na > 0, a.mean, 0)
+    mb = torch.where(nb > 0, b.mean, 0)
+    a2, a3, a4 = (torch.where(na > 0, t, 0) for t in (a.m2, a.m3, a.m4))
+    b2, b3, b4 = (torch.where(nb > 0, t, 0) for t in (b.m2, b.m3, b.m4))
+    delta = torch.where((na > 0) & (nb > 0), mb - ma, 0)
+    mean = torch.where(n > 0, ma + delta * nb / safe_n, math.nan)
+    m2 = a2 + b2 + delta**2 * na * nb / safe_n
+    m3 = (
+        a3
+        + b3
+        + delta**3 * na * nb * (na - nb) / safe_n**2
+        + 3 * delta * (na * b2 - nb * a2) / safe_n
+    )
+    m4 = (
+        a4
+        + b4
+        + delta**4 * na * nb * (na * na - na * nb + nb * nb) / safe_n**3
+        + 6 * delta**2 * (na * na * b2 + nb * nb * a2) / safe_n**2
+        + 4 * delta * (na * b3 - nb * a3) / safe_n
+    )
+    return StatisticsState(
+        count=a.count + b.count,
+        total=a.total + b.total,
+        mean=mean,
+        m2=m2,
+        m3=m3,
+        m4=m4,
+        min=torch.fmin(a.min, b.min),  # fmin ignores the NaN of an empty side
+        max=torch.fmax(a.max, b.max),
+        n_sat=a.n_sat + b.n_sat,
+        n_zero=a.n_zero + b.n_zero,
+        hist=a.hist + b.hist,
+        sample=torch.cat([a.sample, b.sample.to(a.sample.dtype)]),
+        calls=a.calls + b.calls,
+    )
+
+
+def quantiles_from_sorted(
+    sorted_values: torch.Tensor, count: torch.Tensor, quantiles: torch.Tensor
+) -> torch.Tensor:
+    """Linear-interpolation quantiles (numpy's default) of the first ``count[u]`` values per unit.
+
+    Parameters
+    ----------
+    sorted_values : torch.Tensor
+        ``[units, m]``, each row ascending with its ``count[u]`` finite values first.
+    count : torch.Tensor
+        ``[units]`` number of valid values per row.
+    quantiles : torch.Tensor
+        ``[nq]`` levels in [0, 1].
+
+    Returns
+    -------
+    torch.Tensor
+        ``[units, nq]``; NaN for units without values.
+
+    Examples
+    --------
+    >>> v = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    >>> quantiles_from_sorted(v, torch.tensor([4]), torch.tensor([0.5]))
+    tensor([[2.5000]])
+    """
+    c = count.to(sorted_values.dtype).unsqueeze(1)  # [units, 1]
+    pos = quantiles.to(sorted_values.dtype).unsqueeze(0) * (c - 1).clamp(min=0)  # [units, nq]
+    lo = pos.floor()
+    frac = pos - lo
+    lo_i = lo.long().clamp(0, max(sorted_values.shape[1] - 1, 0))
+    hi_i = (lo_i + 1).clamp(max=(count.unsqueeze(1) - 1).clamp(min=0))
+    if sorted_values.shape[1] == 0:
+        return torch.full(pos.shape, math.nan, dtype=sorted_values.dtype)
+    v_lo = sorted_values.gather(1, lo_i)
+    v_hi = sorted_values.gather(1, hi_i)
+    out = v_lo + (v_hi - v_lo) * frac
+    return torch.where(c > 0, out, math.nan)
+
+
+def choose_hist_edges(x: torch.Tensor, bins: int, margin: float = 0.25) -> np.ndarray:
+    """Fixed histogram edges for a site, from the finite range of its first recorded values.
+
+    The range is widened by ``margin`` of its span on both sides; later values outside it land
+    in the under/overflow bins, so histograms of all steps share the same edges.
+
+    Examples
+    --------
+    >>> choose_hist_edges(torch.tensor([0.0, 1.0]), bins=3)
+    array([-0.25,  0.25,  0.75,  1.25])
+    """
+    finite = x.detach()[torch.isfinite(x.detach())]
+    if finite.numel() == 0:
+        lo, hi = -1.0, 1.0
+    else:
+        lo, hi = (float(v) for v in torch.aminmax(finite.double()))
+    span = hi - lo
+    span = max(span, 1e-3 * max(abs(lo), abs(hi)), 1e-6)
+    center = (lo + hi) / 2
+    half = span / 2 + margin * span
+    return np.linspace(center - half, center + half, bins + 1)
+
+
+class ActivationStatistics:
+    """Streaming per-unit statistics of one site (``update`` / ``merge`` / ``compute`` / ``reset``).
+
+    Parameters
+    ----------
+    hist_edges : numpy.ndarray
+        Fixed site histogram edges (``bins + 1`` increasing values).
+    unit_dim : int
+        Dimension of the incoming tensors that indexes units.
+    quantiles : sequence of float
+        Levels reported by :meth:`compute` (linear interpolation).
+    sat_threshold : float, optional
+        ``|x|`` above which a value counts as saturated.
+    quantile_sample : int, optional
+        Largest number of values per unit kept for quantiles; ``None`` keeps all (exact).
+    generator : torch.Generator, optional
+        CPU generator for quantile sampling (seeded from 0 if not given).
+
+    Examples
+    --------
+    >>> stats = ActivationStatistics(np.linspace(-5, 5, 11), unit_dim=1)
+    >>> stats.update(torch.randn(60, 100))
+    >>> stats.update(torch.randn(60, 100))
+    >>> out = stats.compute()
+    >>> out["mean"].shape, out["quantile_value"].shape
+    (torch.Size([100]), torch.Size([100, 21]))
+    """
+
+    def __init__(
+        self,
+        hist_edges: np.ndarray,
+        unit_dim: int,
+        *,
+        quantiles: Sequence[float] = DEFAULT_QUANTILES,
+        sat_threshold: float | None = None,
+        quantile_sample: int | None = 8192,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        edges = np.asarray(hist_edges, dtype=np.float64)
+        if edges.ndim != 1 or len(edges) < 2 or not np.all(np.diff(edges) > 0):
+            raise ValueError(f"hist_edges must be ≥ 2 increasing values, got {edges!r}")
+        q = np.asarray(quantiles, dtype=np.float64)
+        if q.ndim != 1 or len(q) == 0 or np.any((q < 0) | (q > 1)) or np.any(np.isnan(q)):
+            raise ValueError(f"quantiles must be a non-empty sequence in [0, 1], got {quantiles!r}")
+        if quantile_sample is not None and (
+            not isinstance(quantile_sample, int) or quantile_sample < 2
+        ):
+            raise ValueError(
+                f"quantile_sample must be an int ≥ 2 or None (exact), got {quantile_sample!r}"
+            )
+        self.hist_edges = edges
+        self.unit_dim = unit_dim
+        self.quantiles = q
+        self.sat_threshold = sat_threshold
+        self.quantile_sample = quantile_sample
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self._state: StatisticsState | None = None
+        self._rate = 1.0
+
+    @property
+    def calls(self) -> int:
+        """Number of tensors merged since the last reset."""
+        return 0 if self._state is None else self._state.calls
+
+    @property
+    def state(self) -> StatisticsState | None:
+        """The current mergeable state (``None`` before the first update)."""
+        return self._state
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add the values of one tensor (one call of the module)."""
+        if self._state is None:
+            n = x.numel() // max(x.shape[_unit_dim(x, self.unit_dim)], 1)
+            # The first call of a step fixes the sampling rate, so that later calls are sampled
+            # in proportion to their size and the pooled sample stays uniform.
+            cap = self.quantile_sample
+            self._rate = 1.0 if cap is None or n <= cap else cap / n
+        new = summarize(
+            x,
+            self.unit_dim,
+            hist_edges=self.hist_edges,
+            sat_threshold=self.sat_threshold,
+            sample_rate=self._rate,
+            generator=self.generator,
+        )
+        if self._state is None:
+            self._state = new
+            return
+        if new.mean.shape != self._state.mean.shape:
+            raise ValueError(
+                f"a tensor with {new.mean.shape[0]} units arrived where earlier ones had "
+                f"{self._state.mean.shape[0]} (shape {tuple(x.shape)}, unit_dim {self.unit_dim})"
+            )
+        self._state = merge_states(self._state, new)
+
+    def merge(self, other: ActivationStatistics) -> None:
+        """Merge another object's state (e.g. another rank's) into this one."""
+        if other._state is None:
+            return
+        if not np.array_equal(other.hist_edges, self.hist_edges):
+            raise ValueError("cannot merge statistics with different histogram edges")
+        if self._state is None:
+            self._state = other._state
+            self._rate = other._rate
+        else:
+            self._state = merge_states(self._state, other._state)
+
+    def reset(self) -> None:
+        """Forget all values (the edges, quantiles and thresholds stay)."""
+        self._state = None
+        self._rate = 1.0
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """Finish the statistics, as tensors on the state's device.
+
+        Returns
+        -------
+        dict
+            ``mean, var, skew, kurt, min, max, sat_frac, zero_frac, nonfinite``: ``[units]``;
+            ``quantile_value``: ``[units, nq]``; ``hist``: ``[bins + 2]``; ``count`` (finite
+            values, ``[units]``). Skewness is ``m3 / m2^1.5`` and kurtosis the excess
+            ``m4 / m2² − 3`` (scipy's biased estimators); both NaN where the variance is zero
+            or lost to rounding. Units without finite values are NaN everywhere but
+            ``nonfinite``.
+        """
+        s = self._state
+        if s is None:
+            raise ValueError("compute() called before any update()")
+        n = s.count.to(s.mean.dtype)
+        safe = torch.where(n > 0, n, 1)
+        var = s.m2 / safe
+        eps = torch.finfo(s.mean.dtype).eps
+        # Central sums of nearly constant data are rounding noise: a variance below
+        # (eps·|mean|)²·16² is not resolved, so its shape statistics are undefined.
+        resolved = var > (16 * eps * s.mean.abs()) ** 2 + torch.finfo(s.mean.dtype).tiny
+        skew = torch.where(resolved, (s.m3 / safe) / var.clamp(min=1e-300) ** 1.5, math.nan)
+        kurt = torch.where(resolved, (s.m4 / safe) / var.clamp(min=1e-300) ** 2 - 3, math.nan)
+        empty = n == 0
+        nan = math.nan
+        out = {
+            "mean": torch.where(empty, nan, s.mean),
+            "var": torch.where(empty, nan, var),
+            "skew": torch.where(empty, nan, skew),
+            "kurt": torch.where(empty, nan, kurt),
+            "min": torch.where(empty, nan, s.min),
+            "max": torch.where(empty, nan, s.max),
+            "sat_frac": torch.where(empty, nan, s.n_sat / safe),
+            "zero_frac": torch.where(empty, nan, s.n_zero / safe),
+            "nonfinite": 1 - n / s.total.to(n.dtype).clamp(min=1),
+            "count": s.count,
+            "hist": s.hist,
+        }
+        out["quantile_value"] = self._quantiles(s)
+        return out
+
+    def _quantiles(self, s: StatisticsState) -> torch.Tensor:
+        sample = s.sample  # [m, units]
+        cap = self.quantile_sample
+        if cap is not None and sample.shape[0] > cap:
+            keep = torch.randperm(sample.shape[0], generator=self.generator)[:cap]
+            sample = sample[keep.to(sample.device)]
+        finite = torch.isfinite(sample)
+        # Non-finite values sort last as +inf and are excluded by the per-unit count.
+        rows = torch.where(finite, sample, math.inf).T.contiguous()  # [units, m]
+        sorted_rows = torch.sort(rows, dim=1).values
+        q = torch.as_tensor(self.quantiles, dtype=sorted_rows.dtype, device=sorted_rows.device)
+        return quantiles_from_sorted(sorted_rows, finite.sum(0), q)
