@@ -249,7 +249,7 @@ class LSTMNet(nn.Module):
         self.head = nn.Linear(7, 3)
 
     def forward(self, x):
-        out, (h, c) = self.lstm(x)
+        out, (_h, _c) = self.lstm(x)
         return self.head(torch.tanh(out[:, -1]))
 
 
@@ -441,7 +441,7 @@ def test_user_errors_are_clear():
         icstools.SiteSelectionError, match=r"No module named '11'.*Closest modules: \['1'"
     ):
         Recorder(model, "11:input")
-    with pytest.raises(icstools.SiteSelectionError, match="Role 'inptu'.*Expected one of"):
+    with pytest.raises(icstools.SiteSelectionError, match=r"Role 'inptu'.*Expected one of"):
         Recorder(model, "1:inptu")
     with pytest.raises(ValueError, match="probe_mode"):
         Recorder(model, probe_mode="test")
