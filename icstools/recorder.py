@@ -687,6 +687,12 @@ class Recorder:
         """Records closed so far."""
         return self._n_records
 
+    @property
+    def n_committed(self) -> int:
+        """Records safely on disk (readable by :func:`icstools.open_run` after a crash);
+        without a ``path``, the records closed so far."""
+        return self._writer.n_committed if self._writer is not None else self._n_records
+
     def flush(self) -> None:
         """Close the open record and write everything buffered to the store (waits for it)."""
         self._close_record()
