@@ -21,7 +21,7 @@ def _example() -> str:
 def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the example writes data/runs/readme.zarr relative to cwd
     namespace: dict[str, object] = {}
-    exec(compile(_example(), str(README), "exec"), namespace)  # noqa: S102
+    exec(compile(_example(), str(README), "exec"), namespace)
     out = capsys.readouterr().out
     assert "['0:input', '0:output', '1:input', '1:output']" in out
     ds = namespace["ds"]
