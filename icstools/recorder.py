@@ -601,12 +601,15 @@ class Recorder:
                 n = t.numel()
                 values = flat[pos : pos + n]
                 pos += n
-                if field == "quantile_value":
-                    rec[field][si, lo:hi] = values.reshape(hi - lo, -1)
-                elif field == "hist":
-                    rec["hist"][si, k] = values
-                else:
-                    rec[field][si, lo:hi] = values
+                # Statistics are stored as float32: moments beyond its range (a diverging
+                # network's variance) become ±inf there, which is what they are.
+                with np.errstate(over="ignore"):
+                    if field == "quantile_value":
+                        rec[field][si, lo:hi] = values.reshape(hi - lo, -1)
+                    elif field == "hist":
+                        rec["hist"][si, k] = values
+                    else:
+                        rec[field][si, lo:hi] = values
             rec["calls"][si, k] = calls
         for name in scalar_names:
             logs[name] = float(flat[pos])

@@ -8,6 +8,7 @@ batch, before any update). Every quantity of the recorder takes one, so that no
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 
 __all__ = ["Schedule", "as_schedule", "at_steps", "every", "log_spaced"]
@@ -48,7 +49,13 @@ class at_steps:
     """
 
     def __init__(self, steps: Iterable[int]) -> None:
-        self.steps = frozenset(int(s) for s in steps)
+        if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+            raise TypeError(f"at_steps needs an iterable of whole step numbers, got {steps!r}")
+        values = list(steps)
+        bad = [s for s in values if isinstance(s, bool) or not isinstance(s, numbers.Integral)]
+        if bad:
+            raise TypeError(f"steps must be whole numbers, got {bad[:5]!r}")
+        self.steps = frozenset(int(s) for s in values)
         if any(s < 0 for s in self.steps):
             raise ValueError(f"steps must be ≥ 0, got {sorted(self.steps)[:5]}")
 

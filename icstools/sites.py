@@ -249,7 +249,11 @@ def _match(
     selector: object, modules: list[tuple[str, nn.Module]], roles: tuple[str, ...]
 ) -> list[Site]:
     names = [n for n, _ in modules]
-    if isinstance(selector, type) and issubclass(selector, nn.Module):
+    if isinstance(selector, type) and not issubclass(selector, nn.Module):
+        raise TypeError(
+            f"A type selector must be an nn.Module subclass (e.g. nn.Sigmoid), got {selector!r}"
+        )
+    if isinstance(selector, type):
         matched = [n for n, m in modules if isinstance(m, selector)]
         if not matched:
             present = sorted({type(m).__name__ for _, m in modules})

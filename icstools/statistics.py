@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -70,11 +70,11 @@ class StatisticsState:
 
     count: torch.Tensor  # finite values per unit (int64)
     total: torch.Tensor  # all values per unit (int64)
-    mean: torch.Tensor
+    mean: torch.Tensor  # float64, as the central moment sums
     m2: torch.Tensor
     m3: torch.Tensor
     m4: torch.Tensor
-    min: torch.Tensor
+    min: torch.Tensor  # compute dtype (float32, or float64 for float64 inputs)
     max: torch.Tensor
     n_sat: torch.Tensor
     n_zero: torch.Tensor
@@ -135,6 +135,8 @@ def summarize(
     """
     unit_dim = _unit_dim(x, unit_dim)
     x = x.detach()
+    if x.ndim == 1:  # [features]: one value per unit
+        x, unit_dim = x.unsqueeze(0), 1
     dtype = _compute_dtype(x)
     if x.dtype != dtype:
         x = x.to(dtype)  # float16/bfloat16 are reduced in float32
@@ -149,14 +151,15 @@ def summarize(
 
     if n_total == 0:
         nan = torch.full((units,), math.nan, dtype=dtype, device=x.device)
+        nan64 = torch.full((units,), math.nan, dtype=torch.float64, device=x.device)
         zero = torch.zeros(units, dtype=torch.int64, device=x.device)
         return StatisticsState(
             count=zero,
             total=zero.clone(),
-            mean=nan,
-            m2=nan.clone(),
-            m3=nan.clone(),
-            m4=nan.clone(),
+            mean=nan64,
+            m2=nan64.clone(),
+            m3=nan64.clone(),
+            m4=nan64.clone(),
             min=nan.clone(),
             max=nan.clone(),
             n_sat=zero.clone(),
@@ -165,19 +168,14 @@ def summarize(
             sample=torch.empty(0, units, dtype=dtype, device=x.device),
         )
 
-    # Fast path when every value is finite: a NaN or inf anywhere makes its unit's sum
+    # Fast path when every value is finite: a NaN or inf anywhere makes its unit's mean
     # non-finite (so does overflow of the sum, which the masked path then handles correctly).
     # On CPU the test costs nothing; on asynchronous devices it would be a host sync per call,
     # so there the masked path always runs.
-    var, mean = torch.var_mean(x, dim=dims, correction=0)  # [units]
-    all_finite = x.device.type == "cpu" and bool(torch.isfinite(mean).all())
-    if all_finite:
+    mean = x.mean(dim=dims)  # [units]
+    if x.device.type == "cpu" and bool(torch.isfinite(mean).all()):
+        finite = None
         count = total
-        d = x - mean.view(bshape)
-        d2 = d * d
-        m2 = var * n_total
-        m3 = (d2 * d).sum(dim=dims)
-        m4 = (d2 * d2).sum(dim=dims)
         mn = x.amin(dim=dims)
         mx = x.amax(dim=dims)
         n_zero = (x == 0).sum(dim=dims)
@@ -187,19 +185,10 @@ def summarize(
             else torch.zeros_like(n_zero)
         )
         flat = x.reshape(-1)
-        under = (flat < lo).sum().view(1)
-        over = (flat > hi).sum().view(1)
-        inner = torch.histc(flat, bins=bins, min=lo, max=hi)
     else:
         finite = torch.isfinite(x)
         count = finite.sum(dim=dims)  # [units]
-        xz = torch.where(finite, x, 0)
-        mean = xz.sum(dim=dims) / count  # NaN where a unit has no finite value
-        d = torch.where(finite, x - mean.view(bshape), 0)
-        d2 = d * d
-        m2 = d2.sum(dim=dims)
-        m3 = (d2 * d).sum(dim=dims)
-        m4 = (d2 * d2).sum(dim=dims)
+        mean = torch.where(finite, x, 0).sum(dim=dims) / count  # NaN where no finite value
         mn = torch.where(finite, x, math.inf).amin(dim=dims)
         mx = torch.where(finite, x, -math.inf).amax(dim=dims)
         n_zero = (x == 0).sum(dim=dims)
@@ -209,9 +198,27 @@ def summarize(
             else torch.zeros_like(n_zero)
         )
         flat = x[finite]  # [n_finite]
-        under = (flat < lo).sum().view(1)
-        over = (flat > hi).sum().view(1)
-        inner = torch.histc(flat, bins=bins, min=lo, max=hi)
+    # Central moments from deviations scaled by the unit's range, so that 3rd and 4th powers
+    # neither overflow nor underflow in float32 at any scale; the sums are corrected for the
+    # rounding error of the mean (corrected two-pass algorithm) and rescaled in float64.
+    scale = mx.double() - mn.double()  # [units]
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 1.0)
+    scale = scale.clamp(min=float(torch.finfo(dtype).tiny))  # 1/scale must fit the dtype
+    z = (x - mean.view(bshape)) * (1 / scale).to(dtype).view(bshape)
+    if finite is not None:
+        z = torch.where(finite, z, 0)
+    z2 = z * z
+    s1, s2 = z.sum(dim=dims).double(), z2.sum(dim=dims).double()
+    s3, s4 = (z2 * z).sum(dim=dims).double(), (z2 * z2).sum(dim=dims).double()
+    n = count.double()
+    c = torch.where(n > 0, s1 / n.clamp(min=1), 0)  # mean error, in units of scale
+    mean = mean.double() + c * scale
+    m2 = (s2 - n * c**2) * scale**2
+    m3 = (s3 - 3 * c * s2 + 2 * n * c**3) * scale**3
+    m4 = (s4 - 4 * c * s3 + 6 * c**2 * s2 - 3 * n * c**4) * scale**4
+    under = (flat < lo).sum().view(1)
+    over = (flat > hi).sum().view(1)
+    inner = torch.histc(flat, bins=bins, min=lo, max=hi)
     hist = torch.cat([under, inner.to(torch.int64), over])  # [bins + 2]
 
     sample = _sample_rows(x, unit_dim, sample_rate, generator)
@@ -265,30 +272,29 @@ def merge_states(a: StatisticsState, b: StatisticsState) -> StatisticsState:
         raise ValueError(
             f"cannot merge statistics of {a.mean.shape[0]} and {b.mean.shape[0]} units"
         )
-    na = a.count.to(a.mean.dtype)
-    nb = b.count.to(a.mean.dtype)
+    na = a.count.double()
+    nb = b.count.double()
     n = na + nb
     safe_n = torch.where(n > 0, n, 1)
-    # A side with no finite values contributes nothing (its mean is NaN).
-    ma = torch.where(na > 0, a.mean, 0)
-    mb = torch.where(nb > 0, b.mean, 0)
-    a2, a3, a4 = (torch.where(na > 0, t, 0) for t in (a.m2, a.m3, a.m4))
-    b2, b3, b4 = (torch.where(nb > 0, t, 0) for t in (b.m2, b.m3, b.m4))
-    delta = torch.where((na > 0) & (nb > 0), mb - ma, 0)
-    mean = torch.where(n > 0, ma + delta * nb / safe_n, math.nan)
-    m2 = a2 + b2 + delta**2 * na * nb / safe_n
+    delta = b.mean - a.mean
+    mean = a.mean + delta * nb / safe_n
+    m2 = a.m2 + b.m2 + delta**2 * na * nb / safe_n
     m3 = (
-        a3
-        + b3
+        a.m3 + b.m3
         + delta**3 * na * nb * (na - nb) / safe_n**2
-        + 3 * delta * (na * b2 - nb * a2) / safe_n
+        + 3 * delta * (na * b.m2 - nb * a.m2) / safe_n
     )
     m4 = (
-        a4
-        + b4
+        a.m4 + b.m4
         + delta**4 * na * nb * (na * na - na * nb + nb * nb) / safe_n**3
-        + 6 * delta**2 * (na * na * b2 + nb * nb * a2) / safe_n**2
-        + 4 * delta * (na * b3 - nb * a3) / safe_n
+        + 6 * delta**2 * (na * na * b.m2 + nb * nb * a.m2) / safe_n**2
+        + 4 * delta * (na * b.m3 - nb * a.m3) / safe_n
+    )
+    # A side without finite values (NaN moments) contributes nothing: take the other side.
+    a_empty, b_empty = na == 0, nb == 0
+    mean, m2, m3, m4 = (
+        torch.where(a_empty, tb, torch.where(b_empty, ta, t))
+        for t, ta, tb in ((mean, a.mean, b.mean), (m2, a.m2, b.m2), (m3, a.m3, b.m3), (m4, a.m4, b.m4))
     )
     return StatisticsState(
         count=a.count + b.count,
@@ -362,11 +368,13 @@ def choose_hist_edges(x: torch.Tensor, bins: int, margin: float = 0.25) -> np.nd
         lo, hi = -1.0, 1.0
     else:
         lo, hi = (float(v) for v in torch.aminmax(finite.double()))
-    span = hi - lo
-    span = max(span, 1e-3 * max(abs(lo), abs(hi)), 1e-6)
-    center = (lo + hi) / 2
-    half = span / 2 + margin * span
-    return np.linspace(center - half, center + half, bins + 1)
+    # Halves first, so that ranges near the dtype's limits don't overflow; edges are clipped
+    # to what the values' dtype can hold (beyond, values land in the under/overflow bins).
+    half_span = max(hi / 2 - lo / 2, 5e-4 * max(abs(lo), abs(hi)), 5e-7)
+    center = lo / 2 + hi / 2
+    half = half_span * (1 + 2 * margin)
+    limit = float(torch.finfo(_compute_dtype(x)).max) / 2
+    return np.linspace(max(center - half, -limit), min(center + half, limit), bins + 1)
 
 
 class ActivationStatistics:
@@ -408,8 +416,17 @@ class ActivationStatistics:
         generator: torch.Generator | None = None,
     ) -> None:
         edges = np.asarray(hist_edges, dtype=np.float64)
-        if edges.ndim != 1 or len(edges) < 2 or not np.all(np.diff(edges) > 0):
-            raise ValueError(f"hist_edges must be ≥ 2 increasing values, got {edges!r}")
+        if (
+            edges.ndim != 1
+            or len(edges) < 2
+            or not np.all(np.isfinite(edges))
+            or not np.all(np.diff(edges) > 0)
+            or not np.allclose(np.diff(edges), (edges[-1] - edges[0]) / (len(edges) - 1), rtol=1e-6)
+        ):
+            raise ValueError(
+                f"hist_edges must be ≥ 2 finite, increasing, evenly spaced values "
+                f"(e.g. numpy.linspace(low, high, bins + 1)), got {edges!r}"
+            )
         q = np.asarray(quantiles, dtype=np.float64)
         if q.ndim != 1 or len(q) == 0 or np.any((q < 0) | (q > 1)) or np.any(np.isnan(q)):
             raise ValueError(f"quantiles must be a non-empty sequence in [0, 1], got {quantiles!r}")
@@ -426,6 +443,7 @@ class ActivationStatistics:
         self.quantile_sample = quantile_sample
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self._state: StatisticsState | None = None
+        self._result: dict[str, torch.Tensor] | None = None
         self._rate = 1.0
 
     @property
@@ -454,6 +472,7 @@ class ActivationStatistics:
             sample_rate=self._rate,
             generator=self.generator,
         )
+        self._result = None
         if self._state is None:
             self._state = new
             return
@@ -463,22 +482,50 @@ class ActivationStatistics:
                 f"{self._state.mean.shape[0]} (shape {tuple(x.shape)}, unit_dim {self.unit_dim})"
             )
         self._state = merge_states(self._state, new)
+        self._bound_sample()
 
     def merge(self, other: ActivationStatistics) -> None:
-        """Merge another object's state (e.g. another rank's) into this one."""
+        """Merge another object's state (e.g. another rank's) into this one.
+
+        Quantile samples taken at different rates are thinned to the lower rate first, so the
+        merged sample stays uniform over the pooled values.
+        """
         if other._state is None:
             return
         if not np.array_equal(other.hist_edges, self.hist_edges):
             raise ValueError("cannot merge statistics with different histogram edges")
+        self._result = None
         if self._state is None:
-            self._state = other._state
-            self._rate = other._rate
-        else:
-            self._state = merge_states(self._state, other._state)
+            self._state, self._rate = other._state, other._rate
+            return
+        rate = min(self._rate, other._rate)
+        mine = self._thin(self._state, rate / self._rate)
+        theirs = self._thin(other._state, rate / other._rate)
+        self._state, self._rate = merge_states(mine, theirs), rate
+        self._bound_sample()
+
+    def _thin(self, state: StatisticsState, keep: float) -> StatisticsState:
+        """``state`` with each sample row kept with probability ``keep`` (exactly that share)."""
+        if keep >= 1.0:
+            return state
+        m = state.sample.shape[0]
+        rows = torch.randperm(m, generator=self.generator)[: round(m * keep)]
+        return replace(state, sample=state.sample[rows.to(state.sample.device)])
+
+    def _bound_sample(self) -> None:
+        # Many small calls (an RNN cell, gradient accumulation) would let the pooled sample
+        # grow without bound; past twice the cap, thin it and lower the rate for later calls.
+        cap = self.quantile_sample
+        state = self._state
+        if cap is not None and state is not None and state.sample.shape[0] > 2 * cap:
+            keep = cap / state.sample.shape[0]
+            self._state = self._thin(state, keep)
+            self._rate *= keep
 
     def reset(self) -> None:
         """Forget all values (the edges, quantiles and thresholds stay)."""
         self._state = None
+        self._result = None
         self._rate = 1.0
 
     def compute(self) -> dict[str, torch.Tensor]:
@@ -497,13 +544,15 @@ class ActivationStatistics:
         s = self._state
         if s is None:
             raise ValueError("compute() called before any update()")
-        n = s.count.to(s.mean.dtype)
+        if self._result is not None:
+            return self._result
+        n = s.count.double()
         safe = torch.where(n > 0, n, 1)
         var = s.m2 / safe
-        eps = torch.finfo(s.mean.dtype).eps
+        eps = torch.finfo(s.min.dtype).eps  # deviations were formed in the compute dtype
         # Central sums of nearly constant data are rounding noise: a variance below
-        # (eps·|mean|)²·16² is not resolved, so its shape statistics are undefined.
-        resolved = var > (16 * eps * s.mean.abs()) ** 2 + torch.finfo(s.mean.dtype).tiny
+        # (16·eps·|mean|)² is not resolved, so its shape statistics are undefined.
+        resolved = var > (16 * eps * s.mean.abs()) ** 2 + torch.finfo(torch.float64).tiny
         skew = torch.where(resolved, (s.m3 / safe) / var.clamp(min=1e-300) ** 1.5, math.nan)
         kurt = torch.where(resolved, (s.m4 / safe) / var.clamp(min=1e-300) ** 2 - 3, math.nan)
         empty = n == 0
@@ -522,6 +571,7 @@ class ActivationStatistics:
             "hist": s.hist,
         }
         out["quantile_value"] = self._quantiles(s)
+        self._result = out
         return out
 
     def _quantiles(self, s: StatisticsState) -> torch.Tensor:
