@@ -33,7 +33,14 @@ from torch import nn
 
 from icstools import __version__
 from icstools.schedules import Schedule, as_schedule
-from icstools.sites import Selector, Site, default_unit_dim, find_tensor, select_sites
+from icstools.sites import (
+    Selector,
+    Site,
+    default_unit_dim,
+    find_tensor,
+    layout_module,
+    select_sites,
+)
 from icstools.statistics import DEFAULT_QUANTILES, ActivationStatistics, choose_hist_edges
 from icstools.store import BackgroundWriter, RunWriter, open_run
 
@@ -176,7 +183,9 @@ class Recorder:
         inputs and 2.993 for tanh inputs (derivative below 0.01), none elsewhere.
     unit_dim : int or dict, optional
         Dimension holding units, for all sites or per site-name glob; default: last for
-        ``[batch, (time,) features]``, 1 for ``[N, C, ...]`` and convolution-like modules.
+        ``[batch, (time,) features]``, 1 for ``[N, C, H, (W)]``, and 1 for 3-D tensors of
+        convolution-like modules (for a nonlinearity: of the module defined just before it,
+        see :func:`icstools.sites.layout_module`).
     quantile_sample : int or None
         Values per unit kept for exact quantiles per step; beyond it a uniform random sample of
         that size is used (see :mod:`icstools.statistics`). ``None``: always exact.
@@ -440,7 +449,9 @@ class Recorder:
         name = site.name
         if name not in self._unit_dims:
             ud = self._site_option(self._unit_dim, name, "unit_dim", int)
-            self._unit_dims[name] = default_unit_dim(module, x) if ud is None else int(ud)
+            if ud is None:
+                ud = default_unit_dim(layout_module(self.model, site), x)
+            self._unit_dims[name] = int(ud)
         if name not in self._edges:
             rng = self._site_option(self._hist_range, name, "hist_range", tuple)
             if rng is None:

@@ -24,7 +24,9 @@ __all__ = [
     "ROLES",
     "Site",
     "SiteSelectionError",
+    "default_unit_dim",
     "find_tensor",
+    "layout_module",
     "list_sites",
     "select_sites",
 ]
@@ -106,11 +108,37 @@ class Site:
         return None
 
 
+def layout_module(model: nn.Module, site: Site) -> nn.Module:
+    """The module whose type tells the layout of ``site``'s 3-D tensors.
+
+    An element-wise nonlinearity keeps the layout of what feeds it, so for those the leaf module
+    defined just before it is used (exact for ``nn.Sequential`` models); otherwise the site's
+    own module.
+
+    Examples
+    --------
+    >>> m = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU())
+    >>> type(layout_module(m, Site("1", "input"))).__name__
+    'Conv1d'
+    """
+    module = model.get_submodule(site.module_name)
+    if not isinstance(module, ACTIVATION_TYPES):
+        return module
+    previous = None
+    for name, m in model.named_modules():
+        if name == site.module_name:
+            break
+        if not list(m.children()) and not isinstance(m, ACTIVATION_TYPES):
+            previous = m
+    return previous if previous is not None else module
+
+
 def default_unit_dim(module: nn.Module, x: torch.Tensor) -> int:
     """The dimension of ``x`` whose entries are units.
 
     ``[features]`` → 0; ``[batch, features]`` → 1; ``[batch, time, features]`` → 2, or 1 when
-    the module is convolution-like (``[N, C, L]``); 4-D and 5-D (``[N, C, H, W]``, ...) → 1.
+    ``module`` is convolution-like (``[N, C, L]``: pass :func:`layout_module` of the site);
+    4-D and 5-D (``[N, C, H, W]``, ...) → 1.
 
     Examples
     --------

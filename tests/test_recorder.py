@@ -532,3 +532,24 @@ def test_store_and_memory_paths_give_the_same_dataset(tmp_path):
     reopened = icstools.open_run(tmp_path / "r.zarr")
     assert reopened.attrs["schema_version"] == 1 and "recorder_config" in reopened.attrs
     assert list(reopened.unit_site.values[:2]) == ["2:input", "2:input"]
+
+
+def test_units_of_3d_tensors_follow_the_layout_of_the_producing_module():
+    conv = nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6, 3))
+    seq = nn.Sequential(nn.Linear(5, 6), nn.Tanh())
+    for model, x, site, units, unit_dim in (
+        (conv, torch.randn(3, 2, 8), "1:input", 4, 1),  # [N, C, L]: channels
+        (seq, torch.randn(3, 7, 5), "1:input", 6, 2),  # [batch, time, features]: features
+    ):
+        rec = Recorder(model, every=1)
+        with rec:
+            model(x).sum().backward()
+            rec.step_done()
+        ds = rec.to_dataset()
+        assert int(ds.site_units.sel(site=site)) == units
+        assert int(ds.site_unit_dim.sel(site=site)) == unit_dim
+    rec = Recorder(conv, every=1, unit_dim={"1:input": 2})
+    with rec:
+        conv(torch.randn(3, 2, 8)).sum().backward()
+        rec.step_done()
+    assert int(rec.to_dataset().site_units.sel(site="1:input")) == 6
