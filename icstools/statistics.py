@@ -280,12 +280,14 @@ def merge_states(a: StatisticsState, b: StatisticsState) -> StatisticsState:
     mean = a.mean + delta * nb / safe_n
     m2 = a.m2 + b.m2 + delta**2 * na * nb / safe_n
     m3 = (
-        a.m3 + b.m3
+        a.m3
+        + b.m3
         + delta**3 * na * nb * (na - nb) / safe_n**2
         + 3 * delta * (na * b.m2 - nb * a.m2) / safe_n
     )
     m4 = (
-        a.m4 + b.m4
+        a.m4
+        + b.m4
         + delta**4 * na * nb * (na * na - na * nb + nb * nb) / safe_n**3
         + 6 * delta**2 * (na * na * b.m2 + nb * nb * a.m2) / safe_n**2
         + 4 * delta * (na * b.m3 - nb * a.m3) / safe_n
@@ -294,7 +296,12 @@ def merge_states(a: StatisticsState, b: StatisticsState) -> StatisticsState:
     a_empty, b_empty = na == 0, nb == 0
     mean, m2, m3, m4 = (
         torch.where(a_empty, tb, torch.where(b_empty, ta, t))
-        for t, ta, tb in ((mean, a.mean, b.mean), (m2, a.m2, b.m2), (m3, a.m3, b.m3), (m4, a.m4, b.m4))
+        for t, ta, tb in (
+            (mean, a.mean, b.mean),
+            (m2, a.m2, b.m2),
+            (m3, a.m3, b.m3),
+            (m4, a.m4, b.m4),
+        )
     )
     return StatisticsState(
         count=a.count + b.count,
