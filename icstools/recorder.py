@@ -41,7 +41,12 @@ from icstools.sites import (
     layout_module,
     select_sites,
 )
-from icstools.statistics import DEFAULT_QUANTILES, ActivationStatistics, choose_hist_edges
+from icstools.statistics import (
+    DEFAULT_QUANTILES,
+    ActivationStatistics,
+    choose_hist_edges,
+    compute_many,
+)
 from icstools.store import BackgroundWriter, RunWriter, open_run
 
 __all__ = ["SCHEMA_VERSION", "Recorder", "RecorderError"]
@@ -538,11 +543,11 @@ class Recorder:
             return
         self._pending = None
         logs, self._pending_logs = self._pending_logs, {}
-        results: dict[tuple[str, str], tuple[dict[str, torch.Tensor], int]] = {}
-        for key, stats in self._stats.items():
-            if stats.calls:
-                results[key] = (stats.compute(), stats.calls)
-                stats.reset()
+        active = [(key, stats) for key, stats in self._stats.items() if stats.calls]
+        outs = compute_many([stats for _, stats in active])  # one device -> host transfer
+        results = {key: (out, stats.calls) for (key, stats), out in zip(active, outs, strict=True)}
+        for _, stats in active:
+            stats.reset()
         if self._layout is None:
             if not results and not logs:
                 return
@@ -580,8 +585,6 @@ class Recorder:
             raise RuntimeError("internal: record assembled before the layout was fixed")
         layout = self._layout
         rec = layout.empty_record(step)
-        # One device -> host transfer per record: flatten everything, move, split.
-        keys, parts = [], []
         for (source, name), (out, calls) in results.items():
             if name not in layout.widths or source not in layout.sources:
                 continue
@@ -591,40 +594,23 @@ class Recorder:
                     f"{layout.widths[name]} at the first record; a site's width must not change "
                     f"(set unit_dim for it if the wrong dimension is taken as units)"
                 )
-            keys.append((source, name, calls))
-            parts.append(out)
-        scalar_names = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
-        tensors = [t.reshape(-1).double() for out in parts for t in out.values()]
-        tensors += [logs[k].reshape(-1).double() for k in scalar_names]
-        if tensors:
-            devices = {t.device for t in tensors}
-            if len(devices) == 1:
-                flat = torch.cat(tensors).cpu().numpy()
-            else:
-                flat = torch.cat([t.cpu() for t in tensors]).numpy()
-        pos = 0
-        for (source, name, calls), out in zip(keys, parts, strict=True):
             si = layout.sources.index(source)
             k = layout.sites.index(name)
             lo = layout.offsets[name]
             hi = lo + layout.widths[name]
-            for field, t in out.items():
-                n = t.numel()
-                values = flat[pos : pos + n]
-                pos += n
-                # Statistics are stored as float32: moments beyond its range (a diverging
-                # network's variance) become ±inf there, which is what they are.
-                with np.errstate(over="ignore"):
-                    if field == "quantile_value":
-                        rec[field][si, lo:hi] = values.reshape(hi - lo, -1)
-                    elif field == "hist":
-                        rec["hist"][si, k] = values
+            # Statistics are stored as float32: moments beyond its range (a diverging
+            # network's variance) become ±inf there, which is what they are.
+            with np.errstate(over="ignore"):
+                for field, t in out.items():
+                    if field == "hist":
+                        rec["hist"][si, k] = t.numpy()
                     else:
-                        rec[field][si, lo:hi] = values
+                        rec[field][si, lo:hi] = t.numpy()
             rec["calls"][si, k] = calls
-        for name in scalar_names:
-            logs[name] = float(flat[pos])
-            pos += 1
+        scalar_names = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+        if scalar_names:  # one transfer for all logged tensors
+            values = torch.stack([logs[k].reshape(()).double() for k in scalar_names]).cpu()
+            logs.update(zip(scalar_names, values.tolist(), strict=True))
         for name in ("loss", *layout.log_names):
             rec[name] = float(logs.get(name, math.nan))
         rec["lr"] = (

@@ -901,3 +901,61 @@ def test_one_dimensional_tensor_each_value_is_a_unit():
     out = s.compute()
     ref = reference(np.stack([x.double().numpy()] * 2, axis=1), np.linspace(-4, 4, 9), None)
     assert_matches_reference(out, ref, torch.float32, "1-D")
+
+
+# --------------------------------------------------------------------------------------------
+# The CPU fast path (numpy, exact mode) agrees with the generic torch path
+# --------------------------------------------------------------------------------------------
+
+
+def test_numpy_histogram_twin_bins_like_torch_histc_to_the_bit():
+    from icstools.statistics import _histogram, _histogram_numpy
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        lo = float(rng.normal())
+        hi = lo + float(rng.uniform(1e-3, 10))
+        edges = np.linspace(lo, hi, int(rng.integers(1, 70)) + 1)
+        e32 = edges.astype(np.float32)
+        x = np.concatenate(
+            [
+                rng.uniform(lo - 1, hi + 1, 50),
+                edges,
+                np.nextafter(e32, np.float32(np.inf)),
+                np.nextafter(e32, np.float32(-np.inf)),
+            ]
+        ).astype(np.float32)
+        np.testing.assert_array_equal(
+            _histogram_numpy(x, edges), _histogram(torch.from_numpy(x), edges).numpy()
+        )
+
+
+def test_batched_numpy_fold_equals_per_site_torch_reduction():
+    from icstools.statistics import compute_many, summarize
+
+    gen = torch.Generator().manual_seed(3)
+    edges = np.linspace(-3, 3, 13)
+    xs = [torch.randn(40, w, generator=gen) * (1 + i) + i for i, w in enumerate((5, 7, 3))]
+    stats = [ActivationStatistics(edges, 1, sat_threshold=1.5) for _ in xs]
+    for s, x in zip(stats, xs, strict=True):
+        s.update(x)
+    batched = compute_many(stats)  # exact mode, folded together with numpy
+    for x, out in zip(xs, batched, strict=True):
+        ref = summarize(x.double(), 1, hist_edges=edges, sat_threshold=1.5)  # torch, float64
+        n = x.shape[0]
+        np.testing.assert_allclose(out["mean"], ref.mean, rtol=1e-6)
+        np.testing.assert_allclose(out["var"], ref.m2 / n, rtol=1e-5)
+        np.testing.assert_allclose(
+            out["skew"], (ref.m3 / n) / (ref.m2 / n) ** 1.5, rtol=1e-4, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            out["kurt"], (ref.m4 / n) / (ref.m2 / n) ** 2 - 3, rtol=1e-4, atol=1e-6
+        )
+        np.testing.assert_array_equal(out["hist"], ref.hist)
+        np.testing.assert_array_equal(out["sat_frac"] * n, ref.n_sat)
+        np.testing.assert_allclose(
+            out["quantile_value"],
+            np.quantile(x.numpy(), DEFAULT_QUANTILES, axis=0).T,
+            rtol=1e-6,
+            atol=1e-6,
+        )
