@@ -69,7 +69,7 @@ class _Layout:
     def __init__(
         self,
         sources: tuple[str, ...],
-        sites: list[Site],
+        sites: list[str],
         widths: dict[str, int],
         unit_dims: dict[str, int],
         edges: dict[str, np.ndarray],
@@ -78,7 +78,7 @@ class _Layout:
         log_names: tuple[str, ...],
     ) -> None:
         self.sources = sources
-        self.sites = [s.name for s in sites]
+        self.sites = sites
         self.widths = widths
         self.unit_dims = unit_dims
         self.edges = edges
@@ -191,6 +191,11 @@ class Recorder:
         ``[batch, (time,) features]``, 1 for ``[N, C, H, (W)]``, and 1 for 3-D tensors of
         convolution-like modules (for a nonlinearity: of the module defined just before it,
         see :func:`icstools.sites.layout_module`).
+    calls : {"pool", "separate"}
+        A module called several times per forward (shared weights, an RNN cell): ``"pool"``
+        records all its calls as one distribution (``calls`` counts them); ``"separate"``
+        records its k-th call of each forward as site ``"<site>#k"`` (the calls made in the
+        first record fix which exist; later extra calls are not recorded).
     quantile_sample : int or None
         Values per unit kept for exact quantiles per step; beyond it a uniform random sample of
         that size is used (see :mod:`icstools.statistics`). ``None``: always exact.
@@ -234,6 +239,7 @@ class Recorder:
         saturation: dict[str, float] | None = None,
         unit_dim: int | dict[str, int] | None = None,
         quantile_sample: int | None = 8192,
+        calls: str = "pool",
         chunk_steps: int = 64,
         flush_seconds: float = 30.0,
         seed: int = 0,
@@ -244,6 +250,8 @@ class Recorder:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
+        if calls not in ("pool", "separate"):
+            raise ValueError(f"calls must be 'pool' or 'separate', got {calls!r}")
         if probe_mode not in ("train", "eval"):
             raise ValueError(f"probe_mode must be 'train' or 'eval', got {probe_mode!r}")
         if probe is not None and find_tensor(probe) is None:
@@ -269,6 +277,7 @@ class Recorder:
         self.quantiles = np.asarray(quantiles, dtype=np.float64)
         self.bins = bins
         self.quantile_sample = quantile_sample
+        self.calls = calls
         self.chunk_steps = chunk_steps
         self.flush_seconds = float(flush_seconds)
         self.seed = int(seed)
@@ -300,6 +309,8 @@ class Recorder:
         self._stats: dict[tuple[str, str], ActivationStatistics] = {}
         self._edges: dict[str, np.ndarray] = {}
         self._unit_dims: dict[str, int] = {}
+        self._base_site: dict[str, str] = {}  # record site name -> selected site name
+        self._call_index: dict[tuple[str | None, str], int] = {}  # calls="separate"
         self._layout: _Layout | None = None
         self._records: list[dict[str, Any]] = []  # in memory (no path) or buffered for the store
         self._n_records = 0
@@ -411,7 +422,9 @@ class Recorder:
         if self._pending is None:
             self._pending = step
             if self.probe is not None:
+                self._call_index.clear()
                 self._run_probe()
+        self._call_index.clear()
         self._collect = "train"
 
     def _on_forward_end(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -440,9 +453,14 @@ class Recorder:
     def _observe(self, site: Site, module: nn.Module, x: torch.Tensor | None) -> None:
         if x is None:
             return
-        if self._layout is not None and site.name not in self._layout.widths:
+        name = site.name
+        if self.calls == "separate":  # the k-th call of a forward is site "<name>#k"
+            k = self._call_index.get((self._collect, name), 0)
+            self._call_index[(self._collect, name)] = k + 1
+            name = f"{name}#{k}"
+        if self._layout is not None and name not in self._layout.widths:
             return  # not called at the first record, so not in the run's layout
-        key = (self._collect, site.name)
+        key = (self._collect, name)
         stats = self._stats.get(key)
         if stats is None:
             stats = self._new_stats(site, module, x, key)
@@ -451,14 +469,15 @@ class Recorder:
     def _new_stats(
         self, site: Site, module: nn.Module, x: torch.Tensor, key: tuple[str, str]
     ) -> ActivationStatistics:
-        name = site.name
+        name = key[1]  # the site, or "<site>#k" for its k-th call with calls="separate"
+        self._base_site[name] = site.name
         if name not in self._unit_dims:
-            ud = self._site_option(self._unit_dim, name, "unit_dim", int)
+            ud = self._site_option(self._unit_dim, site.name, "unit_dim", int)
             if ud is None:
                 ud = default_unit_dim(layout_module(self.model, site), x)
             self._unit_dims[name] = int(ud)
         if name not in self._edges:
-            rng = self._site_option(self._hist_range, name, "hist_range", tuple)
+            rng = self._site_option(self._hist_range, site.name, "hist_range", tuple)
             if rng is None:
                 self._edges[name] = choose_hist_edges(x, self.bins)
             else:
@@ -468,7 +487,7 @@ class Recorder:
             self._edges[name],
             self._unit_dims[name],
             quantiles=self.quantiles,
-            sat_threshold=self._site_sat[name],
+            sat_threshold=self._site_sat[site.name],
             quantile_sample=self.quantile_sample,
             generator=torch.Generator().manual_seed(seed),
         )
@@ -558,7 +577,17 @@ class Recorder:
 
     def _make_layout(self, results: dict, logs: dict) -> _Layout:
         seen = {name for (_, name) in results}
-        sites = [s for s in self.sites if s.name in seen]
+
+        def call_index(name: str) -> int:
+            return int(name.rpartition("#")[2]) if "#" in name else -1
+
+        sites = [
+            name
+            for s in self.sites
+            for name in sorted(
+                (n for n in seen if self._base_site.get(n) == s.name), key=call_index
+            )
+        ]
         if not sites and self.sites:
             raise RecorderError(
                 "no selected site received a floating-point tensor during the first recorded "
@@ -573,9 +602,9 @@ class Recorder:
             sources,
             sites,
             widths,
-            {s.name: self._unit_dims[s.name] for s in sites},
-            {s.name: self._edges[s.name] for s in sites},
-            {s.name: self._site_sat[s.name] for s in sites},
+            {n: self._unit_dims[n] for n in sites},
+            {n: self._edges[n] for n in sites},
+            {n: self._site_sat[self._base_site[n]] for n in sites},
             self.quantiles,
             tuple(sorted(k for k in logs if k != "loss")),
         )
@@ -655,7 +684,11 @@ class Recorder:
             "model_class": type(self.model).__name__,
             "seed": self.seed,
             "sites_not_recorded": json.dumps(
-                [s.name for s in self.sites if self._layout and s.name not in self._layout.widths]
+                [
+                    s.name
+                    for s in self.sites
+                    if self._layout and s.name not in self._base_site.values()
+                ]
             ),
         }
         if self.diverged_step is not None:
@@ -676,6 +709,7 @@ class Recorder:
             "saturation": {k: float(v) for k, v in self._saturation.items()},
             "unit_dim": repr(self._unit_dim),
             "quantile_sample": self.quantile_sample,
+            "calls": self.calls,
             "chunk_steps": self.chunk_steps,
             "seed": self.seed,
             "path": None if self.path is None else str(self.path),

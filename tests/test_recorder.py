@@ -198,6 +198,36 @@ def test_gradient_accumulation_and_module_called_twice_are_pooled_not_overwritte
         _check_against_numpy(ds, "train", step, "fc:output", values)
 
 
+def test_calls_separate_keeps_each_call_of_a_shared_module_apart():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.fc(x)))
+
+    torch.manual_seed(0)
+    model = Twice()
+    captured, handles = _capture(model, ["fc"], role="output")
+    rec = Recorder(model, "fc", every=1, calls="separate")
+    with rec:
+        for _ in range(2):
+            model(torch.randn(7, 4)).sum().backward()
+            rec.step_done()
+    for h in handles:
+        h.remove()
+    ds = rec.to_dataset()
+    assert list(ds.site.values) == ["fc:output#0", "fc:output#1"]
+    assert (ds.calls.values == 1).all()
+    for step in (0, 1):
+        for k in (0, 1):
+            values = _np_units(captured["fc"][2 * step + k], 1)
+            _check_against_numpy(ds, "train", step, f"fc:output#{k}", values)
+    with pytest.raises(ValueError, match="calls"):
+        Recorder(model, "fc", calls="split")
+
+
 def test_schedule_callable_and_manual_steps_without_optimizer():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
     rec = Recorder(model, every=lambda s: s in (1, 4))
@@ -553,3 +583,30 @@ def test_units_of_3d_tensors_follow_the_layout_of_the_producing_module():
         conv(torch.randn(3, 2, 8)).sum().backward()
         rec.step_done()
     assert int(rec.to_dataset().site_units.sel(site="1:input")) == 6
+
+
+def test_activation_checkpoint_recomputation_is_not_recorded_twice():
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.head(checkpoint(self.block, x, use_reentrant=False))
+
+    torch.manual_seed(0)
+    model = Checkpointed()
+    captured, handles = _capture(model, ["block.1"])
+    rec = Recorder(model, nn.Tanh, role="input", every=1)
+    with rec:
+        model(torch.randn(5, 6)).sum().backward()  # backward recomputes block (hooks fire)
+        rec.step_done()
+    for h in handles:
+        h.remove()
+    assert len(captured["block.1"]) == 2  # the forward and its recomputation
+    ds = rec.to_dataset()
+    assert ds.calls.sel(source="train").values.ravel().tolist() == [1]
+    _check_against_numpy(ds, "train", 0, "block.1:input", _np_units(captured["block.1"][0], 1))
