@@ -1,0 +1,151 @@
+"""Every notebook in notebooks/ runs top to bottom in a real Jupyter kernel, so none can rot.
+
+Each notebook is executed once per session by ``nbclient`` in an ipykernel started from *this*
+interpreter: a ``python3`` kernelspec whose argv is ``sys.executable`` is written to a temporary
+folder put first on ``JUPYTER_PATH``, so a stray user-level ``python3`` kernelspec cannot swap
+the environment (a cell injected first checks it). The kernel's cwd is ``notebooks/``, as when
+opened in Jupyter. Runs are kept short the papermill way: a cell overriding a few parameters is
+inserted right after the cell tagged ``parameters`` (every notebook must have one), and runs are
+written to a temporary folder rather than ``data/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
+
+#: Values injected after the ``parameters`` cell, for the names that cell defines; ``OUT`` is
+#: set per run to a temporary folder.
+FAST_PARAMETERS = {"STEPS": 300, "EVERY": 50, "EVAL_EVERY": 100, "SEED": 0, "THREADS": 1}
+
+_KERNEL_CHECK = (
+    "import json as _json, sys as _sys\n"
+    "print('KERNEL ' + _json.dumps({'executable': _sys.executable, 'prefix': _sys.prefix}))"
+)
+
+
+def _data_dir() -> Path:
+    env = os.environ.get("ICSTOOLS_DATA")
+    return Path(env) if env else ROOT.parent / "shared" / "data"
+
+
+def _parameters_index(nb: nbformat.NotebookNode) -> int:
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "a notebook needs exactly one cell tagged 'parameters'"
+    return tagged[0]
+
+
+def _parametrize(nb: nbformat.NotebookNode, out: Path) -> nbformat.NotebookNode:
+    """A copy of ``nb``: a kernel check first, overrides after the parameters cell."""
+    nb = copy.deepcopy(nb)
+    i = _parameters_index(nb)
+    defined = set(re.findall(r"^([A-Z_][A-Z0-9_]*)\s*=", nb.cells[i].source, re.M))
+    values = {**FAST_PARAMETERS, "OUT": str(out)}
+    lines = [f"{k} = {v!r}" for k, v in values.items() if k in defined]
+    injected = nbformat.v4.new_code_cell("\n".join(lines), metadata={"tags": ["injected"]})
+    nb.cells.insert(i + 1, injected)
+    nb.cells.insert(0, nbformat.v4.new_code_cell(_KERNEL_CHECK, metadata={"tags": ["injected"]}))
+    return nb
+
+
+def _execute(path: Path, tmp: Path) -> nbformat.NotebookNode:
+    from nbclient import NotebookClient
+
+    spec = tmp / "jupyter" / "kernels" / "python3"  # JUPYTER_PATH wins over user/env/system
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    kernel = {"argv": argv, "display_name": "Python 3 (test venv)", "language": "python"}
+    (spec / "kernel.json").write_text(json.dumps(kernel))
+    nb = _parametrize(nbformat.read(path, as_version=4), tmp / "out")
+    with pytest.MonkeyPatch.context() as mp:  # read by the kernel manager; the kernel inherits it
+        mp.setenv("JUPYTER_PATH", str(tmp / "jupyter"))
+        mp.setenv("JUPYTER_PLATFORM_DIRS", "1")
+        mp.setenv("ICSTOOLS_DATA", str(_data_dir()))
+        mp.delenv("MPLBACKEND", raising=False)  # ipykernel then uses the inline backend
+        client = NotebookClient(
+            nb,
+            timeout=600,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+        )
+        client.execute()  # raises CellExecutionError on the first failing cell
+    return nb
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """``executed(name)``: the notebook after a run (each notebook runs once per session)."""
+    cache: dict[str, nbformat.NotebookNode] = {}
+
+    def run(name: str) -> nbformat.NotebookNode:
+        if name not in cache:
+            cache[name] = _execute(NOTEBOOK_DIR / name, tmp_path_factory.mktemp(Path(name).stem))
+        return cache[name]
+
+    return run
+
+
+def _outputs(nb: nbformat.NotebookNode) -> list[nbformat.NotebookNode]:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+
+
+def _stdout(nb: nbformat.NotebookNode) -> str:
+    return "".join(o.text for o in _outputs(nb) if o.get("name") == "stdout")
+
+
+def test_there_are_notebooks():
+    assert "01-activations-over-time.ipynb" in NOTEBOOKS
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_committed_clean(name):
+    nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    nbformat.validate(nb)
+    assert nb.nbformat == 4
+    _parameters_index(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, "clear the outputs"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_and_draws(executed, name):
+    nb = executed(name)
+    outputs = _outputs(nb)
+    assert not [o for o in outputs if o.output_type == "error"]
+    kernel = json.loads(re.search(r"^KERNEL (.*)$", _stdout(nb), re.M).group(1))
+    assert Path(kernel["prefix"]) == Path(sys.prefix), "kernel runs another environment"
+    assert Path(kernel["executable"]).is_relative_to(sys.prefix)
+    stderr = "".join(o.text for o in outputs if o.get("name") == "stderr")
+    assert "Warning" not in stderr, stderr
+    images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
+    assert images, "no figure was drawn"
+    for image in images:
+        assert base64.b64decode(image.data["image/png"]).startswith(b"\x89PNG")
+
+
+def test_activations_over_time_reports_results(executed):
+    nb = executed("01-activations-over-time.ipynb")
+    out = _stdout(nb)
+    images = [o for o in _outputs(nb) if "image/png" in o.get("data", {})]
+    assert len(images) == 2, "Fig. 1(a) and Fig. 1(b, c)"
+    accuracy = dict(re.findall(r"^final test accuracy (\w+): ([0-9.]+)", out, re.M))
+    assert set(accuracy) == {"baseline", "BN"}, out
+    for value in accuracy.values():
+        assert 0.2 < float(value) <= 1.0  # 300 steps are far above chance (0.1)
+    assert re.search(r"^baseline +300 steps in .*: 6 records \(steps 0\.\.250\)", out, re.M), out
+    assert re.search(r"^BN +site 8:input: .* typical unit \d+ ", out, re.M), out
+    tables = [o for o in _outputs(nb) if "text/html" in o.get("data", {})]
+    assert len(tables) == 3 and all("Δ median" in t.data["text/html"] for t in tables)
