@@ -22,7 +22,7 @@ demo: $(BIN)/.icstools-installed
 	$(BIN)/icstools demo
 
 lint: $(BIN)/.icstools-installed
-	$(BIN)/ruff check icstools tests bench
+	$(BIN)/ruff check icstools tests $(wildcard bench)
 
 test: lint
 	$(BIN)/python -m pytest -m "not slow"
