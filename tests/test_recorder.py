@@ -610,3 +610,17 @@ def test_activation_checkpoint_recomputation_is_not_recorded_twice():
     ds = rec.to_dataset()
     assert ds.calls.sel(source="train").values.ravel().tolist() == [1]
     _check_against_numpy(ds, "train", 0, "block.1:input", _np_units(captured["block.1"][0], 1))
+
+
+def test_site_hooks_exist_only_during_scheduled_training_forwards():
+    model = paper_mlp(bn=False, widths=(8,))
+    sigmoid = model[1]
+    seen = []
+    model[0].register_forward_hook(lambda m, a, o: seen.append(len(sigmoid._forward_pre_hooks)))
+    with Recorder(model, every=2) as rec:
+        for _ in range(4):
+            model(torch.rand(3, 784)).sum().backward()
+            assert not sigmoid._forward_pre_hooks  # removed when the forward ends
+            rec.step_done()
+    assert seen == [1, 0, 1, 0]  # present while a scheduled forward runs, absent otherwise
+    assert rec.to_dataset().step.values.tolist() == [0, 2]
