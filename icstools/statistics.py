@@ -12,9 +12,13 @@ BatchNorm pools them, Ioffe & Szegedy 2015 §3.2). For every unit the state hold
 - a sample of the values for quantiles (all of them up to ``quantile_sample`` per unit).
 
 Every statistic except ``nonfinite`` is taken over the *finite* values of a unit; ``nonfinite``
-is the share of NaN and ±inf among all its values. Moments are computed in float32, or float64
-for float64 inputs, on the tensor's device; nothing leaves the device until
-:meth:`ActivationStatistics.compute`.
+is the share of NaN and ±inf among all its values. Values are reduced on the tensor's device in
+float32 (float64 for float64 inputs), deviations scaled by each unit's range, and the moment sums
+kept in float64; nothing leaves the device until :meth:`ActivationStatistics.compute`.
+
+While a unit's pooled values number at most ``quantile_sample`` (exact mode), a call only copies
+them; the copies of all sites are reduced together when the record closes
+(:func:`compute_many`; with numpy on CPU float32, where its per-call overhead is far lower).
 
 The state of two :class:`ActivationStatistics` over disjoint values merges exactly
 (:meth:`ActivationStatistics.merge`), so batches, repeated calls of a module and ranks combine
