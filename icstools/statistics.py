@@ -659,27 +659,22 @@ def compute_many(stats: Sequence[ActivationStatistics]) -> list[dict[str, torch.
     todo = [s for s in stats if s._result is None]
     _fold_together([s for s in todo if s._state is None and s._values])
     parts = [s._device_parts() for s in todo]
-    if all(t.device.type == "cpu" for p in parts for t in p):  # nothing to transfer
-        for s, p in zip(todo, parts, strict=True):
-            s._result = _finish([t.numpy() for t in p], compute_dtype=p[6].dtype)
-        return [s._result for s in stats]  # type: ignore[misc]
-    flat = [t.reshape(-1) for p in parts for t in p]
-    if flat:
+    flat = [t for p in parts for t in p]
+    if all(t.device.type == "cpu" for t in flat):
+        host = [t.numpy() for t in flat]  # nothing to transfer
+    else:
         # One transfer: everything as float64 (integer counts are exact below 2**53).
-        devices = {t.device for t in flat}
-        host = torch.cat([t.to(torch.float64) for t in flat]) if len(devices) == 1 else None
-        host_np = (
-            host.cpu().numpy()
-            if host is not None
-            else np.concatenate([t.cpu().double().numpy() for t in flat])
-        )
-        pos = 0
-        for s, p in zip(todo, parts, strict=True):
-            arrays = []
-            for t in p:
-                arrays.append(host_np[pos : pos + t.numel()].reshape(t.shape))
-                pos += t.numel()
-            s._result = _finish(arrays, compute_dtype=p[6].dtype)
+        device = next(t.device for t in flat if t.device.type != "cpu")
+        joined = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in flat])
+        values = joined.cpu().numpy()
+        host, pos = [], 0
+        for t in flat:
+            host.append(values[pos : pos + t.numel()].reshape(t.shape))
+            pos += t.numel()
+    pos = 0
+    for s, p in zip(todo, parts, strict=True):
+        s._result = _finish(host[pos : pos + len(p)], compute_dtype=p[6].dtype)
+        pos += len(p)
     return [s._result for s in stats]  # type: ignore[misc]
 
 
