@@ -22,6 +22,7 @@ import math
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,19 @@ class RecorderError(ValueError):
     """A recorder used in a way it does not support (the message says how to fix it)."""
 
 
+@dataclass(frozen=True)
+class _VarSpec:
+    """A per-step variable of the run beyond the activation statistics.
+
+    ``dims`` include ``"step"``; ``shape`` is one record's shape (``dims`` without ``step``).
+    """
+
+    dims: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: Any = np.float32
+    fill: Any = np.nan
+
+
 class _Layout:
     """The static shape of a run, fixed at the first record: sites, their units, edges."""
 
@@ -76,6 +90,8 @@ class _Layout:
         sat: dict[str, float | None],
         quantiles: np.ndarray,
         log_names: tuple[str, ...],
+        extra_vars: dict[str, _VarSpec] | None = None,
+        extra_coords: dict[str, Any] | None = None,
     ) -> None:
         self.sources = sources
         self.sites = sites
@@ -92,6 +108,9 @@ class _Layout:
             offset += widths[name]
         self.n_units = offset
         self.n_bins = len(next(iter(edges.values()))) + 1  # bins + under/overflow
+        # Further per-step variables (probe samples, gradients, spectra, …): name -> spec.
+        self.extra_vars = dict(extra_vars or {})
+        self.extra_coords = dict(extra_coords or {})
 
     def empty_record(self, step: int) -> dict[str, Any]:
         ns, nu, nsite = len(self.sources), self.n_units, len(self.sites)
@@ -102,6 +121,8 @@ class _Layout:
         rec["quantile_value"] = np.full((ns, nu, len(self.quantiles)), np.nan, np.float32)
         rec["hist"] = np.zeros((ns, nsite, self.n_bins), np.int64)
         rec["calls"] = np.zeros((ns, nsite), np.int64)
+        for name, spec in self.extra_vars.items():
+            rec[name] = np.full(spec.shape, spec.fill, spec.dtype)
         return rec
 
     def static_coords(self) -> dict[str, Any]:
@@ -122,6 +143,7 @@ class _Layout:
                 "site",
                 np.array([np.nan if self.sat[s] is None else self.sat[s] for s in self.sites]),
             ),
+            **self.extra_coords,
         }
 
     def block(self, records: list[dict[str, Any]], attrs: dict[str, Any]) -> xr.Dataset:
@@ -140,6 +162,8 @@ class _Layout:
         data["calls"] = (("source", "step", "site"), np.stack([r["calls"] for r in records], 1))
         for name in ("loss", "lr", *self.log_names):
             data[name] = (("step",), np.array([r.get(name, np.nan) for r in records], np.float64))
+        for name, spec in self.extra_vars.items():
+            data[name] = (spec.dims, np.stack([r[name] for r in records], spec.dims.index("step")))
         coords = {"step": ("step", steps), **self.static_coords()}
         return xr.Dataset(data, coords=coords, attrs=attrs)
 
@@ -172,6 +196,14 @@ class Recorder:
     probe_mode : {"train", "eval"}
         Mode of the probe forward: ``"train"`` (BN normalizes with the probe batch's own
         statistics, as the network computes during training) or ``"eval"`` (running statistics).
+    probe_sample : int, optional
+        Also keep up to this many raw probe values per unit at each record, as
+        ``probe_sample (step, sample, unit)``, for exact sample-based drift metrics
+        (:mod:`icstools.drift`). The positions (probe example, and pixel for convolutions) are
+        drawn once, uniformly without replacement, and kept for the whole run, so sample ``i``
+        of a unit is the same input at every step. The length is the smallest number of
+        positions of any site, capped at ``probe_sample``. With a site called several times
+        per forward, the values of its first call are kept. ``None`` (default): not kept.
     path : str or Path, optional
         Zarr store to stream the run to. Without it everything stays in memory.
     overwrite : bool
@@ -231,6 +263,7 @@ class Recorder:
         optimizer: torch.optim.Optimizer | None = None,
         probe: Any = None,
         probe_mode: str = "train",
+        probe_sample: int | None = None,
         path: str | Path | None = None,
         overwrite: bool = False,
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
@@ -259,6 +292,13 @@ class Recorder:
                 "probe must be a tensor, a tuple of positional arguments or a dict of keyword "
                 f"arguments holding at least one floating-point tensor, got {type(probe).__name__}"
             )
+        if probe_sample is not None:
+            if isinstance(probe_sample, bool) or not isinstance(probe_sample, int):
+                raise TypeError(f"probe_sample must be an int or None, got {probe_sample!r}")
+            if probe_sample < 1:
+                raise ValueError(f"probe_sample must be ≥ 1, got {probe_sample}")
+            if probe is None:
+                raise RecorderError("probe_sample needs a probe batch (probe=...)")
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
             raise ValueError(f"bins must be an int ≥ 1, got {bins!r}")
         if isinstance(chunk_steps, bool) or not isinstance(chunk_steps, int) or chunk_steps < 2:
@@ -273,6 +313,7 @@ class Recorder:
         self.optimizer = optimizer
         self.probe = probe
         self.probe_mode = probe_mode
+        self.probe_sample = probe_sample
         self.path = None if path is None else Path(path)
         self.quantiles = np.asarray(quantiles, dtype=np.float64)
         self.bins = bins
@@ -313,6 +354,8 @@ class Recorder:
         self._base_site: dict[str, str] = {}  # record site name -> selected site name
         self._call_index: dict[tuple[str | None, str], int] = {}  # calls="separate"
         self._layout: _Layout | None = None
+        self._sample_pos: dict[str, torch.Tensor] = {}  # site -> fixed probe positions [m]
+        self._sample_vals: dict[str, torch.Tensor] = {}  # site -> values of this record [m, units]
         self._records: list[dict[str, Any]] = []  # in memory (no path) or buffered for the store
         self._n_records = 0
         self._last_write = time.monotonic()
@@ -487,6 +530,25 @@ class Recorder:
         if stats is None:
             stats = self._new_stats(site, module, x, key)
         stats.update(x)
+        if self.probe_sample is not None and self._collect == "probe":
+            self._keep_sample(name, x)
+
+    def _keep_sample(self, name: str, x: torch.Tensor) -> None:
+        if name in self._sample_vals:
+            return  # a later call of the site in the same probe forward
+        rows = x.detach().movedim(self._unit_dims[name], -1)
+        rows = rows.reshape(-1, rows.shape[-1])  # [positions, units]
+        pos = self._sample_pos.get(name)
+        if pos is None:
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/sample/{name}".encode()))
+            pos = torch.randperm(rows.shape[0], generator=gen)[: self.probe_sample]
+            pos = self._sample_pos[name] = pos.to(rows.device)
+        if pos.numel() and int(pos.max()) >= rows.shape[0]:
+            raise RecorderError(
+                f"site {name} has {rows.shape[0]} probe positions now but had more at the first "
+                "record; the probe batch must keep its shape"
+            )
+        self._sample_vals[name] = rows.index_select(0, pos).float()  # [m, units], a copy
 
     def _new_stats(
         self, site: Site, module: nn.Module, x: torch.Tensor, key: tuple[str, str]
@@ -589,15 +651,21 @@ class Recorder:
         results = {key: (out, stats.calls) for (key, stats), out in zip(active, outs, strict=True)}
         for _, stats in active:
             stats.reset()
+        samples, self._sample_vals = self._sample_vals, {}
+        if samples:  # one transfer for all sites
+            names = list(samples)
+            flat = torch.cat([samples[n].reshape(-1) for n in names]).cpu().numpy()
+            parts = np.split(flat, np.cumsum([samples[n].numel() for n in names])[:-1])
+            samples = {n: p.reshape(samples[n].shape) for n, p in zip(names, parts, strict=True)}
         if self._layout is None:
             if not results and not logs:
                 return
-            self._layout = self._make_layout(results, logs)
-        record = self._assemble(step, results, logs)
+            self._layout = self._make_layout(results, logs, samples)
+        record = self._assemble(step, results, logs, samples)
         self._check_divergence(record, logs)
         self._emit(record)
 
-    def _make_layout(self, results: dict, logs: dict) -> _Layout:
+    def _make_layout(self, results: dict, logs: dict, samples: dict) -> _Layout:
         seen = {name for (_, name) in results}
 
         def call_index(name: str) -> int:
@@ -620,6 +688,13 @@ class Recorder:
         for (_, name), (out, _) in results.items():
             widths[name] = int(out["mean"].shape[0])
         sources = ("train", "probe") if self.probe is not None else ("train",)
+        extra_vars: dict[str, _VarSpec] = {}
+        extra_coords: dict[str, Any] = {}
+        if self.probe_sample is not None:
+            n_units = sum(widths[n] for n in sites)
+            m = min((samples[n].shape[0] for n in sites if n in samples), default=0)
+            extra_vars["probe_sample"] = _VarSpec(("step", "sample", "unit"), (m, n_units))
+            extra_coords["sample"] = ("sample", np.arange(m, dtype=np.int64))
         return _Layout(
             sources,
             sites,
@@ -629,9 +704,13 @@ class Recorder:
             {n: self._site_sat[self._base_site[n]] for n in sites},
             self.quantiles,
             tuple(sorted(k for k in logs if k != "loss")),
+            extra_vars,
+            extra_coords,
         )
 
-    def _assemble(self, step: int, results: dict, logs: dict) -> dict[str, Any]:
+    def _assemble(
+        self, step: int, results: dict, logs: dict, samples: dict[str, np.ndarray]
+    ) -> dict[str, Any]:
         if self._layout is None:
             raise RuntimeError("internal: record assembled before the layout was fixed")
         layout = self._layout
@@ -658,6 +737,12 @@ class Recorder:
                     else:
                         rec[field][si, lo:hi] = t.numpy()
             rec["calls"][si, k] = calls
+        if "probe_sample" in rec:
+            m = rec["probe_sample"].shape[0]
+            for name, values in samples.items():
+                if name in layout.widths:
+                    lo = layout.offsets[name]
+                    rec["probe_sample"][:, lo : lo + layout.widths[name]] = values[:m]
         scalar_names = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
         if scalar_names:  # one transfer for all logged tensors
             values = torch.stack([logs[k].reshape(()).double() for k in scalar_names]).cpu()
@@ -725,6 +810,7 @@ class Recorder:
             "schedule": repr(self.schedule),
             "probe_shape": None if probe is None else list(probe.shape),
             "probe_mode": self.probe_mode,
+            "probe_sample": self.probe_sample,
             "quantiles": self.quantiles.tolist(),
             "bins": self.bins,
             "hist_range": repr(self._hist_range),

@@ -624,3 +624,47 @@ def test_site_hooks_exist_only_during_scheduled_training_forwards():
             rec.step_done()
     assert seen == [1, 0, 1, 0]  # present while a scheduled forward runs, absent otherwise
     assert rec.to_dataset().step.values.tolist() == [0, 2]
+
+
+def test_probe_sample_keeps_the_same_probe_positions_of_every_unit_at_every_step():
+    torch.manual_seed(0)
+    model = small_cnn(channels=(4, 8), in_channels=1)
+    probe = torch.rand(6, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    sites = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    rec = Recorder(model, sites, role="output", every=2, probe=probe, probe_sample=4)
+    captured, handles = _capture(model, sites, role="output")
+    try:
+        _train(model, 3, rec, shape=(8, 1, 12, 12))
+    finally:
+        for h in handles:
+            h.remove()
+    ds = rec.to_dataset()
+    assert ds["probe_sample"].dims == ("step", "sample", "unit")
+    assert ds.sizes["sample"] == 4  # capped by probe_sample (fewest positions: 6 probe rows)
+    calls = {0: 0, 2: 3}  # index of the probe call in the captured calls of each record step
+    rows_seen: dict[str, set] = {}
+    for step, call in calls.items():
+        for name in sites:
+            site = f"{name}:output"
+            act = captured[name][call]
+            rows = _np_units(act, 1).astype(np.float32)  # [positions, units]
+            got = ds["probe_sample"].sel(step=step).where(ds.unit_site == site, drop=True).values
+            # every kept sample is one whole position (all units of the site from one input)
+            idx = []
+            for sample in got:
+                hit = np.flatnonzero((rows == sample).all(1))
+                assert hit.size >= 1, f"{site} step {step}: sample is not a probe position"
+                idx.append(int(hit[0]))
+            assert len(set(idx)) == len(idx), "positions are drawn without replacement"
+            rows_seen.setdefault(site, set()).add(tuple(idx))
+    assert all(len(v) == 1 for v in rows_seen.values()), "positions must stay fixed over steps"
+
+
+def test_probe_sample_options_are_checked():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    with pytest.raises(RecorderError, match="needs a probe"):
+        Recorder(model, probe_sample=5)
+    with pytest.raises(ValueError, match="≥ 1"):
+        Recorder(model, probe=torch.randn(3, 2), probe_sample=0)
+    with pytest.raises(TypeError, match="int or None"):
+        Recorder(model, probe=torch.randn(3, 2), probe_sample=2.5)
