@@ -13,12 +13,15 @@ Examples
 
 __version__ = "0.1.0"
 
+from icstools.analysis import AnalysisError, ICSAccessor  # registers ds.ics
 from icstools.recorder import Recorder, RecorderError
 from icstools.schedules import as_schedule, at_steps, every, log_spaced
 from icstools.sites import SiteSelectionError, list_sites, select_sites
 from icstools.store import open_run
 
 __all__ = [
+    "AnalysisError",
+    "ICSAccessor",
     "Recorder",
     "RecorderError",
     "SiteSelectionError",

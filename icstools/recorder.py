@@ -354,7 +354,7 @@ class Recorder:
         self._base_site: dict[str, str] = {}  # record site name -> selected site name
         self._call_index: dict[tuple[str | None, str], int] = {}  # calls="separate"
         self._layout: _Layout | None = None
-        self._sample_pos: dict[str, torch.Tensor] = {}  # site -> fixed probe positions [m]
+        self._sample_pos: dict[str, tuple[torch.Tensor, int]] = {}  # site -> positions [m], of n
         self._sample_vals: dict[str, torch.Tensor] = {}  # site -> values of this record [m, units]
         self._records: list[dict[str, Any]] = []  # in memory (no path) or buffered for the store
         self._n_records = 0
@@ -538,14 +538,14 @@ class Recorder:
             return  # a later call of the site in the same probe forward
         rows = x.detach().movedim(self._unit_dims[name], -1)
         rows = rows.reshape(-1, rows.shape[-1])  # [positions, units]
-        pos = self._sample_pos.get(name)
-        if pos is None:
+        if name not in self._sample_pos:
             gen = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/sample/{name}".encode()))
             pos = torch.randperm(rows.shape[0], generator=gen)[: self.probe_sample]
-            pos = self._sample_pos[name] = pos.to(rows.device)
-        if pos.numel() and int(pos.max()) >= rows.shape[0]:
+            self._sample_pos[name] = (pos.to(rows.device), rows.shape[0])
+        pos, n_rows = self._sample_pos[name]
+        if rows.shape[0] != n_rows:  # checked on the host: no device sync
             raise RecorderError(
-                f"site {name} has {rows.shape[0]} probe positions now but had more at the first "
+                f"site {name} has {rows.shape[0]} probe positions now but {n_rows} at the first "
                 "record; the probe batch must keep its shape"
             )
         self._sample_vals[name] = rows.index_select(0, pos).float()  # [m, units], a copy
@@ -737,6 +737,8 @@ class Recorder:
                     else:
                         rec[field][si, lo:hi] = t.numpy()
             rec["calls"][si, k] = calls
+            if layout.sat[name] is None:
+                rec["sat_frac"][si, lo:hi] = np.nan  # no threshold: not a saturating input
         if "probe_sample" in rec:
             m = rec["probe_sample"].shape[0]
             for name, values in samples.items():

@@ -540,6 +540,8 @@ def test_options_hist_range_saturation_unit_dim_quantiles():
     sat = (np.abs(x1) > icstools.statistics.TANH_SATURATION).mean(0)
     got = ds.sat_frac.sel(source="train", step=0).where(ds.unit_site == "1:input", drop=True)
     np.testing.assert_allclose(got, sat)
+    no_threshold = ds.sat_frac.where(ds.unit_site == "0:input", drop=True)
+    assert no_threshold.isnull().all(), "sat_frac of a site without threshold is NaN, not 0"
     hist = ds.hist.sel(source="train", step=0, site="1:input").values
     inner, _ = np.histogram(x1.ravel(), bins=np.linspace(-2, 2, 9))
     assert hist[0] == (x1 < -2).sum() and hist[-1] == (x1 > 2).sum()
