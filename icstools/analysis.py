@@ -45,9 +45,7 @@ def _expected(kind: str, bad: object, valid: Sequence[object]) -> AnalysisError:
     hint = f" Did you mean {close}?" if close else ""
     shown = list(valid)[:30]
     more = f" (and {len(valid) - 30} more)" if len(valid) > 30 else ""
-    return AnalysisError(
-        f"{kind} {bad!r} does not exist. Expected one of {shown}{more}.{hint}"
-    )
+    return AnalysisError(f"{kind} {bad!r} does not exist. Expected one of {shown}{more}.{hint}")
 
 
 @xr.register_dataset_accessor("ics")
@@ -323,8 +321,9 @@ class ICSAccessor:
             "std": self._by_site(np.sqrt(self._source(src, "var").sel(at))),
             "sat_frac": self._by_site(self._source(src, "sat_frac").sel(at)),
             "dead_units": self._by_site(
-                (self._source("train" if source is None else src, "zero_frac").sel(at) == 1)
-                .astype(np.int64),
+                (self._source("train" if source is None else src, "zero_frac").sel(at) == 1).astype(
+                    np.int64
+                ),
                 "sum",
             ),
             "nonfinite_units": self._by_site(
