@@ -45,6 +45,7 @@ from icstools.sites import (
 from icstools.statistics import (
     DEFAULT_QUANTILES,
     ActivationStatistics,
+    GradientStatistics,
     choose_hist_edges,
     compute_many,
 )
@@ -57,7 +58,22 @@ SCHEMA_VERSION = 1
 
 SOURCES = ("train", "probe")
 UNIT_STATS = ("mean", "var", "skew", "kurt", "min", "max", "sat_frac", "zero_frac", "nonfinite")
-_RESERVED = {*UNIT_STATS, "quantile_value", "hist", "calls", "count", "step", "lr"}
+GRAD_UNIT_STATS = ("grad_unit_norm", "grad_mean", "grad_var")
+PARAM_STATS = ("param_grad_norm", "param_norm", "update_norm", "update_ratio", "eff_lr")
+_RESERVED = {
+    *UNIT_STATS,
+    *GRAD_UNIT_STATS,
+    *PARAM_STATS,
+    "quantile_value",
+    "hist",
+    "calls",
+    "count",
+    "step",
+    "lr",
+    "grad_norm",
+    "skipped",
+    "probe_sample",
+}
 
 
 class RecorderError(ValueError):
@@ -168,6 +184,20 @@ class _Layout:
         return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
+def _to_host(tensors: dict[Any, torch.Tensor]) -> dict[Any, np.ndarray]:
+    """Move a dict of device tensors to numpy with one transfer (float64 for float64 inputs,
+    float32 otherwise)."""
+    if not tensors:
+        return {}
+    keys = list(tensors)
+    dtype = (
+        torch.float64 if any(t.dtype == torch.float64 for t in tensors.values()) else torch.float32
+    )
+    flat = torch.cat([tensors[k].detach().reshape(-1).to(dtype) for k in keys]).cpu().numpy()
+    parts = np.split(flat, np.cumsum([tensors[k].numel() for k in keys])[:-1])
+    return {k: p.reshape(tuple(tensors[k].shape)) for k, p in zip(keys, parts, strict=True)}
+
+
 class Recorder:
     """Record per-unit activation statistics of any PyTorch model during training.
 
@@ -238,6 +268,29 @@ class Recorder:
         crash loses at most that much.
     seed : int
         Seed of the recorder's own generator (quantile sampling); never touches the global RNG.
+    gradients : bool
+        Also record, at the recorder's schedule, the backward half (DESIGN.md §3):
+
+        * activation gradients ``dL/dx`` of every site (train source), taken with a tensor
+          hook registered on the site tensor by the forward hook (so in-place ops after the
+          site, residual adds and repeated calls work; a site tensor that needs no gradient
+          gets NaN): ``grad_norm (step, site)`` (Euclidean norm over all values and calls),
+          and per unit ``grad_unit_norm``, ``grad_mean``, ``grad_var (step, unit)``;
+        * parameter dynamics per parameter tensor of the optimizer (needs ``optimizer``),
+          from optimizer step pre/post hooks, so any ``torch.optim`` optimizer works:
+          ``param_grad_norm`` (``‖p.grad‖`` as the optimizer sees it), ``param_norm``
+          (``‖w‖`` before the update), ``update_norm`` (``‖Δw‖`` of the step actually taken,
+          momentum and weight decay included) and ``update_ratio`` = update_norm / param_norm
+          ``(step, param)``; and ``eff_lr`` = lr / ‖w‖² for weights whose output is normalized
+          next (the next module run is a BatchNorm/LayerNorm/GroupNorm/InstanceNorm), the
+          quantity that matters under scale invariance (paper §3.3); NaN elsewhere.
+
+        The gradient is that of whatever the training loop back-propagates (e.g. a batch mean).
+    scaler : torch.amp.GradScaler, optional
+        With AMP: activation gradients are divided by the loss scale of their step, parameter
+        gradients are read after the scaler unscaled them; iterations the scaler skips
+        (non-finite gradients) are dropped from the record and counted in ``skipped (step)``,
+        not recorded as zero updates. Reading the scale syncs once per recorded step.
 
     Examples
     --------
@@ -276,6 +329,8 @@ class Recorder:
         chunk_steps: int = 64,
         flush_seconds: float = 30.0,
         seed: int = 0,
+        gradients: bool = False,
+        scaler: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -305,6 +360,10 @@ class Recorder:
             raise ValueError(
                 f"chunk_steps must be an int ≥ 2 (a chunk of 1 step is slow), got {chunk_steps!r}"
             )
+        if not isinstance(gradients, bool):
+            raise TypeError(f"gradients must be True or False, got {gradients!r}")
+        if scaler is not None and not hasattr(scaler, "get_scale"):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if not flush_seconds > 0:
             raise ValueError(f"flush_seconds must be > 0, got {flush_seconds!r}")
         self.model = model
@@ -322,6 +381,8 @@ class Recorder:
         self.chunk_steps = chunk_steps
         self.flush_seconds = float(flush_seconds)
         self.seed = int(seed)
+        self.gradients = gradients
+        self.scaler = scaler
         self._hist_range = hist_range
         self._saturation = dict(saturation or {})
         self._unit_dim = unit_dim
@@ -354,6 +415,16 @@ class Recorder:
         self._base_site: dict[str, str] = {}  # record site name -> selected site name
         self._call_index: dict[tuple[str | None, str], int] = {}  # calls="separate"
         self._layout: _Layout | None = None
+        # the backward half (gradients=True)
+        self._grad_stats: dict[str, GradientStatistics] = {}
+        self._scale: float | None = None  # loss scale of the current step's backward (AMP)
+        self._skipped = 0  # iterations of the open record skipped by the scaler
+        self._params: list[tuple[str, torch.Tensor, dict]] = []  # (name, tensor, param group)
+        self._normalized: set[str] = set()  # weights whose output a norm layer takes next
+        self._param_before: list[torch.Tensor] | None = None
+        self._param_out: dict[str, torch.Tensor] = {}  # this record's per-param results
+        self._order: list[str] = []
+        self._order_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._sample_pos: dict[str, tuple[torch.Tensor, int]] = {}  # site -> positions [m], of n
         self._sample_vals: dict[str, torch.Tensor] = {}  # site -> values of this record [m, units]
         self._records: list[dict[str, Any]] = []  # in memory (no path) or buffered for the store
@@ -407,6 +478,10 @@ class Recorder:
             self._handles.append(root.register_forward_pre_hook(self._on_forward_start))
             self._handles.append(root.register_forward_hook(self._on_forward_end, always_call=True))
             if self.optimizer is not None:
+                if self.gradients:
+                    self._handles.append(
+                        self.optimizer.register_step_pre_hook(self._on_opt_step_start)
+                    )
                 self._handles.append(self.optimizer.register_step_post_hook(self._on_opt_step))
         except BaseException:
             self.detach()
@@ -434,6 +509,9 @@ class Recorder:
     def detach(self) -> None:
         """Remove every hook this recorder registered (safe to call twice)."""
         self._disarm()
+        for h in self._order_handles:
+            h.remove()
+        self._order_handles = []
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()
@@ -482,6 +560,14 @@ class Recorder:
             self._collect = None
             self._disarm()
             return
+        if self.scaler is not None:
+            scale = float(self.scaler.get_scale())  # one sync per recorded forward
+            if self._pending == step and self._scale is not None and scale < self._scale:
+                # The scale fell: the scaler skipped this step's previous iteration (non-finite
+                # gradients) without an optimizer step. Drop its data, count it.
+                self._discard_train()
+                self._skipped += 1
+            self._scale = scale
         self._arm()
         if self._pending is None:
             self._pending = step
@@ -490,14 +576,83 @@ class Recorder:
                 self._run_probe()
         self._call_index.clear()
         self._collect = "train"
+        if self.gradients and self._layout is None and not self._normalized:
+            self._watch_module_order()
 
     def _on_forward_end(self, module: nn.Module, args: tuple, output: object) -> None:
         if not self._in_probe:
             self._collect = None
             self._disarm()
+            if self._order_handles:
+                self._unwatch_module_order()
+
+    def _on_opt_step_start(
+        self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict
+    ) -> None:
+        if self._pending != self.step or self._in_probe:
+            return  # not a recorded step
+        if not self._params:
+            self._params = self._optimizer_params()
+        tensors = [p for _, p, _ in self._params]
+        with torch.no_grad():
+            grads = [
+                p.grad.detach().norm() if p.grad is not None else p.new_full((), math.nan)
+                for p in tensors
+            ]
+            self._param_out["param_grad_norm"] = torch.stack([g.double() for g in grads])
+            self._param_out["param_norm"] = torch.stack(
+                [p.detach().norm().double() for p in tensors]
+            )
+            self._param_before = [p.detach().clone() for p in tensors]
 
     def _on_opt_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        before, self._param_before = self._param_before, None
+        if before is not None:
+            tensors = [p for _, p, _ in self._params]
+            with torch.no_grad():
+                upd = torch.stack(
+                    [(p.detach() - b).norm().double() for p, b in zip(tensors, before, strict=True)]
+                )
+            self._param_out["update_norm"] = upd
+            lr = torch.tensor([float(g.get("lr", math.nan)) for _, _, g in self._params])
+            self._param_out["lr"] = lr.double()
         self.step += 1
+
+    def _optimizer_params(self) -> list[tuple[str, torch.Tensor, dict]]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        out, seen = [], set()
+        for group in self.optimizer.param_groups if self.optimizer is not None else []:
+            for p in group["params"]:
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                out.append((names.get(id(p), f"param_{len(out)}"), p, group))
+        return out
+
+    def _watch_module_order(self) -> None:
+        """For one forward, note the order in which leaf modules run (for ``eff_lr``)."""
+        order: list[str] = []
+        self._order = order
+        for n, m in self.model.named_modules():
+            if not list(m.children()):
+                self._order_handles.append(
+                    m.register_forward_pre_hook(lambda mod, a, n=n: order.append(n))
+                )
+
+    def _unwatch_module_order(self) -> None:
+        handles, self._order_handles = self._order_handles, []
+        for h in handles:
+            h.remove()
+        if not self._order:
+            return
+        norm_types = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+        for this, nxt in zip(self._order, self._order[1:], strict=False):
+            module = self._modules[this]
+            if isinstance(getattr(module, "weight", None), nn.Parameter) and isinstance(
+                self._modules[nxt], norm_types
+            ):
+                self._normalized.add(f"{this}.weight" if this else "weight")
+        self._order = []
 
     def step_done(self) -> None:
         """Count one optimizer step by hand (only when no optimizer was given).
@@ -532,6 +687,30 @@ class Recorder:
         stats.update(x)
         if self.probe_sample is not None and self._collect == "probe":
             self._keep_sample(name, x)
+        if self.gradients and self._collect == "train" and x.requires_grad:
+            # dL/dx of this very tensor (its value here, before any in-place op after the site)
+            x.register_hook(self._make_grad_hook(name))
+
+    def _make_grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        unit_dim = self._unit_dims[name]
+
+        def hook(g: torch.Tensor) -> None:
+            stats = self._grad_stats.get(name)
+            if stats is None:
+                stats = self._grad_stats[name] = GradientStatistics(unit_dim)
+            stats.update(g)
+
+        return hook
+
+    def _discard_train(self) -> None:
+        """Forget the train-source data of the open record (a scaler-skipped iteration)."""
+        for (source, _), stats in self._stats.items():
+            if source == "train":
+                stats.reset()
+        for gs in self._grad_stats.values():
+            gs.reset()
+        self._param_out = {}
+        self._param_before = None
 
     def _keep_sample(self, name: str, x: torch.Tensor) -> None:
         if name in self._sample_vals:
@@ -652,20 +831,27 @@ class Recorder:
         for _, stats in active:
             stats.reset()
         samples, self._sample_vals = self._sample_vals, {}
-        if samples:  # one transfer for all sites
-            names = list(samples)
-            flat = torch.cat([samples[n].reshape(-1) for n in names]).cpu().numpy()
-            parts = np.split(flat, np.cumsum([samples[n].numel() for n in names])[:-1])
-            samples = {n: p.reshape(samples[n].shape) for n, p in zip(names, parts, strict=True)}
+        samples = _to_host(samples)  # one transfer for all sites
+        grads = {}
+        for name, gs in self._grad_stats.items():
+            if gs.n:
+                for field, t in gs.compute().items():
+                    grads[(name, field)] = t
+            gs.reset()
+        grads = _to_host(grads)
+        params, self._param_out = _to_host(self._param_out), {}
+        self._param_before = None
+        extra = {"samples": samples, "grads": grads, "params": params, "skipped": self._skipped}
+        self._skipped = 0
         if self._layout is None:
             if not results and not logs:
                 return
-            self._layout = self._make_layout(results, logs, samples)
-        record = self._assemble(step, results, logs, samples)
+            self._layout = self._make_layout(results, logs, extra)
+        record = self._assemble(step, results, logs, extra)
         self._check_divergence(record, logs)
         self._emit(record)
 
-    def _make_layout(self, results: dict, logs: dict, samples: dict) -> _Layout:
+    def _make_layout(self, results: dict, logs: dict, extra: dict) -> _Layout:
         seen = {name for (_, name) in results}
 
         def call_index(name: str) -> int:
@@ -690,11 +876,34 @@ class Recorder:
         sources = ("train", "probe") if self.probe is not None else ("train",)
         extra_vars: dict[str, _VarSpec] = {}
         extra_coords: dict[str, Any] = {}
+        n_units = sum(widths[n] for n in sites)
         if self.probe_sample is not None:
-            n_units = sum(widths[n] for n in sites)
+            samples = extra["samples"]
             m = min((samples[n].shape[0] for n in sites if n in samples), default=0)
             extra_vars["probe_sample"] = _VarSpec(("step", "sample", "unit"), (m, n_units))
             extra_coords["sample"] = ("sample", np.arange(m, dtype=np.int64))
+        if self.gradients:
+            extra_vars["grad_norm"] = _VarSpec(("step", "site"), (len(sites),), np.float64)
+            for name in GRAD_UNIT_STATS:
+                extra_vars[name] = _VarSpec(("step", "unit"), (n_units,), np.float32)
+            if self.optimizer is not None:
+                if not self._params:
+                    self._params = self._optimizer_params()
+                n_params = len(self._params)
+                for name in PARAM_STATS:
+                    extra_vars[name] = _VarSpec(("step", "param"), (n_params,), np.float64)
+                names = [n for n, _, _ in self._params]
+                extra_coords["param"] = ("param", np.array(names, dtype=str))
+                extra_coords["param_numel"] = (
+                    "param",
+                    np.array([p.numel() for _, p, _ in self._params], np.int64),
+                )
+                extra_coords["param_normalized"] = (
+                    "param",
+                    np.array([n in self._normalized for n in names], bool),
+                )
+        if self.scaler is not None:
+            extra_vars["skipped"] = _VarSpec(("step",), (), np.int64, 0)
         return _Layout(
             sources,
             sites,
@@ -708,9 +917,7 @@ class Recorder:
             extra_coords,
         )
 
-    def _assemble(
-        self, step: int, results: dict, logs: dict, samples: dict[str, np.ndarray]
-    ) -> dict[str, Any]:
+    def _assemble(self, step: int, results: dict, logs: dict, extra: dict) -> dict[str, Any]:
         if self._layout is None:
             raise RuntimeError("internal: record assembled before the layout was fixed")
         layout = self._layout
@@ -741,10 +948,36 @@ class Recorder:
                 rec["sat_frac"][si, lo:hi] = np.nan  # no threshold: not a saturating input
         if "probe_sample" in rec:
             m = rec["probe_sample"].shape[0]
-            for name, values in samples.items():
+            for name, values in extra["samples"].items():
                 if name in layout.widths:
                     lo = layout.offsets[name]
                     rec["probe_sample"][:, lo : lo + layout.widths[name]] = values[:m]
+        if "grad_norm" in rec:
+            # AMP: gradients of a scaled loss are scaled; divide by this step's scale
+            scale = self._scale if self.scaler is not None and self._scale else 1.0
+            for (name, field), value in extra["grads"].items():
+                if name not in layout.widths:
+                    continue
+                if field == "grad_norm":
+                    rec["grad_norm"][layout.sites.index(name)] = value / scale
+                else:
+                    lo = layout.offsets[name]
+                    unscale = scale * scale if field == "grad_var" else scale
+                    with np.errstate(over="ignore"):
+                        rec[field][lo : lo + layout.widths[name]] = value / unscale
+        params = extra["params"]
+        if "param_norm" in rec and params:
+            for name in ("param_grad_norm", "param_norm", "update_norm"):
+                if name in params:
+                    rec[name][:] = params[name]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rec["update_ratio"][:] = rec["update_norm"] / rec["param_norm"]
+                if "lr" in params:
+                    eff = params["lr"] / np.square(rec["param_norm"])
+                    normalized = [n in self._normalized for n, _, _ in self._params]
+                    rec["eff_lr"][:] = np.where(normalized, eff, np.nan)
+        if "skipped" in rec:
+            rec["skipped"] = np.int64(extra["skipped"])
         scalar_names = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
         if scalar_names:  # one transfer for all logged tensors
             values = torch.stack([logs[k].reshape(()).double() for k in scalar_names]).cpu()
@@ -822,6 +1055,8 @@ class Recorder:
             "calls": self.calls,
             "chunk_steps": self.chunk_steps,
             "seed": self.seed,
+            "gradients": self.gradients,
+            "scaler": self.scaler is not None,
             "path": None if self.path is None else str(self.path),
         }
 

@@ -43,6 +43,7 @@ __all__ = [
     "SIGMOID_SATURATION",
     "TANH_SATURATION",
     "ActivationStatistics",
+    "GradientStatistics",
     "StatisticsState",
     "choose_hist_edges",
     "compute_many",
@@ -814,3 +815,82 @@ def _finish(arrays: list[np.ndarray], compute_dtype: torch.dtype) -> dict[str, t
         "quantile_value": qv.astype(cdt),
     }
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+
+class GradientStatistics:
+    """Per-unit moments of a site's gradient ``dL/dx``, streaming and mergeable.
+
+    The state is the number of positions ``n`` and, per unit, the mean and the sum of squared
+    deviations ``M2`` of the gradient (float64, merged with Chan et al.'s formulas, so calls,
+    micro-batches and ranks combine exactly). :meth:`compute` gives per unit ``grad_mean``,
+    ``grad_var`` (ddof=0) and ``grad_unit_norm`` (``sqrt(Σ g²)`` over the unit's positions), and
+    ``grad_norm``, the Euclidean norm of the whole site gradient (all units, positions and
+    calls). Non-finite gradients propagate (NaN/inf results), as a diverged run's should.
+
+    Parameters
+    ----------
+    unit_dim : int
+        Dimension of the gradient holding the units (as for the activation).
+
+    Examples
+    --------
+    >>> g = torch.randn(32, 5)
+    >>> s = GradientStatistics(1)
+    >>> s.update(g[:10]); s.update(g[10:])
+    >>> out = s.compute()
+    >>> bool(torch.allclose(out["grad_norm"], g.double().norm()))
+    True
+    """
+
+    def __init__(self, unit_dim: int) -> None:
+        self.unit_dim = unit_dim
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything."""
+        self.n = 0
+        self.mean: torch.Tensor | None = None  # [units] float64, on the gradient's device
+        self.m2: torch.Tensor | None = None
+
+    def update(self, g: torch.Tensor) -> None:
+        """Add the gradient of one call (any shape with the units on ``unit_dim``)."""
+        rows = _as_rows(g, self.unit_dim) if g.ndim > 1 else g.detach().view(1, -1)
+        n = rows.shape[0]  # rows: [positions, units]
+        if n == 0:
+            return
+        mean = rows.mean(0)
+        m2 = (rows - mean).square().sum(0)  # two passes: no cancellation
+        self.merge_moments(n, mean.double(), m2.double())
+
+    def merge_moments(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Merge another state (``n`` positions, per-unit ``mean`` and ``M2``) into this one."""
+        if self.mean is None or self.m2 is None or self.n == 0:
+            self.n, self.mean, self.m2 = n, mean, m2
+            return
+        if mean.shape != self.mean.shape:
+            raise ValueError(
+                f"cannot merge gradients of {tuple(mean.shape)} units into {tuple(self.mean.shape)}"
+            )
+        total = self.n + n
+        delta = mean - self.mean
+        self.m2 = self.m2 + m2 + delta.square() * (self.n * n / total)
+        self.mean = self.mean + delta * (n / total)
+        self.n = total
+
+    def merge(self, other: GradientStatistics) -> None:
+        """Merge the state of ``other`` (disjoint positions of the same units) into this one."""
+        if other.n and other.mean is not None and other.m2 is not None:
+            self.merge_moments(other.n, other.mean, other.m2)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """``grad_mean``, ``grad_var``, ``grad_unit_norm`` ``[units]`` and ``grad_norm`` ``[]``
+        (float64, on the gradient's device)."""
+        if self.mean is None or self.m2 is None or self.n == 0:
+            raise ValueError("no gradient was recorded: call update() first")
+        sumsq = self.m2 + self.n * self.mean.square()  # [units]
+        return {
+            "grad_mean": self.mean,
+            "grad_var": self.m2 / self.n,
+            "grad_unit_norm": sumsq.sqrt(),
+            "grad_norm": sumsq.sum().sqrt(),
+        }
