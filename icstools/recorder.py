@@ -17,11 +17,12 @@ or by :meth:`Recorder.flush`, :meth:`Recorder.to_dataset` and leaving the ``with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -73,6 +74,13 @@ _RESERVED = {
     "grad_norm",
     "skipped",
     "probe_sample",
+    "ics_l2",
+    "ics_cos",
+    "ics_grad_norm",
+    "landscape_loss",
+    "landscape_grad_diff",
+    "loss_variation",
+    "beta_smoothness",
 }
 
 
@@ -184,6 +192,12 @@ class _Layout:
         return xr.Dataset(data, coords=coords, attrs=attrs)
 
 
+def _cuda_rng_states() -> list[torch.Tensor]:
+    if not torch.cuda.is_initialized():
+        return []
+    return [torch.cuda.get_rng_state(d) for d in range(torch.cuda.device_count())]
+
+
 def _to_host(tensors: dict[Any, torch.Tensor]) -> dict[Any, np.ndarray]:
     """Move a dict of device tensors to numpy with one transfer (float64 for float64 inputs,
     float32 otherwise)."""
@@ -286,6 +300,27 @@ class Recorder:
           quantity that matters under scale invariance (paper §3.3); NaN elsewhere.
 
         The gradient is that of whatever the training loop back-propagates (e.g. a batch mean).
+    ics : int or callable, optional
+        Schedule (every N steps, or ``step -> bool``) of gradient-based ICS (Santurkar et al.
+        2018, Def. 2.1; :func:`icstools.gradients.gradient_ics`), taken at recorded steps it
+        selects: per layer with weights (execution order), ``ics_l2``, ``ics_cos``,
+        ``ics_grad_norm`` (‖G‖) ``(step, layer)``, computed on the step's own batch (the last
+        training forward's inputs, and the target given with :meth:`set_target`) with this
+        step's actual updates, from the optimizer's step hooks. Needs ``optimizer`` and
+        ``loss_fn``. It costs about one forward/backward per layer and has no effect on
+        training (parameters, optimizer state, buffers and RNG are untouched).
+    landscape : int or callable, optional
+        Schedule of loss-landscape probes along the gradient (Santurkar et al. 2018, §3;
+        :func:`icstools.gradients.landscape_probe`) at recorded steps it selects, before the
+        update, on the step's batch with BN in train mode: ``landscape_loss (step, eta)``
+        (``L(w − ηg)``), ``landscape_grad_diff (step, eta)`` (gradient predictiveness),
+        ``loss_variation`` and ``beta_smoothness (step)``; ``eta`` holds the multipliers of
+        the learning rate (``landscape_multipliers``). Needs ``optimizer`` and ``loss_fn``.
+    loss_fn : callable, optional
+        ``loss_fn(output, target) -> scalar``, the training loss, for ``ics`` and
+        ``landscape``.
+    landscape_multipliers : sequence of float
+        Step sizes of the landscape probes in units of the current learning rate.
     scaler : torch.amp.GradScaler, optional
         With AMP: activation gradients are divided by the loss scale of their step, parameter
         gradients are read after the scaler unscaled them; iterations the scaler skips
@@ -330,6 +365,10 @@ class Recorder:
         flush_seconds: float = 30.0,
         seed: int = 0,
         gradients: bool = False,
+        ics: int | Schedule | None = None,
+        landscape: int | Schedule | None = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        landscape_multipliers: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
         scaler: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -364,6 +403,19 @@ class Recorder:
             raise TypeError(f"gradients must be True or False, got {gradients!r}")
         if scaler is not None and not hasattr(scaler, "get_scale"):
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if (ics is not None or landscape is not None) and loss_fn is None:
+            raise RecorderError(
+                "ics= and landscape= need loss_fn= (loss_fn(output, target) -> scalar, to "
+                "recompute the loss) and optimizer= (their hooks see the step's update)"
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        multipliers = np.asarray(landscape_multipliers, dtype=np.float64).reshape(-1)
+        if multipliers.size == 0 or not (np.isfinite(multipliers) & (multipliers > 0)).all():
+            raise ValueError(
+                "landscape_multipliers must be finite numbers > 0, got "
+                f"{list(landscape_multipliers)!r}"
+            )
         if not flush_seconds > 0:
             raise ValueError(f"flush_seconds must be > 0, got {flush_seconds!r}")
         self.model = model
@@ -383,6 +435,10 @@ class Recorder:
         self.seed = int(seed)
         self.gradients = gradients
         self.scaler = scaler
+        self.ics_schedule = None if ics is None else as_schedule(ics)
+        self.landscape_schedule = None if landscape is None else as_schedule(landscape)
+        self.loss_fn = loss_fn
+        self.landscape_multipliers = multipliers
         self._hist_range = hist_range
         self._saturation = dict(saturation or {})
         self._unit_dim = unit_dim
@@ -423,6 +479,13 @@ class Recorder:
         self._normalized: set[str] = set()  # weights whose output a norm layer takes next
         self._param_before: list[torch.Tensor] | None = None
         self._param_out: dict[str, torch.Tensor] = {}  # this record's per-param results
+        self._batch: tuple[tuple, dict] | None = None  # inputs of the step's last training forward
+        self._batch_rng: tuple[torch.Tensor, list] | None = None
+        self._target: Any = None
+        self._target_step: int | None = None
+        self._ics_before: dict[str, torch.Tensor] | None = None
+        self._ics_layers: list | None = None
+        self._ics_out: dict[str, np.ndarray] = {}
         self._order: list[str] = []
         self._order_handles: list[torch.utils.hooks.RemovableHandle] = []
         self._sample_pos: dict[str, tuple[torch.Tensor, int]] = {}  # site -> positions [m], of n
@@ -473,12 +536,18 @@ class Recorder:
         """
         if self._handles:
             raise RecorderError("this recorder is already attached; use one `with rec:` at a time")
+        if (self.ics_schedule or self.landscape_schedule) and self.optimizer is None:
+            raise RecorderError(
+                "ics= and landscape= need optimizer=: their hooks see the step's actual update"
+            )
         try:
             root = self.model
-            self._handles.append(root.register_forward_pre_hook(self._on_forward_start))
+            self._handles.append(
+                root.register_forward_pre_hook(self._on_forward_start, with_kwargs=True)
+            )
             self._handles.append(root.register_forward_hook(self._on_forward_end, always_call=True))
             if self.optimizer is not None:
-                if self.gradients:
+                if self.gradients or self.ics_schedule or self.landscape_schedule:
                     self._handles.append(
                         self.optimizer.register_step_pre_hook(self._on_opt_step_start)
                     )
@@ -545,7 +614,7 @@ class Recorder:
 
         return hook
 
-    def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
+    def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._in_probe:
             return
         if not (module.training and torch.is_grad_enabled()):
@@ -576,6 +645,10 @@ class Recorder:
                 self._run_probe()
         self._call_index.clear()
         self._collect = "train"
+        if self._wants_batch(step):  # keep references (no copies) to the step's batch
+            self._batch = (args, dict(kwargs))
+            # and the RNG state the forward starts from: recomputations use the same dropout
+            self._batch_rng = (torch.get_rng_state(), _cuda_rng_states())
         if self.gradients and self._layout is None and not self._normalized:
             self._watch_module_order()
 
@@ -591,6 +664,17 @@ class Recorder:
     ) -> None:
         if self._pending != self.step or self._in_probe:
             return  # not a recorded step
+        step = self.step
+        if self.ics_schedule is not None and self._ics_layers is None and self._batch is not None:
+            self._find_layers()  # fixes the run's `layer` dimension at the first record
+        if self.landscape_schedule is not None and self.landscape_schedule(step):
+            self._run_landscape(step)
+        if self.ics_schedule is not None and self.ics_schedule(step):
+            self._ics_before = {
+                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+            }
+        if not self.gradients:
+            return
         if not self._params:
             self._params = self._optimizer_params()
         tensors = [p for _, p, _ in self._params]
@@ -606,6 +690,11 @@ class Recorder:
             self._param_before = [p.detach().clone() for p in tensors]
 
     def _on_opt_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self._ics_before is not None:
+            try:
+                self._run_ics(self.step)
+            finally:
+                self._ics_before = None
         before, self._param_before = self._param_before, None
         if before is not None:
             tensors = [p for _, p, _ in self._params]
@@ -617,6 +706,132 @@ class Recorder:
             lr = torch.tensor([float(g.get("lr", math.nan)) for _, _, g in self._params])
             self._param_out["lr"] = lr.double()
         self.step += 1
+
+    # ----------------------------------------------------------------- ICS and landscape
+    def set_target(self, target: Any) -> None:
+        """Give the recorder the target of this step's batch (for ``ics`` and ``landscape``).
+
+        Call it in every step before ``optimizer.step()`` (it only keeps a reference). The
+        inputs are taken from the model's last training forward of the step; ``loss_fn(output,
+        target)`` recomputes the loss.
+
+        Examples
+        --------
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> rec = Recorder(model, every=1, optimizer=opt, ics=1,
+        ...                loss_fn=nn.functional.cross_entropy)
+        >>> with rec:
+        ...     x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+        ...     loss = nn.functional.cross_entropy(model(x), y)
+        ...     rec.set_target(y); opt.zero_grad(); loss.backward(); opt.step()
+        >>> rec.to_dataset()["ics_cos"].sel(layer="0").item()
+        1.0
+        """
+        self._target = target
+        self._target_step = self.step
+
+    def _wants_batch(self, step: int) -> bool:
+        return bool(
+            (
+                self.ics_schedule is not None
+                and (self._ics_layers is None or self.ics_schedule(step))
+            )
+            or (self.landscape_schedule is not None and self.landscape_schedule(step))
+        )
+
+    def _step_batch(self, step: int, what: str) -> tuple[tuple, dict, Any]:
+        if self._batch is None:
+            raise RecorderError(f"{what} at step {step}: no training forward was seen in this step")
+        if self._target_step != step:
+            raise RecorderError(
+                f"{what} at step {step} needs this step's target: call rec.set_target(y) before "
+                "optimizer.step() in every step"
+            )
+        args, kwargs = self._batch
+        return args, kwargs, self._target
+
+    def _model_inputs(self, args: tuple, kwargs: dict) -> Any:
+        if kwargs and not args:
+            return kwargs
+        if kwargs:
+            raise RecorderError(
+                "ics/landscape need a model called with positional or keyword arguments, not both"
+            )
+        return args[0] if len(args) == 1 else tuple(args)
+
+    def _run_landscape(self, step: int) -> None:
+        from icstools.gradients import landscape_probe
+
+        args, kwargs, target = self._step_batch(step, "landscape")
+        lr = float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
+        self._in_probe = True
+        try:
+            with self._training_rng():
+                probe = landscape_probe(
+                    self.model,
+                    self.loss_fn,
+                    self._model_inputs(args, kwargs),
+                    target,
+                    lr,
+                    tuple(self.landscape_multipliers.tolist()),
+                )
+        finally:
+            self._in_probe = False
+        self._ics_out["landscape_loss"] = probe.losses
+        self._ics_out["landscape_grad_diff"] = probe.grad_diff
+        self._ics_out["loss_variation"] = np.float64(probe.loss_variation)
+        self._ics_out["beta_smoothness"] = np.float64(probe.beta_smoothness)
+
+    @contextlib.contextmanager
+    def _training_rng(self) -> Iterator[None]:
+        """Run with the RNG state the step's training forward started from (same dropout
+        masks), and give the caller's state back after."""
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=cuda):
+            if self._batch_rng is not None:
+                cpu, cuda_states = self._batch_rng
+                torch.set_rng_state(cpu)
+                for d, state in enumerate(cuda_states):
+                    torch.cuda.set_rng_state(state, d)
+            yield
+
+    def _find_layers(self) -> None:
+        from icstools.gradients import parameter_layers
+
+        if self._batch is None:
+            return
+        args, kwargs = self._batch
+        self._in_probe = True
+        try:
+            self._ics_layers = parameter_layers(self.model, self._model_inputs(args, kwargs))
+        finally:
+            self._in_probe = False
+
+    def _run_ics(self, step: int) -> None:
+        from icstools.gradients import gradient_ics
+
+        args, kwargs, target = self._step_batch(step, "ics")
+        inputs = self._model_inputs(args, kwargs)
+        before = self._ics_before
+        after = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+        self._in_probe = True
+        try:
+            with self._training_rng():
+                out = gradient_ics(
+                    self.model,
+                    self.loss_fn,
+                    inputs,
+                    target,
+                    after,
+                    self._ics_layers,
+                    current=before,
+                )
+        finally:
+            self._in_probe = False
+        self._ics_out["ics_l2"] = out.ics_l2
+        self._ics_out["ics_cos"] = out.ics_cos
+        self._ics_out["ics_grad_norm"] = out.grad_norm
 
     def _optimizer_params(self) -> list[tuple[str, torch.Tensor, dict]]:
         names = {id(p): n for n, p in self.model.named_parameters()}
@@ -841,7 +1056,15 @@ class Recorder:
         grads = _to_host(grads)
         params, self._param_out = _to_host(self._param_out), {}
         self._param_before = None
-        extra = {"samples": samples, "grads": grads, "params": params, "skipped": self._skipped}
+        extra = {
+            "samples": samples,
+            "grads": grads,
+            "params": params,
+            "skipped": self._skipped,
+            "ics": self._ics_out,
+        }
+        self._ics_out = {}
+        self._batch = None
         self._skipped = 0
         if self._layout is None:
             if not results and not logs:
@@ -904,6 +1127,26 @@ class Recorder:
                 )
         if self.scaler is not None:
             extra_vars["skipped"] = _VarSpec(("step",), (), np.int64, 0)
+        if self.ics_schedule is not None:
+            if self._ics_layers is None:
+                raise RecorderError(
+                    "ics= is set but no optimizer step was seen in the first recorded step, "
+                    "which fixes the run's layers"
+                )
+            k = len(self._ics_layers)
+            for name in ("ics_l2", "ics_cos", "ics_grad_norm"):
+                extra_vars[name] = _VarSpec(("step", "layer"), (k,), np.float64)
+            extra_coords["layer"] = (
+                "layer",
+                np.array([layer.name for layer in self._ics_layers], dtype=str),
+            )
+        if self.landscape_schedule is not None:
+            k = len(self.landscape_multipliers)
+            for name in ("landscape_loss", "landscape_grad_diff"):
+                extra_vars[name] = _VarSpec(("step", "eta"), (k,), np.float64)
+            for name in ("loss_variation", "beta_smoothness"):
+                extra_vars[name] = _VarSpec(("step",), (), np.float64)
+            extra_coords["eta"] = ("eta", self.landscape_multipliers.copy())
         return _Layout(
             sources,
             sites,
@@ -978,6 +1221,9 @@ class Recorder:
                     rec["eff_lr"][:] = np.where(normalized, eff, np.nan)
         if "skipped" in rec:
             rec["skipped"] = np.int64(extra["skipped"])
+        for name, value in extra["ics"].items():
+            if name in rec:
+                rec[name] = np.asarray(value, dtype=np.float64).reshape(rec[name].shape)
         scalar_names = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
         if scalar_names:  # one transfer for all logged tensors
             values = torch.stack([logs[k].reshape(()).double() for k in scalar_names]).cpu()
@@ -1056,6 +1302,9 @@ class Recorder:
             "chunk_steps": self.chunk_steps,
             "seed": self.seed,
             "gradients": self.gradients,
+            "ics": None if self.ics_schedule is None else repr(self.ics_schedule),
+            "landscape": None if self.landscape_schedule is None else repr(self.landscape_schedule),
+            "landscape_multipliers": self.landscape_multipliers.tolist(),
             "scaler": self.scaler is not None,
             "path": None if self.path is None else str(self.path),
         }

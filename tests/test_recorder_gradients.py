@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from icstools import Recorder
+from icstools import Recorder, RecorderError
 from icstools.experiments import paper_mlp
 
 
@@ -213,3 +213,140 @@ def test_amp_gradients_are_unscaled_and_skipped_steps_are_marked():
     for name in ("grad_norm", "grad_unit_norm", "param_grad_norm", "update_norm"):
         np.testing.assert_allclose(ds[name].values, want[name].values, rtol=1e-5, err_msg=name)
     np.testing.assert_allclose(ds["mean"].values, want["mean"].values, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------- ICS and landscape
+def _dropout_bn_mlp():
+    torch.manual_seed(6)
+    return nn.Sequential(
+        nn.Linear(10, 12, bias=False),
+        nn.BatchNorm1d(12),
+        nn.Sigmoid(),
+        nn.Dropout(0.2),
+        nn.Linear(12, 8),
+        nn.Tanh(),
+        nn.Linear(8, 3),
+    )
+
+
+def _loop(model, steps, rec=None, *, seed=7, opt_kind="sgd-momentum-wd"):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout masks
+    opt = OPTIMIZERS[opt_kind](model.parameters())
+    snapshots = []
+    if rec is not None:
+        rec.optimizer = opt
+        rec.attach()
+    try:
+        for _ in range(steps):
+            x, y = torch.randn(24, 10, generator=gen), torch.randint(0, 3, (24,), generator=gen)
+            state = (copy.deepcopy(model), x, y, torch.get_rng_state())
+            loss = nn.functional.cross_entropy(model(x), y)
+            if rec is not None:
+                rec.set_target(y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            snapshots.append((*state, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    finally:
+        if rec is not None:
+            rec.detach()
+    return snapshots
+
+
+def _naive_grad(model, x, y, rng):
+    m = copy.deepcopy(model)  # own buffers: BN running stats of the original stay untouched
+    torch.set_rng_state(rng)  # the training step's dropout mask
+    loss = nn.functional.cross_entropy(m(x), y)
+    loss.backward()
+    return loss.item(), {n: p.grad.detach().clone() for n, p in m.named_parameters()}
+
+
+def test_ics_and_landscape_recorded_equal_a_naive_implementation_and_training_is_unchanged():
+    plain = _dropout_bn_mlp()
+    rec_model = copy.deepcopy(plain)
+    want = _loop(plain, 4)
+    rec = Recorder(
+        rec_model,
+        every=1,
+        ics=2,
+        landscape=[1, 3].__contains__,
+        loss_fn=nn.functional.cross_entropy,
+        gradients=True,
+        probe=torch.randn(16, 10),
+    )
+    _loop(rec_model, 4, rec)
+    for (n, p), q in zip(plain.state_dict().items(), rec_model.state_dict().values(), strict=True):
+        assert torch.equal(p, q), f"training changed by recording: {n}"
+    assert torch.equal(torch.get_rng_state(), _rng_after_plain_loop())
+    ds = rec.to_dataset()
+    layers = [str(v) for v in ds.layer.values]
+    assert layers == ["0", "1", "4", "6"]  # execution order; BN's γ/β form a layer
+    owned = {"0": ["0.weight"], "1": ["1.weight", "1.bias"], "4": ["4.weight", "4.bias"]}
+    owned["6"] = ["6.weight", "6.bias"]
+    for step in (0, 2):
+        model, x, y, rng, after = want[step]
+        _, g = _naive_grad(model, x, y, rng)
+        for i, layer in enumerate(layers):
+            moved = copy.deepcopy(model)
+            with torch.no_grad():
+                for earlier in layers[:i]:
+                    for n in owned[earlier]:
+                        moved.get_parameter(n).copy_(after[n])
+            _, g2 = _naive_grad(moved, x, y, rng)
+            a = torch.cat([g[n].reshape(-1) for n in owned[layer]]).double()
+            b = torch.cat([g2[n].reshape(-1) for n in owned[layer]]).double()
+            r = ds.sel(step=step, layer=layer)
+            assert float(r.ics_l2) == pytest.approx((a - b).norm().item(), rel=1e-4, abs=1e-9)
+            cos = (a @ b / (a.norm() * b.norm())).item()
+            assert float(r.ics_cos) == pytest.approx(cos, rel=1e-6)
+            assert float(r.ics_grad_norm) == pytest.approx(a.norm().item(), rel=1e-5)
+    assert np.isnan(ds.ics_l2.sel(step=[1, 3])).all()
+    lr = 0.05
+    for step in (1, 3):
+        model, x, y, rng, _ = want[step]
+        _, g = _naive_grad(model, x, y, rng)
+        flat_g = torch.cat([v.reshape(-1) for v in g.values()]).double()
+        losses, diffs = [], []
+        for m in ds.eta.values:
+            moved = copy.deepcopy(model)
+            with torch.no_grad():
+                for n, p in moved.named_parameters():
+                    p -= m * lr * g[n]
+            loss2, g2 = _naive_grad(moved, x, y, rng)
+            losses.append(loss2)
+            diffs.append((torch.cat([v.reshape(-1) for v in g2.values()]).double() - flat_g).norm())
+        r = ds.sel(step=step)
+        np.testing.assert_allclose(r.landscape_loss, losses, rtol=1e-5)
+        np.testing.assert_allclose(r.landscape_grad_diff, [d.item() for d in diffs], rtol=1e-4)
+        assert float(r.loss_variation) == pytest.approx(max(losses) - min(losses), rel=1e-4)
+        beta = max(
+            d.item() / (m * lr * flat_g.norm().item())
+            for d, m in zip(diffs, ds.eta.values, strict=True)
+        )
+        assert float(r.beta_smoothness) == pytest.approx(beta, rel=1e-4)
+
+
+def _rng_after_plain_loop():
+    _loop(_dropout_bn_mlp(), 4)
+    return torch.get_rng_state()
+
+
+def test_ics_needs_the_target_and_a_loss_function():
+    model = _dropout_bn_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RecorderError, match="loss_fn="):
+        Recorder(model, optimizer=opt, ics=1)
+    with pytest.raises(ValueError, match="landscape_multipliers must be finite numbers > 0"):
+        Recorder(
+            model,
+            optimizer=opt,
+            landscape=1,
+            loss_fn=nn.functional.mse_loss,
+            landscape_multipliers=[0.5, -1],
+        )
+    rec = Recorder(model, optimizer=opt, ics=1, loss_fn=nn.functional.cross_entropy)
+    with rec, pytest.raises(RecorderError, match=r"call rec.set_target\(y\)"):
+        x, y = torch.randn(8, 10), torch.randint(0, 3, (8,))
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
