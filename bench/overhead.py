@@ -74,6 +74,7 @@ class Case:
     target: float
     steps_per_block: int
     quick_steps: int
+    gradients: bool = False  # Recorder(gradients=True): activation gradients, param dynamics
 
 
 def all_cases() -> list[Case]:
@@ -89,6 +90,13 @@ def all_cases() -> list[Case]:
         Case("cnn_every1_mem", "cnn", True, 1, False, TARGET_CNN_EVERY1, 10, 3),
         Case("cnn_every1_disk", "cnn", True, 1, True, TARGET_CNN_EVERY1, 10, 3),
         Case("cnn_every10_mem", "cnn", True, 10, False, TARGET_EVERY10, 30, 20),
+    ]
+    # the backward half on top: activation gradients of every site + parameter dynamics
+    cases += [
+        Case("mlp_bn1_grad_every1_mem", "mlp", True, 1, False, TARGET_MLP_EVERY1, 320, 64, True),
+        Case("mlp_bn1_grad_every10_mem", "mlp", True, 10, False, TARGET_EVERY10, 320, 60, True),
+        Case("cnn_grad_every1_mem", "cnn", True, 1, False, TARGET_CNN_EVERY1, 10, 3, True),
+        Case("cnn_grad_every10_mem", "cnn", True, 10, False, TARGET_EVERY10, 30, 20, True),
     ]
     return cases
 
@@ -106,7 +114,9 @@ class Bench:
             stream, self.data_source = cnn_batches(), "random"
         path = tmp / f"{case.name}.zarr" if case.store else None
         self.path = path
-        self.rec = Recorder(self.model, every=case.every, optimizer=self.opt, path=path)
+        self.rec = Recorder(
+            self.model, every=case.every, optimizer=self.opt, path=path, gradients=case.gradients
+        )
         self.plain_step = make_step(self.model, self.opt, stream)
         self.rec_step = make_step(
             self.model, self.opt, stream, log=lambda loss: self.rec.log(loss=loss)
