@@ -145,7 +145,10 @@ class ICSAccessor:
         for s in sites:
             sub = da.isel(unit=np.flatnonzero(unit_site == s))
             if how == "median" and sub.chunks is not None:
-                sub = sub.chunk({"unit": -1})  # dask's median needs the whole dimension
+                # dask's median needs the whole dimension in one chunk, and another axis
+                sub = sub.chunk({"unit": -1}).expand_dims("_one")
+                parts.append(sub.median("unit", skipna=True).squeeze("_one", drop=True))
+                continue
             parts.append(getattr(sub, how)("unit", skipna=True))
         site_index = pd.Index(np.array(sites, dtype=str), dtype=object, name="site")
         out = xr.concat(parts, dim=site_index, coords="minimal")
@@ -336,6 +339,7 @@ class ICSAccessor:
         cols["w1_std_max"] = self._by_site(drift, "max")
         if "grad_norm" in ds.data_vars and "site" in ds["grad_norm"].dims:
             cols["grad_norm"] = ds["grad_norm"].sel(at)
+        cols = {k: v.drop_vars(["source", "step"], errors="ignore") for k, v in cols.items()}
         table = xr.Dataset(cols).compute()  # one pass over the needed chunks
         frame = table.to_dataframe()
         keep = [c for c in cols if c in frame.columns]

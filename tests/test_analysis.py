@@ -148,3 +148,37 @@ def test_summary_is_a_tidy_table_with_numbers_from_the_run(ds):
     assert np.isfinite(table["w1_std_median"]).all()
     with pytest.raises(AnalysisError, match=r"Step 999 does not exist"):
         ds.ics.summary(step=999)
+
+
+def test_drift_through_the_accessor_is_lazy_on_a_store_and_equals_in_memory(runs):
+    lazy, memory = runs["lazy"], runs["memory"]
+    for method in ("samples", "summary"):
+        got = lazy.ics.drift("first", ["w1", "ks", "mean_shift"], method=method)
+        assert got["w1"].chunks is not None, "drift of a lazy run must stay lazy"
+        want = memory.ics.drift("first", ["w1", "ks", "mean_shift"], method=method)
+        xr.testing.assert_allclose(got.compute(), want)
+    # the summary's drift column is the median over the site's units of that drift
+    table = memory.ics.summary()
+    w1s = memory.ics.drift(int(memory.step[0]), ["w1_std"]).isel(step=-1)["w1_std"]
+    u = _units(memory, "5:input")
+    assert table.loc["5:input", "w1_std_median"] == pytest.approx(
+        float(np.median(w1s.values[u])), rel=1e-6
+    )
+
+
+def test_drift_and_summary_run_on_a_dask_distributed_cluster(runs):
+    distributed = pytest.importorskip("distributed")
+    lazy, memory = runs["lazy"], runs["memory"]
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+        distributed.get_task_stream(client) as tasks,
+    ):
+        got = lazy.ics.drift("previous", ["w1", "psi"]).compute()
+        table = lazy.ics.summary()
+    assert len(tasks.data) > 0, "the computation did not run on the cluster"
+    xr.testing.assert_allclose(got, memory.ics.drift("previous", ["w1", "psi"]))
+    want = memory.ics.summary()
+    np.testing.assert_allclose(table.to_numpy(float), want.to_numpy(float), rtol=1e-6)
