@@ -18,6 +18,7 @@ or by :meth:`Recorder.flush`, :meth:`Recorder.to_dataset` and leaving the ``with
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -60,6 +61,14 @@ SCHEMA_VERSION = 1
 SOURCES = ("train", "probe")
 UNIT_STATS = ("mean", "var", "skew", "kurt", "min", "max", "sat_frac", "zero_frac", "nonfinite")
 GRAD_UNIT_STATS = ("grad_unit_norm", "grad_mean", "grad_var")
+JAC_STATS = (
+    "jac_mean_sq",
+    "jac_var_sq",
+    "jac_log_std",
+    "jac_max",
+    "jac_min",
+    "jac_frac_near_one",
+)
 PARAM_STATS = ("param_grad_norm", "param_norm", "update_norm", "update_ratio", "eff_lr")
 _RESERVED = {
     *UNIT_STATS,
@@ -81,6 +90,8 @@ _RESERVED = {
     "landscape_grad_diff",
     "loss_variation",
     "beta_smoothness",
+    "jac_sv",
+    *JAC_STATS,
 }
 
 
@@ -190,6 +201,23 @@ class _Layout:
             data[name] = (spec.dims, np.stack([r[name] for r in records], spec.dims.index("step")))
         coords = {"step": ("step", steps), **self.static_coords()}
         return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+def _spectrum_stats(sv: np.ndarray) -> dict[str, float]:
+    """Summaries of the pooled singular values ``sv [examples, n_sv]`` (DESIGN.md §4)."""
+    if not np.isfinite(sv).all() or sv.size == 0:
+        return dict.fromkeys(JAC_STATS, math.nan)
+    sq = np.square(sv)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log(sv)
+    return {
+        "jac_mean_sq": float(sq.mean()),
+        "jac_var_sq": float(sq.var()),
+        "jac_log_std": float(logs.std()) if np.isfinite(logs).all() else math.nan,
+        "jac_max": float(sv.max()),
+        "jac_min": float(sv.min()),
+        "jac_frac_near_one": float(((sv >= 0.5) & (sv <= 2.0)).mean()),
+    }
 
 
 def _cuda_rng_states() -> list[torch.Tensor]:
@@ -316,6 +344,29 @@ class Recorder:
         (``L(w − ηg)``), ``landscape_grad_diff (step, eta)`` (gradient predictiveness),
         ``loss_variation`` and ``beta_smoothness (step)``; ``eta`` holds the multipliers of
         the learning rate (``landscape_multipliers``). Needs ``optimizer`` and ``loss_fn``.
+    jacobian : int or callable, optional
+        Schedule of Jacobian spectra (:mod:`icstools.jacobians`) at recorded steps it selects,
+        computed right after the probe forward on the first ``jacobian_examples`` probe
+        examples (which form the batch whose statistics a train-mode BN uses), with the
+        recorder's hooks silent. Stored as ``jac_sv (step, block, sv)``: the singular values of
+        the per-example Jacobians of all those examples pooled, descending (NaN-padded to the
+        largest block), and summaries over them ``(step, block)``: ``jac_mean_sq`` (mean σ²),
+        ``jac_var_sq`` (variance of σ²), ``jac_log_std``, ``jac_max``, ``jac_min`` and
+        ``jac_frac_near_one`` (share of σ in [0.5, 2]). Needs ``probe``.
+    jacobian_blocks : "segments", list or dict, optional
+        The blocks: ``"segments"`` (default) the maps between consecutive recorded sites
+        (named ``"<site>-><next site>"``: with the default sites, from one nonlinearity's
+        input to the next one's, the transformation of the paper's §3.3 conjecture) plus the
+        whole network (``"input->output"``); or a list of ``(from_site, to_site)`` pairs
+        (``"input"``/``"output"`` for the model's own), or a dict name → pair.
+    jacobian_examples : int
+        Probe examples used for spectra (default 64).
+    jacobian_k : int, optional
+        Singular values per example for blocks with more than 512 (``None``: all of them up
+        to 512, the 8 largest beyond, matrix-free).
+    jacobian_bn : {"fixed", "full"}
+        Train-mode BatchNorm: batch statistics held fixed, or the full per-example block of
+        the batch map (see :mod:`icstools.jacobians`).
     loss_fn : callable, optional
         ``loss_fn(output, target) -> scalar``, the training loss, for ``ics`` and
         ``landscape``.
@@ -367,6 +418,11 @@ class Recorder:
         gradients: bool = False,
         ics: int | Schedule | None = None,
         landscape: int | Schedule | None = None,
+        jacobian: int | Schedule | None = None,
+        jacobian_blocks: Any = "segments",
+        jacobian_examples: int = 64,
+        jacobian_k: int | None = None,
+        jacobian_bn: str = "fixed",
         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
         landscape_multipliers: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
         scaler: Any = None,
@@ -416,6 +472,20 @@ class Recorder:
                 "landscape_multipliers must be finite numbers > 0, got "
                 f"{list(landscape_multipliers)!r}"
             )
+        if jacobian is not None and probe is None:
+            raise RecorderError(
+                "jacobian= needs a probe batch (probe=...): spectra are taken on it"
+            )
+        if isinstance(jacobian_examples, bool) or not isinstance(jacobian_examples, int):
+            raise TypeError(f"jacobian_examples must be an int, got {jacobian_examples!r}")
+        if jacobian_examples < 1:
+            raise ValueError(f"jacobian_examples must be ≥ 1, got {jacobian_examples}")
+        if jacobian_bn not in ("fixed", "full"):
+            raise ValueError(f"jacobian_bn must be 'fixed' or 'full', got {jacobian_bn!r}")
+        if jacobian_k is not None and (
+            isinstance(jacobian_k, bool) or not isinstance(jacobian_k, int) or jacobian_k < 1
+        ):
+            raise ValueError(f"jacobian_k must be an int ≥ 1 or None, got {jacobian_k!r}")
         if not flush_seconds > 0:
             raise ValueError(f"flush_seconds must be > 0, got {flush_seconds!r}")
         self.model = model
@@ -438,6 +508,14 @@ class Recorder:
         self.ics_schedule = None if ics is None else as_schedule(ics)
         self.landscape_schedule = None if landscape is None else as_schedule(landscape)
         self.loss_fn = loss_fn
+        self.jacobian_schedule = None if jacobian is None else as_schedule(jacobian)
+        self.jacobian_examples = jacobian_examples
+        self.jacobian_k = jacobian_k
+        self.jacobian_bn = jacobian_bn
+        self._jac_blocks = (
+            None if jacobian is None else self._parse_blocks(jacobian_blocks)
+        )  # name -> (from_site, to_site)
+        self._jac_out: dict[str, np.ndarray] | None = None
         self.landscape_multipliers = multipliers
         self._hist_range = hist_range
         self._saturation = dict(saturation or {})
@@ -643,6 +721,8 @@ class Recorder:
             if self.probe is not None:
                 self._call_index.clear()
                 self._run_probe()
+                if self.jacobian_schedule is not None and self.jacobian_schedule(step):
+                    self._run_jacobian()
         self._call_index.clear()
         self._collect = "train"
         if self._wants_batch(step):  # keep references (no copies) to the step's batch
@@ -996,6 +1076,82 @@ class Recorder:
                 m.training = training
             self._in_probe, self._collect = False, None
 
+    # ----------------------------------------------------------------- Jacobian spectra
+    def _parse_blocks(self, blocks: Any) -> dict[str, tuple[str, str]]:
+        names = [s.name for s in self.sites]
+        if isinstance(blocks, str):
+            if blocks != "segments":
+                raise ValueError(
+                    f"jacobian_blocks must be 'segments', a list of (from_site, to_site) or a "
+                    f"dict name -> (from_site, to_site), got {blocks!r}"
+                )
+            pairs = {f"{a}->{b}": (a, b) for a, b in itertools.pairwise(names)}
+            pairs["input->output"] = ("input", "output")
+            return pairs
+        if isinstance(blocks, dict):
+            items = list(blocks.items())
+        elif isinstance(blocks, (list, tuple)):
+            items = [(f"{a}->{b}", (a, b)) for a, b in blocks]
+        else:
+            raise TypeError(
+                "jacobian_blocks must be 'segments', a list of (from_site, to_site) or a dict "
+                f"name -> (from_site, to_site), got {type(blocks).__name__}"
+            )
+        out = {}
+        for name, pair in items:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise ValueError(f"block {name!r} must be (from_site, to_site), got {pair!r}")
+            out[str(name)] = (str(pair[0]), str(pair[1]))
+        return out
+
+    def _probe_head(self) -> Any:
+        n = self.jacobian_examples
+        if isinstance(self.probe, dict):
+            return {k: v[:n] if isinstance(v, torch.Tensor) else v for k, v in self.probe.items()}
+        if isinstance(self.probe, (tuple, list)):
+            return tuple(v[:n] if isinstance(v, torch.Tensor) else v for v in self.probe)
+        return self.probe[:n]
+
+    def _run_jacobian(self) -> None:
+        """Spectra of every block on the first probe examples; the hooks stay silent."""
+        from icstools.jacobians import jacobian_spectrum, segment, whole
+
+        if self._jac_blocks is None:
+            return
+        example = self._probe_head()
+        model = self.model
+        modes = [(m, m.training) for m in model.modules()]
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        out: dict[str, np.ndarray] = {}  # block -> [examples, n_sv]
+        self._in_probe, self._collect = True, None
+        try:
+            with torch.random.fork_rng(devices=cuda):
+                if self.probe_mode == "eval":
+                    model.eval()
+                for name, (a, b) in self._jac_blocks.items():
+                    if (a, b) == ("input", "output"):
+                        block, inputs = whole(model), find_tensor(example)
+                    else:
+                        block = segment(model, a, b, example)
+                        inputs = block.inputs
+                    k = self.jacobian_k
+                    if k is None:  # whole spectrum up to 512 values per example, else top 8
+                        with torch.no_grad():
+                            out_numel = find_tensor(block(inputs)).shape[1:].numel()
+                        if min(inputs[0].numel(), out_numel) > 512:
+                            k = 8
+                    res = jacobian_spectrum(block, inputs, k=k, bn=self.jacobian_bn)
+                    out[name] = res.sv.detach().double().cpu().numpy()  # [B, n_sv]
+        finally:
+            with torch.no_grad():
+                for buf, saved in buffers:
+                    buf.copy_(saved)
+            for m, training in modes:
+                m.training = training
+            self._in_probe = False
+        self._jac_out = out
+
     # ----------------------------------------------------------------- records
     def log(self, **scalars: float | torch.Tensor) -> None:
         """Attach scalars (``loss=...``) to the record of the latest training forward.
@@ -1065,6 +1221,7 @@ class Recorder:
         }
         self._ics_out = {}
         self._batch = None
+        extra["jacobian"], self._jac_out = self._jac_out, None
         self._skipped = 0
         if self._layout is None:
             if not results and not logs:
@@ -1140,6 +1297,28 @@ class Recorder:
                 "layer",
                 np.array([layer.name for layer in self._ics_layers], dtype=str),
             )
+        if self._jac_blocks is not None:
+            if extra["jacobian"] is None:
+                raise RecorderError(
+                    "jacobian= is set but the first recorded step computed no spectra, which "
+                    "fix the run's blocks; make the jacobian schedule include the first "
+                    "recorded step (e.g. step 0)"
+                )
+            sizes = [v.size for v in extra["jacobian"].values()]
+            names = list(extra["jacobian"])
+            extra_vars["jac_sv"] = _VarSpec(("step", "block", "sv"), (len(names), max(sizes)))
+            for stat in JAC_STATS:
+                extra_vars[stat] = _VarSpec(("step", "block"), (len(names),), np.float64)
+            extra_coords["block"] = ("block", np.array(names, dtype=str))
+            extra_coords["block_from"] = (
+                "block",
+                np.array([self._jac_blocks[n][0] for n in names], dtype=str),
+            )
+            extra_coords["block_to"] = (
+                "block",
+                np.array([self._jac_blocks[n][1] for n in names], dtype=str),
+            )
+            extra_coords["sv"] = ("sv", np.arange(max(sizes), dtype=np.int64))
         if self.landscape_schedule is not None:
             k = len(self.landscape_multipliers)
             for name in ("landscape_loss", "landscape_grad_diff"):
@@ -1221,6 +1400,17 @@ class Recorder:
                     rec["eff_lr"][:] = np.where(normalized, eff, np.nan)
         if "skipped" in rec:
             rec["skipped"] = np.int64(extra["skipped"])
+        if extra.get("jacobian") and "jac_sv" in rec:
+            blocks = list(layout.extra_coords["block"][1])
+            for name, sv in extra["jacobian"].items():
+                if name not in blocks:
+                    continue
+                i = blocks.index(name)
+                pooled = np.sort(sv[np.isfinite(sv)])[::-1]  # all examples, descending
+                n = min(pooled.size, rec["jac_sv"].shape[1])
+                rec["jac_sv"][i, :n] = pooled[:n]
+                for stat, value in _spectrum_stats(sv).items():
+                    rec[stat][i] = value
         for name, value in extra["ics"].items():
             if name in rec:
                 rec[name] = np.asarray(value, dtype=np.float64).reshape(rec[name].shape)
@@ -1305,6 +1495,11 @@ class Recorder:
             "ics": None if self.ics_schedule is None else repr(self.ics_schedule),
             "landscape": None if self.landscape_schedule is None else repr(self.landscape_schedule),
             "landscape_multipliers": self.landscape_multipliers.tolist(),
+            "jacobian": None if self.jacobian_schedule is None else repr(self.jacobian_schedule),
+            "jacobian_blocks": self._jac_blocks,
+            "jacobian_examples": self.jacobian_examples,
+            "jacobian_k": self.jacobian_k,
+            "jacobian_bn": self.jacobian_bn,
             "scaler": self.scaler is not None,
             "path": None if self.path is None else str(self.path),
         }
