@@ -15,7 +15,8 @@ Layers
 A *layer* is a module that directly owns at least one trainable parameter
 (``requires_grad=True``) used by the forward pass; BatchNorm's γ and β make BN a layer of its
 own. :func:`parameter_layers` lists the layers in execution order: the order in which the
-forward pass first uses one of a layer's parameters, found by watching one forward with a
+forward pass first uses one of a layer's parameters in a computation (reading ``.shape`` or
+``.dtype`` is no use), found by watching one forward with a
 ``torch.overrides.TorchFunctionMode`` (no hooks, no gradient, no buffer written). A module
 called several times counts once, at its first use; parameters never used by the forward are
 in no layer; a parameter shared by several modules (tied weights) belongs to the module of its
@@ -273,8 +274,21 @@ def _current(model: nn.Module, current: object) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------------- machinery
+# Tensor functions that only read metadata (``p.dtype``, ``p.shape``, ``p.size(0)``, ...): a
+# forward that inspects a parameter early (``next(self.parameters()).dtype``) does not use it.
+_METADATA = frozenset(
+    {
+        "__get__", "__len__", "__repr__", "__format__", "__hash__", "size", "dim",
+        "ndimension", "numel", "nelement", "stride", "storage_offset", "is_floating_point",
+        "is_complex", "is_contiguous", "is_sparse", "element_size", "data_ptr", "get_device",
+        "untyped_storage",
+    }
+)  # fmt: skip
+
+
 class _FirstUse(TorchFunctionMode):
-    """Records the order in which given tensors are first passed to a torch function."""
+    """Records the order in which given tensors are first passed to a torch function (other
+    than a metadata query)."""
 
     def __init__(self, ids: set[int]) -> None:
         super().__init__()
@@ -283,7 +297,7 @@ class _FirstUse(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        if len(self.order) < len(self.ids):
+        if len(self.order) < len(self.ids) and getattr(func, "__name__", "") not in _METADATA:
             for t in tree_flatten((args, kwargs))[0]:
                 if isinstance(t, torch.Tensor) and id(t) in self.ids and id(t) not in self.order:
                     self.order[id(t)] = len(self.order)
@@ -530,7 +544,7 @@ def gradient_ics(
     >>> nn.functional.cross_entropy(model(x), y).backward(); opt.step()
     >>> after = {n: p.detach().clone() for n, p in model.named_parameters()}
     >>> r = gradient_ics(model, nn.functional.cross_entropy, x, y, after, current=before)
-    >>> r.layers, r.ics_l2[0], r.ics_cos[0]
+    >>> r.layers, float(r.ics_l2[0]), float(r.ics_cos[0])
     (('0', '2'), 0.0, 1.0)
     >>> bool(r.ics_l2[1] > 0)
     True
@@ -731,8 +745,9 @@ def check_scale_invariance(
 
     The identities are exact only for ε = 0: with ε > 0, scaling ``x = Wu`` by ``a`` acts as
     replacing ε by ε/a², which matters where ``a²σ²`` is not large against ε (small ``a`` or
-    near-constant units). ``eps_effect`` gives the size of that effect; in float64 with
-    ``eps=0`` the errors are rounding only (~1e-15).
+    near-constant units). ``eps_effect`` gives the size of that effect. PyTorch refuses ε = 0
+    in training; in float64 with e.g. ``eps=1e-30`` (negligible against any σ² ≫ 1e-14) the
+    errors are rounding only (~1e-15).
 
     Parameters
     ----------
@@ -764,7 +779,7 @@ def check_scale_invariance(
     --------
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
-    >>> r = check_scale_invariance(nn.Linear(5, 4), nn.BatchNorm1d(4, eps=0.0),
+    >>> r = check_scale_invariance(nn.Linear(5, 4), nn.BatchNorm1d(4, eps=1e-30),
     ...                            torch.randn(32, 5), dtype=torch.float64)
     >>> bool(max(r.output.max(), r.input_grad.max(), r.weight_grad.max()) < 1e-12)
     True
