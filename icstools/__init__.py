@@ -14,6 +14,8 @@ Examples
 __version__ = "0.1.0"
 
 from icstools.analysis import AnalysisError, ICSAccessor  # registers ds.ics
+from icstools.compare import compare
+from icstools.gradients import check_scale_invariance, gradient_ics, landscape_probe
 from icstools.recorder import Recorder, RecorderError
 from icstools.schedules import as_schedule, at_steps, every, log_spaced
 from icstools.sites import SiteSelectionError, list_sites, select_sites
@@ -28,7 +30,11 @@ __all__ = [
     "__version__",
     "as_schedule",
     "at_steps",
+    "check_scale_invariance",
+    "compare",
     "every",
+    "gradient_ics",
+    "landscape_probe",
     "list_sites",
     "log_spaced",
     "open_run",

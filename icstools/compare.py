@@ -88,10 +88,14 @@ Metrics
 ``metric`` is either the name of a variable of the runs, reduced by the documented reductions
 (see :func:`compare`), the name of an entry of :data:`METRICS`, or any callable
 ``run -> float | xarray.DataArray`` (a DataArray with one ``site`` dimension gives one number per
-site). :data:`METRICS` is the extension point for derived metrics (e.g. drift measures)::
+site). :data:`METRICS` is the extension point for derived metrics. It holds every drift metric
+of :mod:`icstools.drift` (``"w1"``, ``"w1_std"``, ``"ks"``, ``"psi"``, …): per record against
+``reference`` (default ``"first"``), the median over each site's units (``how``), averaged over
+the records::
 
-    METRICS["w1"] = lambda run, **kw: w1_per_site(run, **kw)  # -> DataArray (site,)
-    compare(runs, "w1", metric_kwargs={"reference": "first"})
+    compare(runs, "w1_std", metric_kwargs={"reference": "first", "how": "median"})
+
+Add your own as ``METRICS["name"] = func`` with ``func(run, **metric_kwargs)``.
 
 A string is looked up among the run's variables first, then in :data:`METRICS`.
 """
@@ -135,6 +139,39 @@ MetricFunc = Callable[..., Any]
 #: Each takes ``(run: xarray.Dataset, **metric_kwargs)`` and returns a float (one number per
 #: run) or an :class:`xarray.DataArray` with a single ``site`` dimension (one number per site).
 METRICS: dict[str, MetricFunc] = {}
+
+
+
+def _drift_metric(
+    name: str,
+    run: xr.Dataset,
+    *,
+    reference: Any = "first",
+    source: str | None = None,
+    method: str = "auto",
+    how: str = "median",
+) -> xr.DataArray:
+    """One drift metric of :mod:`icstools.drift` per site: per record against ``reference``,
+    reduced over the site's units by ``how`` and then averaged over the records (the
+    reference's own NaN records are skipped)."""
+    from icstools.drift import drift, site_aggregate
+
+    if source is None:
+        sources = [str(s) for s in run["source"].values] if "source" in run.dims else ["probe"]
+        source = "probe" if "probe" in sources else sources[0]
+    per_unit = drift(run, reference, [name], source=source, method=method)
+    per_site = site_aggregate(per_unit[[name]], how)[name]  # (step, site)
+    return per_site.mean("step", skipna=True)
+
+
+def _register_drift_metrics() -> None:
+    from icstools.drift import METRICS as DRIFT_METRICS
+
+    for name in DRIFT_METRICS:
+        METRICS.setdefault(name, functools.partial(_drift_metric, name))
+
+
+_register_drift_metrics()
 
 #: Reductions of a variable over steps (and, by default, over the units of a site).
 REDUCTIONS: tuple[str, ...] = ("mean", "median", "max", "min", "last")

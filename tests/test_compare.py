@@ -755,3 +755,31 @@ def test_bad_runs():
         compare({"a": [unit_run(rng)], "b": [unit_run(rng)]}, "mean", source="val")
     with pytest.raises(ValueError, match="selects no record"):
         compare({"a": [unit_run(rng)], "b": [unit_run(rng)]}, "mean", steps=slice(1000, None))
+
+
+def test_drift_metrics_are_registered_and_compare_recovers_more_drift():
+    import icstools.drift as D
+    from icstools.compare import METRICS, compare
+
+    assert set(D.METRICS) <= set(METRICS)
+    rng = np.random.default_rng(11)
+
+    def run(speed):
+        steps = np.arange(5)
+        x = rng.normal(size=(5, 400, 3)) + speed * steps[:, None, None]  # [step, sample, unit]
+        return xr.Dataset(
+            {"probe_sample": (("step", "sample", "unit"), x)},
+            coords={"step": steps, "unit_site": ("unit", ["a", "a", "b"])},
+        )
+
+    runs = {"slow": [run(0.1) for _ in range(4)], "fast": [run(0.5) for _ in range(4)]}
+    table = compare(runs, "w1_std", metric_kwargs={"reference": "first", "how": "median"})
+    assert list(table["site"]) == ["a", "b"]
+    want = []  # by hand: per run, W1/σ vs step 0, median over a site's units, mean over steps
+    for ds in runs["fast"]:
+        d = D.drift(ds, "first", ["w1_std"])["w1_std"].values  # [step, unit]
+        want.append(np.nanmean(np.median(d[:, :2], axis=1)))
+    row = table.set_index("site").loc["a"]
+    assert row["condition"] == "fast" and row["reference"] == "slow"
+    assert row["mean_cond"] == pytest.approx(np.mean(want), rel=1e-9)
+    assert (table["ratio"] > 3).all()
