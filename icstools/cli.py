@@ -1,23 +1,66 @@
 """The ``icstools`` command.
 
-``icstools demo`` trains the paper's MNIST network (784-100-100-100-10, sigmoid) with and
-without Batch Normalization, records the inputs of every sigmoid on a fixed probe batch of test
-images, writes both runs under ``data/runs/demo/`` and prints, per layer, how the sigmoid
-inputs' distribution moved between the first and the last record.
+Subcommands (``icstools <command> --help`` explains each):
 
-Exit codes: 0 success, 2 a user mistake (bad option, missing data), 1 anything else.
+* ``run PRESET`` — run an experiment preset (``icstools list``): every condition and seed,
+  one run store each, a ``manifest.json`` and a summary table;
+* ``list`` — the presets, one line each;
+* ``sites TARGET`` — the hookable sites of a model (``package.module:factory`` or a preset):
+  module type, tensor shape and unit layout;
+* ``info RUN`` — what a run store (or a preset's output folder) holds;
+* ``report INPUT...`` — the drift report (HTML + JSON) of runs;
+* ``demo`` — train the paper's MNIST MLP with and without BN and summarize its sigmoid inputs.
+
+Exit codes: 0 success; 2 a user mistake (unknown preset, missing or corrupt store, bad option,
+missing MNIST data), reported as one line on stderr; 1 anything else (``--debug`` shows the
+traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 import xarray as xr
 
 __all__ = ["demo_table", "main"]
+
+PROG = "icstools"
+
+
+class UsageError(Exception):
+    """A user mistake detected by the command (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``icstools: error: ...``) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = f" (see {self.prog} --help)"
+        self.exit(2, f"{PROG}: error: {message}{hint}\n")
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _print_table(rows: list[dict[str, object]]) -> None:
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
+    for r in rows:
+        print("  ".join(_fmt(r[c]).ljust(widths[c]) for c in cols).rstrip())
+
+
+# ============================================================================================
+# demo
+# ============================================================================================
 
 
 def demo_table(ds: xr.Dataset, source: str = "probe") -> list[dict[str, object]]:
@@ -51,18 +94,6 @@ def demo_table(ds: xr.Dataset, source: str = "probe") -> list[dict[str, object]]
     return rows
 
 
-def _print_table(rows: list[dict[str, object]]) -> None:
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols}
-    print("  ".join(c.ljust(widths[c]) for c in cols))
-    for r in rows:
-        print("  ".join(_fmt(r[c]).ljust(widths[c]) for c in cols))
-
-
-def _fmt(v: object) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
 def _demo(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -71,6 +102,9 @@ def _demo(args: argparse.Namespace) -> int:
     from icstools.recorder import Recorder
     from icstools.store import open_run
 
+    for name in ("steps", "every", "threads"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be ≥ 1, got {getattr(args, name)}")
     # The paper's MLP is small: one intra-op thread is faster than two, and does not thrash
     # when the machine is shared.
     torch.set_num_threads(args.threads)
@@ -125,15 +159,580 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="icstools", description="Measure internal covariate shift in PyTorch training."
+# ============================================================================================
+# run, list
+# ============================================================================================
+
+
+def _parse_seeds(text: str) -> int | list[int]:
+    """``"3"`` → 3 (seeds 0, 1, 2); ``"0,4,7"`` or ``"5,"`` → that list."""
+    text = text.strip()
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+            if not seeds or any(s < 0 for s in seeds):
+                raise ValueError
+            return seeds
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of seeds (e.g. 3) or a comma list of seeds ≥ 0 (e.g. 0,4 or 5,), "
+            f"got {text!r}"
+        ) from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"the number of seeds must be ≥ 1, got {n}")
+    return n
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {n}")
+    return n
+
+
+def _run(args: argparse.Namespace) -> int:
+    from icstools.experiments import get_preset, run_preset
+
+    preset = get_preset(args.preset)  # PresetError (exit 2) before anything is written
+    manifest = run_preset(
+        preset,
+        steps=args.steps,
+        seeds=args.seeds,
+        out=args.out,
+        quick=args.quick,
+        progress=not args.quiet,
+        data_dir=args.data_dir,
+        threads=args.threads,
+        conditions=args.conditions or None,
+        command=[PROG, *args.argv],
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    print(manifest.summary())
+    diverged = sum(r.diverged for r in manifest.runs)
+    if diverged:
+        print(f"\n{diverged} of {len(manifest.runs)} runs diverged (a result, not an error).")
+    print(f"\nmanifest: {manifest.path}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from icstools.experiments import PRESETS
+
+    width = max(len(n) for n in PRESETS)
+    for name, p in PRESETS.items():
+        print(f"{name.ljust(width)}  {p.description}")
+        if args.verbose:
+            print(
+                f"{''.ljust(width)}  {len(p.conditions)} conditions "
+                f"({', '.join(c.name for c in p.conditions)}) × {len(p.seeds)} seeds × "
+                f"{p.steps:,} steps (quick: {p.quick_steps:,} steps, 1 seed)"
+            )
+            for claim in p.claims:
+                print(f"{''.ljust(width)}  - {claim}")
+    return 0
+
+
+# ============================================================================================
+# sites
+# ============================================================================================
+
+
+def _guess_input_shape(model: Any) -> tuple[int, ...] | None:
+    """One example's shape from the first leaf module (Linear / Conv), else None."""
+    from torch import nn
+
+    for _, m in model.named_modules():
+        if list(m.children()):
+            continue
+        if isinstance(m, nn.Linear):
+            return (m.in_features,)
+        if isinstance(m, nn.Conv1d):
+            return (m.in_channels, 32)
+        if isinstance(m, nn.Conv2d):
+            return (m.in_channels, 28, 28)
+        if isinstance(m, nn.Conv3d):
+            return (m.in_channels, 8, 8, 8)
+        return None
+    return None
+
+
+def _site_rows(model: Any, input_shape: tuple[int, ...] | None) -> list[dict[str, str]]:
+    """One row per site: name, module type, tensor shape and unit layout, default mark."""
+    import torch
+
+    from icstools.sites import (
+        Site,
+        SiteSelectionError,
+        default_unit_dim,
+        find_tensor,
+        layout_module,
+        list_sites,
+        select_sites,
+    )
+
+    try:
+        default = {s.name for s in select_sites(model, None)}
+    except SiteSelectionError:
+        default = set()
+    shapes: dict[str, tuple[int, ...]] = {}
+    if input_shape is not None:
+        handles = []
+        for name, module in model.named_modules():
+            if not name:
+                continue
+
+            def pre(mod, args, kwargs, name=name):
+                t = find_tensor(args) if args else find_tensor(kwargs)
+                if t is not None:
+                    shapes.setdefault(f"{name}:input", tuple(t.shape))
+
+            def post(mod, args, output, name=name):
+                t = find_tensor(output)
+                if t is not None:
+                    shapes.setdefault(f"{name}:output", tuple(t.shape))
+
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post))
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(torch.rand(2, *input_shape))
+        except Exception as exc:
+            raise UsageError(
+                f"the model does not accept inputs of shape [batch, "
+                f"{', '.join(map(str, input_shape))}]: {exc} (give one example's shape with "
+                "--input-shape)"
+            ) from None
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+    rows = []
+    for site_name in list_sites(model):
+        module_name, _, role = site_name.rpartition(":")
+        module = model.get_submodule(module_name)
+        shape = shapes.get(site_name)
+        if shape is None:
+            shown, units = "-", "-" if input_shape is not None else "?"
+        else:
+            x = torch.empty(shape, device="meta")
+            ud = default_unit_dim(layout_module(model, Site(module_name, role)), x)
+            dims = ["B", *map(str, shape[1:])]
+            shown = "[" + ", ".join(dims) + "]"
+            pooled = [n for d, n in enumerate(_dim_names(len(shape), ud)) if d != ud]
+            units = f"{shape[ud]} (dim {ud}; pooled over {', '.join(pooled)})"
+        rows.append(
+            {
+                "": "*" if site_name in default else "",
+                "site": site_name,
+                "module": type(module).__name__,
+                "shape": shown,
+                "units": units,
+            }
+        )
+    return rows
+
+
+def _dim_names(ndim: int, unit_dim: int) -> list[str]:
+    """Conventional names of a site tensor's dimensions (``N`` the batch)."""
+    known = {
+        2: ["N", "F"],
+        3: ["N", "C", "L"] if unit_dim == 1 else ["N", "T", "F"],
+        4: ["N", "C", "H", "W"],
+        5: ["N", "C", "D", "H", "W"],
+    }
+    return known.get(ndim, ["N", *(f"d{d}" for d in range(1, ndim))])
+
+
+def _print_sites(title: str, model: Any, input_shape: tuple[int, ...] | None) -> None:
+    shape = "?" if input_shape is None else "[batch, " + ", ".join(map(str, input_shape)) + "]"
+    rows = _site_rows(model, input_shape)
+    print(f"{title}  (input {shape})")
+    if not rows:
+        print("  (no submodules: nothing to hook)")
+        return
+    _print_table(rows)
+
+
+def _sites(args: argparse.Namespace) -> int:
+    import torch
+    from torch import nn
+
+    from icstools.experiments import DATA_SHAPES, PRESETS, get_preset, load_factory
+
+    input_shape = args.input_shape
+    if ":" in args.target:
+        try:
+            kwargs = json.loads(args.kwargs) if args.kwargs else {}
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--kwargs is not valid JSON: {exc}") from None
+        if not isinstance(kwargs, dict):
+            raise UsageError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
+        try:
+            factory = load_factory(args.target)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        try:
+            model = factory(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(
+                f"calling {args.target}(**{json.dumps(kwargs)}) failed: {exc}"
+            ) from None
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"{args.target} returned a {type(model).__name__}, not an nn.Module")
+        if input_shape is None:
+            input_shape = _guess_input_shape(model)
+        _print_sites(f"{args.target} {json.dumps(kwargs)}", model, input_shape)
+    else:
+        if args.kwargs:
+            raise UsageError("--kwargs applies to a model factory target, not to a preset")
+        if args.target not in PRESETS:
+            raise UsageError(
+                f"unknown preset {args.target!r}; valid presets: {', '.join(PRESETS)}; or give "
+                "a model factory as package.module:factory"
+            )
+        preset = get_preset(args.target)
+        input_shape = input_shape or DATA_SHAPES[preset.data]
+        seen: dict[str, list[str]] = {}
+        for cond in preset.conditions:
+            key = json.dumps(cond.settings()["model"]) + json.dumps(cond.settings()["kwargs"])
+            seen.setdefault(key, []).append(cond.name)
+        first = True
+        for names in seen.values():
+            cond = preset.condition(names[0])
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = cond.build()
+            if not first:
+                print()
+            first = False
+            _print_sites(f"{preset.name} / {', '.join(names)}", model, input_shape)
+    print("\n* recorded by default (inputs of element-wise nonlinearities, the paper's sites)")
+    return 0
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(
+            f"expected one example's shape without the batch, e.g. 784 or 1,28,28; got {text!r}"
+        )
+    return dims
+
+
+# ============================================================================================
+# info
+# ============================================================================================
+
+
+def _disk_size(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"  # pragma: no cover
+
+
+def _info_manifest(path: Path) -> int:
+    from icstools.experiments import load_manifest
+
+    try:
+        manifest = load_manifest(path)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"preset folder {path.resolve()} ({_human(_disk_size(path))} on disk)")
+    print(
+        f"created {manifest.created}, icstools {manifest.icstools_version}, "
+        f"{'complete' if manifest.complete else 'INCOMPLETE (still running, or failed)'}"
+    )
+    if manifest.command:
+        print(f"command {' '.join(manifest.command)}")
+    print()
+    if manifest.runs:
+        print(manifest.summary())
+    else:
+        print(f"{manifest.preset}: no run finished yet")
+    print("\nstores:")
+    for r in manifest.runs:
+        print(f"  {manifest.run_path(r)}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from icstools.store import StoreError, open_run
+
+    path = Path(args.run)
+    if path.is_dir() and (path / "manifest.json").is_file() and not (path / ".zmetadata").exists():
+        return _info_manifest(path)
+    try:
+        ds = open_run(path, chunks={})  # lazy: metadata only
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    except StoreError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        _print_info(path, ds)
+    finally:
+        ds.close()
+    return 0
+
+
+def _short(text: str, width: int = 90) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _print_info(path: Path, ds: xr.Dataset) -> None:
+    steps = ds["step"].values
+    attrs = ds.attrs
+    print(f"run        {path.resolve()} ({_human(_disk_size(path))} on disk)")
+    if len(steps):
+        print(f"steps      {int(steps[0])} … {int(steps[-1])}, {len(steps)} records")
+    else:
+        print("steps      none recorded")
+    if "source" in ds.coords:
+        print(f"sources    {', '.join(map(str, ds['source'].values))}")
+    if "site" in ds.coords:
+        sites = [str(s) for s in ds["site"].values]
+        units = [int(u) for u in ds["site_units"].values] if "site_units" in ds.coords else None
+        per = (
+            ", ".join(f"{s} ({u})" for s, u in zip(sites, units, strict=True))
+            if units is not None
+            else ", ".join(sites)
+        )
+        n_units = ds.sizes.get("unit", 0)
+        print(f"sites      {len(sites)}, {n_units} units: {per}")
+    for dim, label in (("param", "params"), ("layer", "layers"), ("block", "blocks")):
+        if dim in ds.coords:
+            names = [str(v) for v in ds[dim].values]
+            print(f"{label:<10} {len(names)}: {', '.join(names)}")
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, var in ds.data_vars.items():
+        groups.setdefault(tuple(var.dims), []).append(str(name))
+    print("variables")
+    for dims, names in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[0])):
+        print(f"  ({', '.join(dims)})".ljust(36) + ", ".join(sorted(names)))
+    if "loss" in ds and len(steps):
+        loss = ds["loss"].values
+        print(f"loss       first {loss[0]:.4g}, last {loss[-1]:.4g}")
+    if "test_acc" in ds and len(steps):
+        acc = ds["test_acc"].values
+        finite = acc[~(acc != acc)]
+        if finite.size:
+            print(f"test_acc   last measured {finite[-1]:.4f}, best {finite.max():.4f}")
+    diverged = attrs.get("diverged_step")
+    print(f"diverged   {'no' if diverged is None else f'at recorded step {diverged}'}")
+    shown = ("icstools_version", "schema_version", "seed", "model_class", "n_committed")
+    print("attrs      " + ", ".join(f"{k}={attrs[k]}" for k in shown if k in attrs))
+    config = attrs.get("recorder_config")
+    if isinstance(config, str):
+        try:
+            cfg = json.loads(config)
+        except ValueError:
+            cfg = None
+        if isinstance(cfg, dict):
+            keys = (
+                "schedule",
+                "probe_shape",
+                "probe_mode",
+                "probe_sample",
+                "gradients",
+                "ics",
+                "landscape",
+                "jacobian",
+            )
+            parts = [_short(f"{k}={cfg[k]}") for k in keys if cfg.get(k) not in (None, False)]
+            print("recorder   " + "; ".join(parts))
+
+
+# ============================================================================================
+# report
+# ============================================================================================
+
+
+def _report(args: argparse.Namespace) -> int:
+    inputs = [Path(p) for p in args.inputs]
+    missing = [str(p) for p in inputs if not p.exists()]
+    if missing:
+        raise UsageError(f"no such run or folder: {', '.join(missing)}")
+    try:
+        from icstools.report import write_report
+    except ImportError as exc:
+        print(f"{PROG}: error: the drift report is not available: {exc}", file=sys.stderr)
+        return 1
+    from icstools.store import StoreError
+
+    try:
+        result = write_report(
+            inputs, Path(args.html), None if args.json is None else Path(args.json)
+        )
+    except (ValueError, TypeError, StoreError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
+    rows = [
+        {
+            "verdict": str(v.get("verdict", "")),
+            "claim": str(v.get("claim", "")),
+            "measurement": str(v.get("measurement", "")),
+        }
+        for v in getattr(result, "verdicts", [])
+    ]
+    if rows:
+        _print_table(rows)
+    print(f"\nreport: {args.html}" + (f", {args.json}" if args.json else ""))
+    return 0
+
+
+# ============================================================================================
+# parser and entry point
+# ============================================================================================
+
+_EPILOG_RUN = """\
+Examples:
+  icstools run fig1                      the full experiment (3 seeds × 50,000 steps)
+  icstools run fig1 --quick              reduced end to end: a few hundred steps, 1 seed
+  icstools run lr-sweep --steps 2000 --seeds 0,1 --out /tmp/runs
+
+Presets: {presets}.
+
+Runs land in DIR/PRESET/CONDITION/seed-N.zarr, with DIR/PRESET/manifest.json (settings,
+accuracy over training, divergence, wall time per run). A diverged run is a result: it is
+reported as diverged, not as an error. MNIST is read from $ICSTOOLS_DATA (or --data-dir).
+"""
+
+_EPILOG_SITES = """\
+Examples:
+  icstools sites icstools.experiments:paper_mlp --kwargs '{"bn": true}'
+  icstools sites icstools.experiments:small_cnn --kwargs '{"in_channels": 1}'
+  icstools sites fig1
+
+A site is "<module name>:<role>" (role input or output); units are the entries of the listed
+dimension, statistics are pooled over the others (batch, and locations for convolutions).
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from icstools.experiments import PRESETS
+
+    p = _Parser(
+        prog=PROG,
+        description="Measure internal covariate shift in PyTorch training.",
+        epilog="Run 'icstools <command> --help' for a command's options.",
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    r = sub.add_parser(
+        "run",
+        help="run an experiment preset (see 'icstools list')",
+        description="Run every condition and seed of an experiment preset, one run store each,\n"
+        "then print a summary table.",
+        epilog=_EPILOG_RUN.format(presets=", ".join(PRESETS)),
+        formatter_class=fmt,
+    )
+    r.add_argument("preset", help="preset name (icstools list)")
+    r.add_argument(
+        "--steps", type=_positive, metavar="N", help="optimizer steps per run (default: preset's)"
+    )
+    r.add_argument(
+        "--seeds",
+        type=_parse_seeds,
+        metavar="N|LIST",
+        help="number of seeds N (0..N-1) or a comma list, e.g. 0,3 or 5, (default: preset's)",
+    )
+    r.add_argument(
+        "--conditions",
+        type=lambda t: [c.strip() for c in t.split(",") if c.strip()],
+        metavar="LIST",
+        help="run only these conditions, a comma list (default: all)",
+    )
+    r.add_argument(
+        "--out", default="data/runs", metavar="DIR", help="base output folder (data/runs)"
+    )
+    r.add_argument("--quick", action="store_true", help="reduced end-to-end run: 1 seed, few steps")
+    r.add_argument(
+        "--threads", type=_positive, default=1, metavar="N", help="torch intra-op threads (1)"
+    )
+    r.add_argument(
+        "--data-dir", metavar="DIR", help="MNIST base folder (default: $ICSTOOLS_DATA, ./data)"
+    )
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.set_defaults(func=_run)
+
+    ls = sub.add_parser(
+        "list",
+        help="list the experiment presets",
+        description="List the experiment presets with one-line descriptions.",
+    )
+    ls.add_argument(
+        "-v", "--verbose", action="store_true", help="also conditions, size and claims tested"
+    )
+    ls.set_defaults(func=_list)
+
+    s = sub.add_parser(
+        "sites",
+        help="list the hookable sites of a model or a preset's models",
+        description="List the sites (module inputs and outputs) a Recorder can hook, with the\n"
+        "module type, the tensor shape for one batch and which dimension holds the units.",
+        epilog=_EPILOG_SITES,
+        formatter_class=fmt,
+    )
+    s.add_argument("target", help="package.module:factory, or a preset name")
+    s.add_argument(
+        "--kwargs", metavar="JSON", help="JSON object of keyword arguments for the factory"
+    )
+    s.add_argument(
+        "--input-shape",
+        type=_shape,
+        metavar="SHAPE",
+        help="one example's shape, e.g. 784 or 1,28,28 (default: from the first layer)",
+    )
+    s.set_defaults(func=_sites)
+
+    i = sub.add_parser(
+        "info",
+        help="describe a run store (or a preset's output folder)",
+        description="Describe what a run store holds: steps, sources, sites and units, "
+        "variables, attributes (e.g. diverged_step), size on disk. Given a preset's output "
+        "folder (with manifest.json), summarize its runs.",
+    )
+    i.add_argument("run", help="path of a run store (…/seed-0.zarr) or of a preset folder")
+    i.set_defaults(func=_info)
+
+    rp = sub.add_parser(
+        "report",
+        help="write the drift report (HTML + JSON) of runs",
+        description="Write the drift report of runs: each claim, its measurement and verdict.",
+    )
+    rp.add_argument("inputs", nargs="+", help="run stores or preset output folders")
+    rp.add_argument("--html", required=True, metavar="PATH", help="path of the HTML report")
+    rp.add_argument("--json", metavar="PATH", help="path of the JSON report (optional)")
+    rp.set_defaults(func=_report)
+
     d = sub.add_parser(
         "demo",
         help="train the paper's MNIST MLP with and without BN and summarize its sigmoid inputs",
-        description=__doc__.split("\n\n")[1],
+        description="Train the paper's MNIST network (784-100-100-100-10, sigmoid) with and "
+        "without Batch Normalization, record the inputs of every sigmoid on a fixed probe batch "
+        "of test images, write both runs under --out and print, per layer, how the sigmoid "
+        "inputs' distribution moved between the first and the last record.",
     )
     d.add_argument("--steps", type=int, default=3000, help="optimizer steps per network (3000)")
     d.add_argument("--every", type=int, default=50, help="record every N steps (50)")
@@ -146,22 +745,43 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``icstools`` command; returns the exit code."""
-    args = _parser().parse_args(argv)
-    for name in ("steps", "every", "threads"):
-        if getattr(args, name, 1) < 1:
-            print(
-                f"icstools: error: --{name} must be ≥ 1, got {getattr(args, name)}", file=sys.stderr
-            )
-            return 2
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``icstools`` command; returns the exit code.
+
+    Examples
+    --------
+    >>> main(["list"])  # doctest: +SKIP
+    0
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad option (2, message already printed)
+        return exc.code if isinstance(exc.code, int) else 2
+    args.argv = argv
     from icstools.data import MNISTError
+    from icstools.experiments import PresetError
+    from icstools.store import StoreError
 
     try:
         return args.func(args)
-    except (MNISTError, FileNotFoundError) as exc:
-        print(f"icstools: error: {exc}", file=sys.stderr)
+    except (UsageError, PresetError, MNISTError, StoreError, FileNotFoundError) as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"{PROG}: error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":
