@@ -9,7 +9,7 @@ Subcommands (``icstools <command> --help`` explains each):
   module type, tensor shape and unit layout;
 * ``info RUN`` — what a run store (or a preset's output folder) holds;
 * ``report INPUT...`` — the drift report (HTML + JSON) of runs;
-* ``demo`` — train the paper's MNIST MLP with and without BN and summarize its sigmoid inputs.
+* ``demo`` — ``run fig1`` at a reduced scale (3 seeds × 6,000 steps), then ``report``.
 
 Exit codes: 0 success; 2 a user mistake (unknown preset, missing or corrupt store, bad option,
 missing MNIST data), reported as one line on stderr; 1 anything else (``--debug`` shows the
@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 import xarray as xr
 
-__all__ = ["demo_table", "main"]
+__all__ = ["main"]
 
 PROG = "icstools"
 
@@ -63,100 +63,36 @@ def _print_table(rows: list[dict[str, object]]) -> None:
 # ============================================================================================
 
 
-def demo_table(ds: xr.Dataset, source: str = "probe") -> list[dict[str, object]]:
-    """Per site, the first and last record's summary of the sigmoid inputs.
-
-    Columns: mean over units of ``|mean|``, of ``var``, of the 15–85th percentile spread and of
-    ``sat_frac``.
-
-    Examples
-    --------
-    >>> rows = demo_table(ds)  # doctest: +SKIP
-    """
-    src = ds.sel(source=source)
-    q15 = src["quantile_value"].sel(quantile=0.15, method="nearest")
-    q85 = src["quantile_value"].sel(quantile=0.85, method="nearest")
-    rows = []
-    for site in ds.site.values:
-        in_site = ds.unit_site == site
-        for label, i in (("first", 0), ("last", -1)):
-            sel = {"step": i}
-            rows.append(
-                {
-                    "site": str(site),
-                    "record": f"{label} (step {int(ds.step[i])})",
-                    "mean|mean|": float(abs(src["mean"][sel]).where(in_site).mean()),
-                    "mean var": float(src["var"][sel].where(in_site).mean()),
-                    "q85-q15": float((q85 - q15)[sel].where(in_site).mean()),
-                    "sat_frac": float(src["sat_frac"][sel].where(in_site).mean()),
-                }
-            )
-    return rows
-
-
 def _demo(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
-    from icstools.experiments import paper_mlp, train_mnist
-    from icstools.recorder import Recorder
-    from icstools.store import open_run
-
-    for name in ("steps", "every", "threads"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be ≥ 1, got {getattr(args, name)}")
-    # The paper's MLP is small: one intra-op thread is faster than two, and does not thrash
-    # when the machine is shared.
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    """``icstools run fig1`` at a reduced scale, then ``icstools report`` on its runs."""
+    if args.steps < 1 or args.seeds < 1:
+        raise UsageError(f"--steps and --seeds must be ≥ 1, got {args.steps} and {args.seeds}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {}
-    for name, bn in (("baseline", False), ("bn", True)):
-        torch.manual_seed(args.seed)
-        model = paper_mlp(bn=bn)
-        path = out / f"{name}.zarr"
-
-        def make(model, opt, probe, path=path):
-            return Recorder(
-                model,
-                torch.nn.Sigmoid,
-                role="input",
-                every=args.every,
-                optimizer=opt,
-                probe=probe,
-                path=path,
-                overwrite=True,
-                seed=args.seed,
-            )
-
-        t0 = time.perf_counter()
-        # disable=None: no bar when stderr is not a terminal (logs, CI)
-        with tqdm(
-            total=args.steps, desc=f"{name:8s}", unit="step", disable=True if args.quiet else None
-        ) as bar:
-            result = train_mnist(
-                model,
-                args.steps,
-                lr=args.lr,
-                seed=args.seed,
-                recorder=make,
-                progress=bar.update,
-            )
-        seconds = time.perf_counter() - t0
-        ds = open_run(path)
-        acc = result.accuracy[args.steps]
-        summary[name] = acc
-        print(
-            f"\n{name}: {args.steps} steps in {seconds:.1f} s, test accuracy {acc:.4f}, "
-            f"{ds.sizes['step']} records -> {path}"
-        )
-        _print_table(demo_table(ds))
-    print(
-        f"\nTest accuracy after {args.steps} steps: baseline {summary['baseline']:.4f}, "
-        f"BN {summary['bn']:.4f}. Inspect the runs with icstools.open_run(path)."
+    t0 = time.perf_counter()
+    run_args = argparse.Namespace(
+        preset="fig1",
+        steps=args.steps,
+        seeds=args.seeds,
+        out=str(out),
+        quick=False,
+        quiet=args.quiet,
+        data_dir=args.data_dir,
+        threads=args.threads,
+        conditions=None,
+        argv=args.argv,
     )
-    return 0
+    code = _run(run_args)
+    if code:
+        return code
+    report = argparse.Namespace(
+        inputs=[str(out / "fig1")],
+        html=str(out / "fig1-report.html"),
+        json=str(out / "fig1-report.json"),
+    )
+    print()
+    code = _report(report)
+    print(f"demo: {time.perf_counter() - t0:.0f} s; open {report.html} in a browser (offline).")
+    return code
 
 
 # ============================================================================================
@@ -728,18 +664,19 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser(
         "demo",
-        help="train the paper's MNIST MLP with and without BN and summarize its sigmoid inputs",
-        description="Train the paper's MNIST network (784-100-100-100-10, sigmoid) with and "
-        "without Batch Normalization, record the inputs of every sigmoid on a fixed probe batch "
-        "of test images, write both runs under --out and print, per layer, how the sigmoid "
-        "inputs' distribution moved between the first and the last record.",
+        help="the paper's Fig. 1 experiment at a reduced scale, then its drift report",
+        description="Run the fig1 preset (MNIST, 784-100-100-100-10 sigmoid MLP, with and "
+        "without BN) at a reduced scale, then write the drift report of its runs and print the "
+        "claims' verdicts. The same as 'icstools run fig1 --steps N --seeds K --out DIR' "
+        "followed by 'icstools report DIR/fig1 --html ... --json ...'.",
     )
-    d.add_argument("--steps", type=int, default=3000, help="optimizer steps per network (3000)")
-    d.add_argument("--every", type=int, default=50, help="record every N steps (50)")
-    d.add_argument("--lr", type=float, default=0.5, help="SGD learning rate (0.5)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default="data/runs/demo", help="folder of the two runs")
+    d.add_argument("--steps", type=int, default=6000, help="optimizer steps per run (6000)")
+    d.add_argument("--seeds", type=int, default=3, help="seeds per network (3)")
+    d.add_argument("--out", default="data/runs/demo", help="base output folder (data/runs/demo)")
     d.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1)")
+    d.add_argument(
+        "--data-dir", metavar="DIR", help="MNIST base folder (default: $ICSTOOLS_DATA, ./data)"
+    )
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)
     return p

@@ -357,12 +357,16 @@ def test_run_entry_point_in_a_subprocess(tmp_path):
     ]
 
 
-def test_demo_still_works(capsys, tmp_path):
+def test_demo_runs_fig1_reduced_and_writes_the_report(capsys, tmp_path):
+    pytest.importorskip("icstools.report")
     code, out, err = _run(
-        capsys, "demo", "--steps", "4", "--every", "2", "--out", str(tmp_path), "--quiet"
+        capsys, "demo", "--steps", "60", "--seeds", "1", "--out", str(tmp_path), "--quiet"
     )
     assert code == 0, err
-    assert "Test accuracy after 4 steps" in out
-    assert (tmp_path / "baseline.zarr").is_dir() and (tmp_path / "bn.zarr").is_dir()
+    assert (tmp_path / "fig1" / "baseline" / "seed-0.zarr").is_dir()
+    assert (tmp_path / "fig1" / "bn" / "seed-0.zarr").is_dir()
+    assert (tmp_path / "fig1-report.html").is_file() and (tmp_path / "fig1-report.json").is_file()
+    assert "inconclusive" in out  # one seed: no verdict can be reached, and it says so
+    assert f"report: {tmp_path / 'fig1-report.html'}" in out
     code, _, err = _run(capsys, "demo", "--steps", "0")
-    assert code == 2 and "--steps must be ≥ 1" in _one_line_error(err)
+    assert code == 2 and "--steps and --seeds must be ≥ 1" in _one_line_error(err)
