@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -118,6 +120,18 @@ def _parse_seeds(text: str) -> int | list[int]:
     if n < 1:
         raise argparse.ArgumentTypeError(f"the number of seeds must be ≥ 1, got {n}")
     return n
+
+
+def _steps_list(text: str) -> list[int]:
+    try:
+        steps = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected steps as a comma list of whole numbers, got {text!r}"
+        ) from None
+    if not steps or min(steps) < 0:
+        raise argparse.ArgumentTypeError(f"expected steps ≥ 0, got {text!r}")
+    return steps
 
 
 def _positive(text: str) -> int:
@@ -387,7 +401,7 @@ def _human(n: float) -> str:
     return f"{n:.1f} GB"  # pragma: no cover
 
 
-def _info_manifest(path: Path) -> int:
+def _info_manifest(path: Path, at: Sequence[int] = ()) -> int:
     from icstools.experiments import load_manifest
 
     try:
@@ -406,6 +420,26 @@ def _info_manifest(path: Path) -> int:
         print(manifest.summary())
     else:
         print(f"{manifest.preset}: no run finished yet")
+    if at:
+        print(f"\ntest accuracy at steps {', '.join(map(str, at))} (mean ± sd over seeds)")
+        rows = []
+        for cond in dict.fromkeys(r.condition for r in manifest.runs):
+            runs = [r for r in manifest.runs if r.condition == cond]
+            row: dict[str, object] = {"condition": cond, "runs": len(runs)}
+            for step in at:
+                vals = [
+                    r.test_acc[step] if step in r.test_acc else r.final_test_acc
+                    for r in runs
+                    if step in r.test_acc or step == r.steps_done
+                ]
+                row[f"step {step}"] = (
+                    "not evaluated"
+                    if not vals
+                    else f"{statistics.fmean(vals):.4f} ± "
+                    f"{statistics.stdev(vals) if len(vals) > 1 else math.nan:.4f}"
+                )
+            rows.append(row)
+        _print_table(rows)
     print("\nstores:")
     for r in manifest.runs:
         print(f"  {manifest.run_path(r)}")
@@ -417,7 +451,7 @@ def _info(args: argparse.Namespace) -> int:
 
     path = Path(args.run)
     if path.is_dir() and (path / "manifest.json").is_file() and not (path / ".zmetadata").exists():
-        return _info_manifest(path)
+        return _info_manifest(path, args.at or ())
     try:
         ds = open_run(path, chunks={})  # lazy: metadata only
     except FileNotFoundError as exc:
@@ -650,6 +684,12 @@ def _parser() -> argparse.ArgumentParser:
         "folder (with manifest.json), summarize its runs.",
     )
     i.add_argument("run", help="path of a run store (…/seed-0.zarr) or of a preset folder")
+    i.add_argument(
+        "--at",
+        type=_steps_list,
+        metavar="STEPS",
+        help="preset folder: also the test accuracy at these steps, e.g. 5000,10000,50000",
+    )
     i.set_defaults(func=_info)
 
     rp = sub.add_parser(

@@ -370,3 +370,13 @@ def test_demo_runs_fig1_reduced_and_writes_the_report(capsys, tmp_path):
     assert f"report: {tmp_path / 'fig1-report.html'}" in out
     code, _, err = _run(capsys, "demo", "--steps", "0")
     assert code == 2 and "--steps and --seeds must be ≥ 1" in _one_line_error(err)
+
+def test_info_of_a_preset_folder_gives_test_accuracy_at_steps(capsys, runs):
+    code, out, err = _run(capsys, "info", str(runs.path.parent), "--at", "0,2,7")
+    assert code == 0, err
+    table = out.split("test accuracy at steps 0, 2, 7", 1)[1]
+    for r in runs.runs:
+        row = next(ln for ln in table.splitlines() if ln.startswith(r.condition))
+        assert f"{r.test_acc[0]:.4f}" in row  # evaluated at step 0
+        assert f"{r.final_test_acc:.4f}" in row  # step 2 is the last: the final accuracy
+        assert "not evaluated" in row  # step 7 was never reached
