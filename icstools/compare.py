@@ -141,7 +141,6 @@ MetricFunc = Callable[..., Any]
 METRICS: dict[str, MetricFunc] = {}
 
 
-
 def _drift_metric(
     name: str,
     run: xr.Dataset,
