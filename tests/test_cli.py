@@ -371,6 +371,7 @@ def test_demo_runs_fig1_reduced_and_writes_the_report(capsys, tmp_path):
     code, _, err = _run(capsys, "demo", "--steps", "0")
     assert code == 2 and "--steps and --seeds must be ≥ 1" in _one_line_error(err)
 
+
 def test_info_of_a_preset_folder_gives_test_accuracy_at_steps(capsys, runs):
     code, out, err = _run(capsys, "info", str(runs.path.parent), "--at", "0,2,7")
     assert code == 0, err
