@@ -21,7 +21,7 @@ store and final full-test-set accuracy included); process CPU time is given too.
 
 Usage::
 
-    .venv/bin/python bench/fig1_wall.py                 # full: 50,000 steps (~15 min on 2 cores)
+    .venv/bin/python bench/fig1_wall.py                 # full: 50,000 steps (~4 min on 2 cores)
     .venv/bin/python bench/fig1_wall.py --steps 2000    # shorter
 """
 

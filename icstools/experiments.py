@@ -1154,7 +1154,7 @@ def _saturating() -> Preset:
 
     Same initialization (N(0, 0.1²)) and lr (``FIG1_LR``) as ``fig1``, 20,000 steps, 3 seeds.
     Whether each network trains or stays stuck shows in the test accuracy; ``sat_frac`` (share
-    of sigmoid/tanh inputs where the derivative is below 1% of its maximum) per unit over time,
+    of sigmoid/tanh inputs where the derivative is below 0.01) per unit over time,
     and the activation-gradient norms per layer (``gradients=True``) show why.
 
     Checked while setting it up (seed 0, test accuracy at steps 1,000 / 2,000 / 3,000): sigmoid
