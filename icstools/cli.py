@@ -643,7 +643,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--data-dir", metavar="DIR", help="MNIST base folder (default: $ICSTOOLS_DATA, ./data)"
     )
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument(
+        "--quiet", action="store_true", help="no progress bars (shown on terminals only)"
+    )
     r.set_defaults(func=_run)
 
     ls = sub.add_parser(
@@ -717,7 +719,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--data-dir", metavar="DIR", help="MNIST base folder (default: $ICSTOOLS_DATA, ./data)"
     )
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument(
+        "--quiet", action="store_true", help="no progress bars (shown on terminals only)"
+    )
     d.set_defaults(func=_demo)
     return p
 

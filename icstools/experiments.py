@@ -1626,7 +1626,8 @@ def run_preset(
         A reduced end-to-end version: ``preset.quick_steps`` steps (a few hundred) and the first
         seed, unless ``steps``/``seeds`` say otherwise.
     progress : bool
-        A tqdm progress bar per run on stderr.
+        A tqdm progress bar per run on stderr, when stderr is a terminal (a log file gets
+        none: carriage-return updates would flood it).
     data_dir : str or Path, optional
         MNIST base folder (default ``$ICSTOOLS_DATA``, see :mod:`icstools.data`).
     threads : int, optional
@@ -1720,7 +1721,7 @@ def run_preset(
                     desc=f"{preset.name}/{cond.name}/seed-{seed}",
                     unit="step",
                     file=sys.stderr,
-                    disable=not progress,
+                    disable=None if progress else True,  # None: only on a terminal
                     dynamic_ncols=True,
                 ) as bar:
                     info = _run_one(
@@ -1869,7 +1870,7 @@ def fig1_lr_sweep(
                         total=steps,
                         desc=f"bn={use_bn} lr={lr:g} seed={seed}",
                         file=sys.stderr,
-                        disable=not progress,
+                        disable=None if progress else True,  # None: only on a terminal
                     ) as bar:
                         r = train(
                             model, steps, lr=lr, seed=seed, data_dir=data_dir, progress=bar.update
