@@ -40,6 +40,13 @@ interval, never the p-value alone:
 * ``expect="not-higher"`` (e.g. BN does not reduce gradient ICS): supported if the interval's
   upper end is inside the band's upper end, not supported if its lower end is above it.
 
+With fewer than :data:`FEW_SEEDS` (5) seeds the bootstrap-t interval is erratic: a resample
+that draws one run every time has no spread (1/9 of a condition's resamples with 3 seeds), and
+those resamples set the interval's ends, which can then be far wider than the data. The
+verdict still reads that interval (the rule is fixed in advance), and its notes say so, with
+the share of such resamples and Welch's t interval of the difference for comparison
+(:func:`small_sample_note`).
+
 With a single seed in a compared condition nothing can be said about seed-to-seed variation:
 those verdicts are inconclusive, and the report says so at the top, in red. Three kinds of
 claims need more than one comparison: ``lr-sweep`` (counts of runs that train, per learning
@@ -93,6 +100,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.stats
 import xarray as xr
 
 from icstools import __version__, plots
@@ -112,6 +120,7 @@ __all__ = [
     "assess",
     "diagnose_run",
     "rule_text",
+    "small_sample_note",
     "write_report",
 ]
 
@@ -123,6 +132,9 @@ CONFIDENCE_LEVEL = 0.95
 N_RESAMPLES = 9999
 #: ``schema`` value of the JSON report.
 SCHEMA_ID = "icstools-report/1"
+#: Below this many finite runs in a compared condition, a verdict's notes add Welch's t
+#: interval beside the bootstrap-t one (see :func:`small_sample_note`).
+FEW_SEEDS = 5
 
 _STATISTICS = ("ratio", "diff", "counts", "max-error", "all-of")
 _EXPECTS = ("lower", "higher", "equal", "not-higher", "within-tolerance", "all")
@@ -970,6 +982,54 @@ def _compare_values(
     return table.iloc[0].to_dict()
 
 
+def small_sample_note(cvals: Sequence[float], rvals: Sequence[float]) -> str:
+    """Why a bootstrap-t interval over fewer than :data:`FEW_SEEDS` seeds is erratic, and
+    Welch's t interval of the difference beside it ("" when neither applies).
+
+    A resample of ``n`` runs draws a single run ``n`` times with probability ``n^(1-n)``
+    (1/9 for 3 seeds); it has no spread, its standard error is ~0, and its studentized
+    deviation is huge, so the bootstrap's t distribution gets heavy tails and the interval
+    can be far wider than the data (even wider than the metric's range). When such resamples
+    exceed half of ``1 - CONFIDENCE_LEVEL``, they set the interval's ends. The verdict still
+    reads the bootstrap-t interval (the method is fixed in advance); the note gives the share of
+    those resamples and Welch's t interval (:func:`scipy.stats.ttest_ind`, ``equal_var=False``),
+    which assumes normal seeds but does not degenerate.
+
+    Examples
+    --------
+    >>> small_sample_note([0.48, 0.42, 0.52], [0.023, 0.022, 0.021])[:40]
+    'with 3 vs 3 seeds, 21% of bootstrap resa'
+    >>> small_sample_note([1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0])
+    ''
+    """
+    c = np.asarray(cvals, np.float64)
+    r = np.asarray(rvals, np.float64)
+    c, r = c[np.isfinite(c)], r[np.isfinite(r)]
+    nc, nr = c.size, r.size
+    if min(nc, nr) < 2 or min(nc, nr) >= FEW_SEEDS:
+        return ""
+    if np.ptp(c) == 0 and np.ptp(r) == 0:
+        return ""  # no spread at all: the interval is the point, nothing erratic
+    share = 1.0 - (1.0 - float(nc) ** (1 - nc)) * (1.0 - float(nr) ** (1 - nr))
+    if share <= (1.0 - CONFIDENCE_LEVEL) / 2:
+        return ""
+    text = (
+        f"with {nc} vs {nr} seeds, {share:.0%} of bootstrap resamples draw one run of a "
+        "condition every time (no spread), so the bootstrap-t interval is erratic and often far "
+        "too wide"
+    )
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")  # constant groups: NaN, said below
+        ci = scipy.stats.ttest_ind(c, r, equal_var=False).confidence_interval(CONFIDENCE_LEVEL)
+    lo, hi = float(ci.low), float(ci.high)
+    if math.isfinite(lo) and math.isfinite(hi):
+        text += (
+            f"; Welch's t {CONFIDENCE_LEVEL:.0%} interval of the difference, for comparison: "
+            f"[{_fmt(lo)}, {_fmt(hi)}]"
+        )
+    return text + "; more seeds make the verdict firmer"
+
+
 def _measurement(groups: list[dict[str, Any]], effect: tuple | None = None) -> str:
     """The numbers in words: per condition mean ± sd (n), then the statistic and its CI
     (``effect`` = (name, estimate, ci_low, ci_high, compare row); ±∞ ends are unbounded)."""
@@ -1065,7 +1125,9 @@ def _assess_compare(claim: Claim, runs: _Runs, out: dict[str, Any]) -> None:
     if out["single_seed"]:
         reason = "SINGLE SEED: no interval over seeds. " + reason
     out["verdict"], out["reason"] = verdict, reason
-    out["notes"] += notes + [n for n in (row.get("note"), row.get("warning")) if n]
+    out["notes"] += notes + [
+        n for n in (row.get("note"), row.get("warning"), small_sample_note(cvals, rvals)) if n
+    ]
     out["measurement"] = _measurement(out["groups"], (claim.statistic, row[est_key], lo, hi, row))
 
 
@@ -1158,7 +1220,8 @@ def _assess_lr_sweep(claim: Claim, runs: _Runs, out: dict[str, Any]) -> None:
         top = max(results[family][0])
     arms = families[family]
     bn, base = arms[("bn", top)], arms[("baseline", top)]
-    row = _compare_values(bn, runs.values(bn, "final_acc"), base, runs.values(base, "final_acc"))
+    bn_vals, base_vals = runs.values(bn, "final_acc"), runs.values(base, "final_acc")
+    row = _compare_values(bn, bn_vals, base, base_vals)
     out["effect"] = {
         "statistic": "diff",
         "estimate": _num(row["diff"]),
@@ -1188,7 +1251,9 @@ def _assess_lr_sweep(claim: Claim, runs: _Runs, out: dict[str, Any]) -> None:
         f". Final test_acc, {bn} − {base}: {_fmt(row['diff'])} "
         f"[{_fmt(row['diff_lo'])}, {_fmt(row['diff_hi'])}]"
     )
-    out["notes"] += [n for n in (row.get("note"), row.get("warning")) if n]
+    out["notes"] += [
+        n for n in (row.get("note"), row.get("warning"), small_sample_note(bn_vals, base_vals)) if n
+    ]
 
 
 _TOL, _FAIL = 1e-3, 1e-2

@@ -4,6 +4,7 @@ run), the JSON schema, escaping, self-containedness, and rendering in headless C
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -297,6 +298,36 @@ def test_drift_claim_compares_drift_against_the_previous_record():
 def test_decision_rules(statistic, expect, lo, hi, verdict):
     margin = 0.1
     assert report._decide(statistic, expect, margin, lo, hi)[0] == verdict
+
+
+def test_few_seeds_add_welch_interval_and_the_share_of_resamples_without_spread():
+    import scipy.stats
+
+    c, r = [0.488, 0.422, 0.517], [0.0237, 0.0223, 0.0220]
+    note = report.small_sample_note(c, r)
+    # share of paired resamples (3 of 3 with replacement, each condition) in which one
+    # condition draws a single run three times, by enumeration
+    draws = list(itertools.product(range(3), repeat=3))
+    single = sum(len(set(d)) == 1 for d in draws) / len(draws)
+    share = 1 - (1 - single) ** 2
+    assert f"with 3 vs 3 seeds, {share:.0%} of bootstrap resamples" in note
+    ci = scipy.stats.ttest_ind(c, r, equal_var=False).confidence_interval(0.95)
+    assert f"[{report._fmt(ci.low)}, {report._fmt(ci.high)}]" in note
+    assert 0.0 < ci.low < np.mean(c) - np.mean(r) < ci.high
+    # 4 vs 4: 3.1% of resamples > 2.5%; 4 vs 5 and 5 vs 5: below, no note
+    assert "with 4 vs 4 seeds, 3% " in report.small_sample_note([1, 2, 3, 4], [2, 3, 4, 6])
+    assert report.small_sample_note([1, 2, 3, 4], [2, 3, 4, 5, 7]) == ""
+    assert report.small_sample_note([1, 2, 3, 4, 5], [2, 3, 4, 5, 7]) == ""
+    # non-finite runs do not count; no spread at all (the interval is the point): no note
+    assert report.small_sample_note([1.0, np.nan], [2.0, 3.0]) == ""
+    assert report.small_sample_note([1.0, 1.0, 1.0], [2.0, 2.0, 2.0]) == ""
+    # the verdict's notes carry it
+    runs = {
+        "baseline": [acc_run(a) for a in (0.90, 0.91, 0.92)],
+        "bn": [acc_run(a) for a in (0.95, 0.96, 0.94)],
+    }
+    v = _by_id(assess("fig1", runs))["fig1/higher-accuracy"]
+    assert sum("Welch's t 95% interval" in n for n in v["notes"]) == 1, v["notes"]
 
 
 def test_every_claim_states_metric_comparison_and_rule():
