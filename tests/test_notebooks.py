@@ -28,7 +28,14 @@ NOTEBOOKS = sorted(p.name for p in NOTEBOOK_DIR.glob("*.ipynb"))
 
 #: Values injected after the ``parameters`` cell, for the names that cell defines; ``OUT`` is
 #: set per run to a temporary folder.
-FAST_PARAMETERS = {"STEPS": 300, "EVERY": 50, "EVAL_EVERY": 100, "SEED": 0, "THREADS": 1}
+FAST_PARAMETERS = {
+    "STEPS": 300,
+    "EVERY": 50,
+    "EVAL_EVERY": 100,
+    "SEED": 0,
+    "SEEDS": 2,
+    "THREADS": 1,
+}
 
 _KERNEL_CHECK = (
     "import json as _json, sys as _sys\n"
@@ -149,3 +156,51 @@ def test_activations_over_time_reports_results(executed):
     assert re.search(r"^BN +site 8:input: .* typical unit \d+ ", out, re.M), out
     tables = [o for o in _outputs(nb) if "text/html" in o.get("data", {})]
     assert len(tables) == 3 and all("Δ median" in t.data["text/html"] for t in tables)
+
+
+def test_saturation_and_learning_rates_reports_results(executed):
+    nb = executed("02-saturation-and-learning-rates.ipynb")
+    out = _stdout(nb)
+    images = [o for o in _outputs(nb) if "image/png" in o.get("data", {})]
+    assert len(images) == 2, "accuracy + saturation, learning rates + weight growth"
+    found = dict(
+        re.findall(r"^(sigmoid|sigmoid-bn|tanh|tanh-bn) +final test accuracy ([0-9.]+);", out, re.M)
+    )
+    assert set(found) == {"sigmoid", "sigmoid-bn", "tanh", "tanh-bn"}, out
+    for act in ("sigmoid", "tanh"):
+        # 300 steps: the BN networks are well above chance, the 8-layer ones without BN are not
+        assert float(found[f"{act}-bn"]) > 0.5 > 0.2 > float(found[act]), out
+    rates = re.findall(r"^lr x(\d+) (BN|baseline): final test accuracy ([0-9.]+)", out, re.M)
+    assert {(int(m), net) for m, net, _ in rates} == {
+        (m, net) for m in (1, 5, 30) for net in ("BN", "baseline")
+    }, out
+    acc = {(int(m), net): float(a) for m, net, a in rates}
+    assert acc[(30, "BN")] > acc[(30, "baseline")], out
+    tables = [o for o in _outputs(nb) if "text/html" in o.get("data", {})]
+    assert any("grad_norm" in t.data["text/html"] for t in tables)  # the per-layer table
+    assert any("diff_lo" in t.data["text/html"] for t in tables)  # the compare table
+
+
+def test_santurkar_counter_claims_reports_results(executed):
+    nb = executed("03-santurkar-counter-claims.ipynb")
+    out = _stdout(nb)
+    images = [o for o in _outputs(nb) if "image/png" in o.get("data", {})]
+    assert len(images) == 3, "drift + accuracy, percentiles, landscape"
+    number = r"([0-9.e+-]+)"
+    line = rf"^(.+?): (\S+) {number} vs (\S+) {number}, (?:ratio|diff) "
+    lines = re.findall(line, out, re.M)
+    found = {(q, c, r): (float(a), float(b)) for q, c, a, r, b in lines}
+    expected = {
+        ("mean drift (W1/σ)", "noisy-bn", "bn"),
+        ("final test accuracy", "noisy-bn", "bn"),
+        ("ics_cos (Linear layers 2-4)", "bn", "baseline"),
+        ("loss_variation", "bn", "baseline"),
+        ("beta_smoothness", "bn", "baseline"),
+    }
+    assert expected <= set(found), out
+    noisy, bn = found[("mean drift (W1/σ)", "noisy-bn", "bn")]
+    assert noisy > 2 * bn > 0, out  # the injected noise moves the distributions
+    cos_bn, cos_base = found[("ics_cos (Linear layers 2-4)", "bn", "baseline")]
+    assert -1 <= cos_bn <= 1 and -1 <= cos_base <= 1
+    tables = [o for o in _outputs(nb) if "text/html" in o.get("data", {})]
+    assert any("ics_l2" in t.data["text/html"] for t in tables)  # per-layer ICS tables
