@@ -204,3 +204,22 @@ def test_santurkar_counter_claims_reports_results(executed):
     assert -1 <= cos_bn <= 1 and -1 <= cos_base <= 1
     tables = [o for o in _outputs(nb) if "text/html" in o.get("data", {})]
     assert any("ics_l2" in t.data["text/html"] for t in tables)  # per-layer ICS tables
+
+
+def test_scale_invariance_and_jacobians_reports_results(executed):
+    nb = executed("04-scale-invariance-and-jacobians.ipynb")
+    out = _stdout(nb)
+    images = [o for o in _outputs(nb) if "image/png" in o.get("data", {})]
+    assert len(images) == 3, "identities + weights, spectra, gradients at init"
+    worst = float(re.search(r"^largest relative error in float64 .*: (\S+)$", out, re.M).group(1))
+    assert worst < 1e-12, out  # rounding only
+    grew = dict(re.findall(r"^(bn|bn-x5): ‖W‖ grew ([0-9.]+)x", out, re.M))
+    assert set(grew) == {"bn", "bn-x5"} and float(grew["bn-x5"]) > float(grew["bn"]) > 1, out
+    near = dict(re.findall(r"^trained (\w+): share of segment .* at the end ([0-9.]+)$", out, re.M))
+    assert set(near) == {"baseline", "bn"} and all(0 <= float(v) <= 1 for v in near.values())
+    init = re.findall(r"^init (bn|baseline) depth (\d+): grad first / last (\S+),", out, re.M)
+    ratio = {(net, int(d)): float(r) for net, d, r in init}
+    assert {d for _, d in ratio} == {2, 4, 8, 16}, out
+    # without BN the sigmoid network's gradient vanishes towards the input, deeper = more
+    assert ratio[("baseline", 16)] < ratio[("baseline", 2)] < 1, out
+    assert ratio[("bn", 16)] > ratio[("baseline", 16)], out
