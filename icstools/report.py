@@ -1015,7 +1015,7 @@ def small_sample_note(cvals: Sequence[float], rvals: Sequence[float]) -> str:
         return ""
     text = (
         f"with {nc} vs {nr} seeds, {share:.0%} of bootstrap resamples draw one run of a "
-        "condition every time (no spread), so the bootstrap-t interval is erratic and often far "
+        "condition every time (no spread), so the bootstrap-t interval can be erratic and far "
         "too wide"
     )
     with warnings.catch_warnings(), np.errstate(all="ignore"):
