@@ -90,7 +90,7 @@ def recorded_run(net: str, steps: int, seed: int, data_dir: str | None) -> dict[
             threads=torch.get_num_threads(),
         )
         run = manifest.runs[0]
-        store = Path(tmp) / "fig1" / run.path
+        store = manifest.run_path(run)
         size = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
     return {
         "wall_time": run.wall_time,
