@@ -9,9 +9,9 @@ same seed are timed in this one process:
   options: sigmoid inputs on the train batch and the probe, 1,000 probe values per unit,
   gradients; Zarr store written by the background writer; test accuracy on all 10,000 test
   images at every record);
-* ``plain``: :func:`icstools.experiments.train` with the same model, seed, learning rate,
-  batches and the *same* test-accuracy schedule, but no recorder (what a user would run to
-  get the accuracy curve alone).
+* ``plain``: :func:`icstools.experiments.train_condition` (the training ``run_preset`` does)
+  with ``recorder=None``: the same model, seed, learning rate, batches and test-accuracy
+  schedule, no recorder (what a user would run to get the accuracy curve alone).
 
 Runs alternate (``plain, recorded`` for one network, ``recorded, plain`` for the other) so
 that a slow drift of the machine's load does not favour one side. The figure is the ratio
@@ -40,33 +40,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, loadavg, machine_info, write_json
 
-from icstools.experiments import get_preset, record_steps, run_preset, train
-from icstools.schedules import at_steps
+from icstools.experiments import get_preset, record_steps, run_preset, train_condition
 
 
 def plain_run(net: str, steps: int, seed: int, data_dir: str | None) -> dict[str, Any]:
     """The fig1 training of ``net`` with its test-accuracy schedule and no recorder."""
     preset = get_preset("fig1")
-    cond = preset.condition(net)
-    recorded = record_steps(steps, preset.records)
-    # fig1 measures test accuracy at every record (eval_every=1): the same steps here.
-    evaluate = at_steps(recorded[:: preset.eval_every])
     cpu0 = time.process_time()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cond.build()
-        result = train(
-            model,
-            steps,
-            lr=cond.lr,
-            batch_size=preset.batch_size,
-            seed=seed,
-            data=preset.data,
-            data_dir=data_dir,
-            eval_at=evaluate,
-            eval_size=preset.eval_size,
-            probe_size=preset.probe_size,
-        )
+    recorded = record_steps(steps, preset.records)
+    result = train_condition(
+        preset, preset.condition(net), seed, steps, recorded, data_dir=data_dir
+    )
     return {
         "wall_time": result.wall_time,
         "cpu_time": time.process_time() - cpu0,
@@ -164,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             "machine": info,
             "steps": steps,
             "seed": args.seed,
-            "method": "one process; per network a plain run (train(), same test-accuracy "
-            "schedule, no recorder) and a recorded one (run_preset('fig1')), order alternating",
+            "method": "one process; per network a plain run (train_condition(recorder=None), "
+            "same test-accuracy schedule) and a recorded one (run_preset('fig1')), order "
+            "alternating",
             "runs": runs,
             "summary": summary,
         },

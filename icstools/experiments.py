@@ -75,12 +75,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import xarray as xr
 from torch import nn
 
 from icstools import __version__
 from icstools.data import batches, mnist_tensors
 from icstools.recorder import Recorder
 from icstools.schedules import Schedule, as_schedule, at_steps
+from icstools.store import open_run
 
 __all__ = [
     "CNN_LR",
@@ -107,6 +109,7 @@ __all__ = [
     "set_noise_step",
     "small_cnn",
     "train",
+    "train_condition",
     "train_mnist",
 ]
 
@@ -1482,6 +1485,21 @@ class Manifest:
         base = self.path.parent if self.path is not None else Path(".")
         return base / run.path
 
+    def open_runs(self) -> dict[str, list[xr.Dataset]]:
+        """The runs' datasets by condition, ``{condition: [xarray.Dataset per seed]}``, in
+        the manifest's order (opened with :func:`icstools.open_run`).
+
+        Examples
+        --------
+        >>> runs = run_preset("fig1", quick=True, out="/tmp/r").open_runs()  # doctest: +SKIP
+        >>> sorted(runs)  # doctest: +SKIP
+        ['baseline', 'bn']
+        """
+        out: dict[str, list[xr.Dataset]] = {}
+        for run in self.runs:
+            out.setdefault(run.condition, []).append(open_run(self.run_path(run)))
+        return out
+
     def summary(self) -> str:
         """A table of the runs (accuracy, divergence, wall time) and the mean per condition.
 
@@ -1738,6 +1756,62 @@ def run_preset(
     return manifest
 
 
+def train_condition(
+    preset: Preset,
+    cond: Condition,
+    seed: int,
+    steps: int,
+    recorded: Sequence[int],
+    *,
+    recorder: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], Recorder] | None = None,
+    data_dir: str | Path | None = None,
+    progress: Callable[[int], Any] | None = None,
+) -> TrainResult:
+    """Train condition ``cond`` of ``preset`` with ``seed``, as :func:`run_preset` does.
+
+    The model is built after ``torch.manual_seed(seed)`` (the global RNG is restored after);
+    then :func:`train` runs ``steps`` steps with the condition's optimizer, the
+    preset's batches, test accuracy at every ``eval_every``-th of the ``recorded`` steps (see
+    :func:`record_steps`), the preset's measurement at every ``measure_every``-th of them, and
+    divergence handled as a result. With ``recorder=None`` nothing is recorded and the
+    measurement, which is logged into the run, is skipped: the same training at the cost of
+    training alone (``bench/fig1_wall.py`` compares the two).
+
+    Examples
+    --------
+    >>> p = get_preset("fig1")  # doctest: +SKIP
+    >>> r = train_condition(p, p.condition("bn"), 0, 500, record_steps(500, 10))  # doctest: +SKIP
+    >>> r.steps_done  # doctest: +SKIP
+    500
+    """
+    measure = None
+    if recorder is not None and preset.measure is not None:
+        measure = _MEASURES[preset.measure]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cond.build()
+        return train(
+            model,
+            steps,
+            lr=cond.lr,
+            optimizer=cond.optimizer,
+            momentum=cond.momentum,
+            weight_decay=cond.weight_decay,
+            batch_size=preset.batch_size,
+            seed=seed,
+            data=preset.data,
+            data_dir=data_dir,
+            eval_at=_every_kth(list(recorded), preset.eval_every),
+            eval_size=preset.eval_size,
+            recorder=recorder,
+            probe_size=preset.probe_size,
+            measure=measure,
+            measure_at=_every_kth(list(recorded), preset.measure_every),
+            stop_on_divergence=True,
+            progress=progress,
+        )
+
+
 def _run_one(
     preset: Preset,
     cond: Condition,
@@ -1780,31 +1854,10 @@ def _run_one(
             },
         )
 
-    measure = _MEASURES[preset.measure] if preset.measure is not None else None
     path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cond.build()
-        result = train(
-            model,
-            steps,
-            lr=cond.lr,
-            optimizer=cond.optimizer,
-            momentum=cond.momentum,
-            weight_decay=cond.weight_decay,
-            batch_size=preset.batch_size,
-            seed=seed,
-            data=preset.data,
-            data_dir=data_dir,
-            eval_at=_every_kth(recorded, preset.eval_every),
-            eval_size=preset.eval_size,
-            recorder=make,
-            probe_size=preset.probe_size,
-            measure=measure,
-            measure_at=_every_kth(recorded, preset.measure_every),
-            stop_on_divergence=True,
-            progress=progress,
-        )
+    result = train_condition(
+        preset, cond, seed, steps, recorded, recorder=make, data_dir=data_dir, progress=progress
+    )
     rec = result.recorder
     accuracy = dict(result.accuracy)
     final = accuracy.pop(result.steps_done)

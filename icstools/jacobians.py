@@ -878,8 +878,10 @@ class _PerExampleOperator:
 
     def _choose_mv(self, V: torch.Tensor) -> tuple[torch.Tensor, str]:
         results: dict[str, tuple[float, torch.Tensor]] = {}
-        errors: list[BaseException] = []
+        errors: dict[str, BaseException] = {}
         for way, lin in (("jvp", self._jvp), ("dvjp", self._dvjp), ("jvp", self._jvp)):
+            if way in errors:
+                continue  # it failed once: a second try would fail the same way
             try:
                 self._sync()
                 t0 = time.perf_counter()
@@ -887,9 +889,9 @@ class _PerExampleOperator:
                 self._sync()
                 results[way] = (time.perf_counter() - t0, out)  # jvp: the warm second run
             except (RuntimeError, NotImplementedError) as exc:  # no forward AD / double backward
-                errors.append(exc)
+                errors[way] = exc
         if not results:
-            raise errors[0]
+            raise errors["jvp"]
         way = min(results, key=lambda w: results[w][0])
         return results[way][1], way
 

@@ -308,6 +308,9 @@ def test_summary_and_manifest_of_several_seeds(tmp_path):
     assert data["record"]["records"] == 100  # not quick: the preset's own schedule
     assert [r["path"] for r in data["runs"]] == ["bn/seed-0.zarr", "bn/seed-1.zarr"]
     assert sorted(p.name for p in (tmp_path / "fig1").iterdir()) == ["bn", "manifest.json"]
+    runs = load_manifest(m.path).open_runs()
+    assert list(runs) == ["bn"] and [int(ds.attrs["seed"]) for ds in runs["bn"]] == [0, 1]
+    assert all(ds.sizes["step"] == 2 for ds in runs["bn"])
 
 
 # ------------------------------------------------------------------------------ training loop
