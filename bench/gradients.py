@@ -12,9 +12,11 @@ one measurement in training steps. Which block of a pair goes first alternates; 
 are calibrated to a target duration once, after a warm-up (at least one step or call, so
 a CNN measured block is one call of several seconds). Measurements:
 
-* ``ics``: :func:`icstools.gradients.gradient_ics`, layers found by its own extra forward;
+* ``ics``: :func:`icstools.functional.gradients.gradient_ics`, layers found by its own
+  extra forward;
 * ``ics_layers_given``: the same with ``layers=parameter_layers(...)`` computed once;
-* ``landscape``: :func:`icstools.gradients.landscape_probe`, 5 step sizes, gradient computed;
+* ``landscape``: :func:`icstools.functional.gradients.landscape_probe`, 5 step sizes,
+  gradient computed;
 * ``landscape_grad_given``: the same with the training step's gradient given (``grad=``).
 
 Models: ``paper_mlp(bn=False)``, ``paper_mlp(bn=True)`` (784-100-100-100-10, sigmoid) on
@@ -46,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import LR, MLP_BATCH, RESULTS, loadavg, machine_info, write_json
 
 from icstools.experiments import paper_mlp, small_cnn
-from icstools.gradients import gradient_ics, landscape_probe, parameter_layers
+from icstools.functional.gradients import gradient_ics, landscape_probe, parameter_layers
 
 MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
 MEASUREMENTS = ("ics", "ics_layers_given", "landscape", "landscape_grad_given")

@@ -1,4 +1,4 @@
-"""Time per Jacobian spectrum: ``icstools.jacobians`` vs the loop a user would write.
+"""Time per Jacobian spectrum: ``icstools.functional.jacobians`` vs the loop a user would write.
 
 Block: ``Linear(d, d) -> BatchNorm1d(d) (train mode) -> Tanh``, inputs ``[B, d]`` ~ N(0, 1).
 
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, loadavg, machine_info, write_json
 
-from icstools.jacobians import jacobian_spectrum
+from icstools.functional.jacobians import jacobian_spectrum
 
 TARGET_SPEEDUP_512 = 20.0
 TARGET_TOP8_4096_S = 2.0

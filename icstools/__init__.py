@@ -14,9 +14,9 @@ Examples
 __version__ = "0.1.0"
 
 from icstools.analysis import AnalysisError, ICSAccessor  # registers ds.ics
-from icstools.compare import compare
-from icstools.gradients import check_scale_invariance, gradient_ics, landscape_probe
-from icstools.recorder import Recorder, RecorderError
+from icstools.analysis.compare import compare
+from icstools.functional.gradients import check_scale_invariance, gradient_ics, landscape_probe
+from icstools.recording.recorder import Recorder, RecorderError
 from icstools.schedules import as_schedule, at_steps, every, log_spaced
 from icstools.sites import SiteSelectionError, list_sites, select_sites
 from icstools.store import open_run

@@ -80,7 +80,7 @@ from torch import nn
 
 from icstools import __version__
 from icstools.data import batches, mnist_tensors
-from icstools.recorder import Recorder
+from icstools.recording.recorder import Recorder
 from icstools.schedules import Schedule, as_schedule, at_steps
 from icstools.store import open_run
 
@@ -435,7 +435,8 @@ def scale_invariance(
 
     For every ``(layer, bn)`` of :func:`normalized_layers`, the layer's input on this batch
     (train-mode forward, no side effects) is passed to
-    :func:`icstools.gradients.check_scale_invariance` with the model's own dtype (float32: what
+    :func:`icstools.functional.gradients.check_scale_invariance` with the model's own dtype
+    (float32: what
     training computes), and the largest relative error over ``scales`` is kept per identity:
     ``output`` (``BN((aW)u)`` vs ``BN(Wu)``), ``input_grad`` (``∂ℓ/∂u``), ``weight_grad``
     (``a·∂ℓ/∂(aW)`` vs ``∂ℓ/∂W``) and ``eps_effect`` (what BN's ε alone predicts). With ε > 0
@@ -457,7 +458,7 @@ def scale_invariance(
     >>> bool(r["si_output"] <= r["si_eps_effect"])  # what BN's ε explains (β = 0 at init)
     True
     """
-    from icstools.gradients import check_scale_invariance
+    from icstools.functional.gradients import check_scale_invariance
 
     pairs = normalized_layers(model)
     if not pairs:

@@ -45,8 +45,8 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 import icstools.analysis  # noqa: F401  (registers ds.ics)
-from icstools.drift import METRICS as DRIFT_METRICS
-from icstools.drift import site_aggregate
+from icstools.analysis.drift import METRICS as DRIFT_METRICS
+from icstools.analysis.drift import site_aggregate
 
 __all__ = [
     "NOTE_GID",
@@ -314,7 +314,8 @@ def _site_finite_steps(ds: xr.Dataset, site: str, source: str | None) -> np.ndar
 
 def typical_unit(ds: xr.Dataset, site: str | None = None, source: str | None = None) -> int:
     """A typical unit of ``site``: the one whose drift between the first and the last finite
-    record (W1 in units of the first record's σ, :func:`icstools.drift.drift`) is the median
+    record (W1 in units of the first record's σ, :func:`icstools.analysis.drift.drift`) is the
+    median
     over the site's units (the lower one of the middle two). Unit 0 if that cannot be computed
     (fewer than two finite records).
 
@@ -592,9 +593,9 @@ def plot_drift_heatmap(
     ds : xarray.Dataset
         One run.
     metric : str
-        A drift metric (:data:`icstools.drift.METRICS`), default W1 / σ of the reference.
+        A drift metric (:data:`icstools.analysis.drift.METRICS`), default W1 / σ of the reference.
     reference : "previous", "first", int or ("window", k)
-        Reference of each record (see :func:`icstools.drift.drift`).
+        Reference of each record (see :func:`icstools.analysis.drift.drift`).
     how : {"median", "mean", "max", "min"}
         Aggregate over the units of a site.
     source : str, optional

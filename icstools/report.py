@@ -20,7 +20,8 @@ prints it beside each verdict).
 How a verdict is reached
 ------------------------
 **The seed is the replicate.** Each run is reduced to one number (its metric); the condition's
-runs are compared with the reference's runs by :func:`icstools.compare.compare`: the ratio or
+runs are compared with the reference's runs by :func:`icstools.analysis.compare.compare`:
+the ratio or
 the difference of the means, with a studentized bootstrap 95% confidence interval over seeds
 (resampling runs, 9,999 resamples, fixed seed) and a Mann–Whitney test. The verdict reads the
 interval, never the p-value alone:
@@ -73,7 +74,8 @@ saturation, dead units, gradient norms, gradient ICS, landscape and Jacobian spe
 recorded (each absent variable is listed with how to record it), a per-site table at the last
 record, and the records where drift was flagged: thresholds mean + 3 sd of the site's median
 W1/σ against the previous record, learned on a reference window of the first records
-(:func:`icstools.drift.drift_thresholds`, :func:`icstools.drift.flag_drift`; the window is
+(:func:`icstools.analysis.drift.drift_thresholds`,
+:func:`icstools.analysis.drift.flag_drift`; the window is
 printed).
 
 Examples
@@ -105,8 +107,8 @@ import xarray as xr
 
 from icstools import __version__, plots
 from icstools.analysis import AnalysisError
-from icstools.compare import compare
-from icstools.drift import drift_thresholds, flag_drift, site_aggregate
+from icstools.analysis.compare import compare
+from icstools.analysis.drift import drift_thresholds, flag_drift, site_aggregate
 from icstools.store import StoreError, open_run
 
 __all__ = [

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from icstools.statistics import SIGMOID_SATURATION, TANH_SATURATION
+from icstools.functional.statistics import SIGMOID_SATURATION, TANH_SATURATION
 
 __all__ = [
     "ACTIVATION_TYPES",

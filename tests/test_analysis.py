@@ -103,7 +103,10 @@ def test_saturation_and_dead_units_equal_numpy_on_the_probe_sample(ds):
     sat = ds.ics.saturation(source="probe")
     assert sat.dims == ("step", "site")
     sample = ds["probe_sample"].values  # [step, 40, unit]: the whole probe batch
-    for site, thr in (("1:input", icstools.statistics.SIGMOID_SATURATION), ("5:input", 1.0)):
+    for site, thr in (
+        ("1:input", icstools.functional.statistics.SIGMOID_SATURATION),
+        ("5:input", 1.0),
+    ):
         u = _units(ds, site)
         want = (np.abs(sample[:, :, u]) > thr).mean(axis=(1, 2))
         np.testing.assert_allclose(sat.sel(site=site).values, want, rtol=1e-6)

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import icstools
-from icstools.compare import (
+from icstools.analysis.compare import (
     METRICS,
     RUN_LEVEL,
     _bh,
@@ -758,8 +758,8 @@ def test_bad_runs():
 
 
 def test_drift_metrics_are_registered_and_compare_recovers_more_drift():
-    import icstools.drift as D
-    from icstools.compare import METRICS, compare
+    import icstools.analysis.drift as D
+    from icstools.analysis.compare import METRICS, compare
 
     assert set(D.METRICS) <= set(METRICS)
     rng = np.random.default_rng(11)

@@ -1,4 +1,4 @@
-"""Tests of icstools.drift against independent references (scipy, numpy, closed forms).
+"""Tests of icstools.analysis.drift against independent references (scipy, numpy, closed forms).
 
 Sample-based metrics are checked against scipy per unit; summary-based brackets are checked to
 contain the exact values of the very samples the summaries were computed from (numpy-linear
@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.spatial.distance import jensenshannon
 
-from icstools import drift as D
-from icstools.statistics import DEFAULT_QUANTILES
+from icstools.analysis import drift as D
+from icstools.functional.statistics import DEFAULT_QUANTILES
 
 LEVELS = np.array(DEFAULT_QUANTILES)  # 0.01, 0.05, 0.10, …, 0.95, 0.99
 GRID = np.concatenate([[0.0], LEVELS, [1.0]])  # with min and max

@@ -1,4 +1,5 @@
-"""Tests of icstools.gradients: layers, gradient-based ICS, landscape probes, scale invariance.
+"""Tests of icstools.functional.gradients: layers, gradient-based ICS, landscape probes, scale
+invariance.
 
 References are independent, naive implementations: deep copies of the model whose weights are
 moved by hand under ``torch.no_grad`` and whose gradients come from plain ``loss.backward()``.
@@ -15,9 +16,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-import icstools.gradients as gradients
+import icstools.functional.gradients as gradients
 from icstools.experiments import paper_mlp, small_cnn
-from icstools.gradients import (
+from icstools.functional.gradients import (
     GradientICS,
     LandscapeProbe,
     Layer,

@@ -1,4 +1,5 @@
-"""Tests of icstools.jacobians: per-example Jacobian spectra, blocks, segments, summaries."""
+"""Tests of icstools.functional.jacobians: per-example Jacobian spectra, blocks, segments,
+summaries."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from icstools import jacobians as jac
-from icstools.jacobians import (
+from icstools.functional import jacobians as jac
+from icstools.functional.jacobians import (
     JacobianConvergenceWarning,
     JacobianSpectrum,
     jacobian_spectrum,

@@ -15,7 +15,7 @@ from torch import nn
 
 import icstools
 from icstools import plots
-from icstools.drift import site_aggregate
+from icstools.analysis.drift import site_aggregate
 
 STEPS, EVERY = 24, 2
 

@@ -531,13 +531,13 @@ def test_options_hist_range_saturation_unit_dim_quantiles():
     np.testing.assert_allclose(ds.hist_edges.sel(site="1:input"), np.linspace(-2, 2, 9))
     assert ds.sat_threshold.sel(site="3:input") == 0.5
     assert math.isclose(
-        float(ds.sat_threshold.sel(site="1:input")), icstools.statistics.TANH_SATURATION
+        float(ds.sat_threshold.sel(site="1:input")), icstools.functional.statistics.TANH_SATURATION
     )
     assert np.isnan(ds.sat_threshold.sel(site="0:input"))
     assert ds["quantile"].values.tolist() == [0.25, 0.75]
     assert ds.sizes["bin"] == 10
     x1 = model[0](x).detach().numpy()
-    sat = (np.abs(x1) > icstools.statistics.TANH_SATURATION).mean(0)
+    sat = (np.abs(x1) > icstools.functional.statistics.TANH_SATURATION).mean(0)
     got = ds.sat_frac.sel(source="train", step=0).where(ds.unit_site == "1:input", drop=True)
     np.testing.assert_allclose(got, sat)
     no_threshold = ds.sat_frac.where(ds.unit_site == "0:input", drop=True)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from icstools.functional.statistics import SIGMOID_SATURATION, TANH_SATURATION
 from icstools.sites import (
     ACTIVATION_TYPES,
     Site,
@@ -18,7 +19,6 @@ from icstools.sites import (
     list_sites,
     select_sites,
 )
-from icstools.statistics import SIGMOID_SATURATION, TANH_SATURATION
 
 
 def mlp() -> nn.Sequential:

@@ -1,4 +1,4 @@
-"""Tests of icstools.statistics against independent numpy/scipy references.
+"""Tests of icstools.functional.statistics against independent numpy/scipy references.
 
 Every reference is computed with numpy/scipy in float64 on the *same* values the code sees: a
 float16/bfloat16 tensor is rounded to its dtype first, and the reference takes that rounded
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from icstools.statistics import (
+from icstools.functional.statistics import (
     DEFAULT_QUANTILES,
     SIGMOID_SATURATION,
     TANH_SATURATION,
@@ -909,7 +909,7 @@ def test_one_dimensional_tensor_each_value_is_a_unit():
 
 
 def test_numpy_histogram_twin_bins_like_torch_histc_to_the_bit():
-    from icstools.statistics import _histogram, _histogram_numpy
+    from icstools.functional.statistics import _histogram, _histogram_numpy
 
     rng = np.random.default_rng(0)
     for _ in range(300):
@@ -931,7 +931,7 @@ def test_numpy_histogram_twin_bins_like_torch_histc_to_the_bit():
 
 
 def test_batched_numpy_fold_equals_per_site_torch_reduction():
-    from icstools.statistics import compute_many, summarize
+    from icstools.functional.statistics import compute_many, summarize
 
     gen = torch.Generator().manual_seed(3)
     edges = np.linspace(-3, 3, 13)

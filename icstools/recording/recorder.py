@@ -35,6 +35,13 @@ import xarray as xr
 from torch import nn
 
 from icstools import __version__
+from icstools.functional.statistics import (
+    DEFAULT_QUANTILES,
+    ActivationStatistics,
+    GradientStatistics,
+    choose_hist_edges,
+    compute_many,
+)
 from icstools.schedules import Schedule, as_schedule
 from icstools.sites import (
     Selector,
@@ -43,13 +50,6 @@ from icstools.sites import (
     find_tensor,
     layout_module,
     select_sites,
-)
-from icstools.statistics import (
-    DEFAULT_QUANTILES,
-    ActivationStatistics,
-    GradientStatistics,
-    choose_hist_edges,
-    compute_many,
 )
 from icstools.store import BackgroundWriter, RunWriter, open_run
 
@@ -271,7 +271,8 @@ class Recorder:
     probe_sample : int, optional
         Also keep up to this many raw probe values per unit at each record, as
         ``probe_sample (step, sample, unit)``, for exact sample-based drift metrics
-        (:mod:`icstools.drift`). The positions (probe example, and pixel for convolutions) are
+        (:mod:`icstools.analysis.drift`). The positions (probe example, and pixel for
+        convolutions) are
         drawn once, uniformly without replacement, and kept for the whole run, so sample ``i``
         of a unit is the same input at every step. The length is the smallest number of
         positions of any site, capped at ``probe_sample``. With a site called several times
@@ -302,7 +303,7 @@ class Recorder:
         first record fix which exist; later extra calls are not recorded).
     quantile_sample : int or None
         Values per unit kept for exact quantiles per step; beyond it a uniform random sample of
-        that size is used (see :mod:`icstools.statistics`). ``None``: always exact.
+        that size is used (see :mod:`icstools.functional.statistics`). ``None``: always exact.
     chunk_steps : int
         Records buffered and written per Zarr chunk along ``step``.
     flush_seconds : float
@@ -330,7 +331,8 @@ class Recorder:
         The gradient is that of whatever the training loop back-propagates (e.g. a batch mean).
     ics : int or callable, optional
         Schedule (every N steps, or ``step -> bool``) of gradient-based ICS (Santurkar et al.
-        2018, Def. 2.1; :func:`icstools.gradients.gradient_ics`), taken at recorded steps it
+        2018, Def. 2.1; :func:`icstools.functional.gradients.gradient_ics`), taken at recorded
+        steps it
         selects: per layer with weights (execution order), ``ics_l2``, ``ics_cos``,
         ``ics_grad_norm`` (‖G‖) ``(step, layer)``, computed on the step's own batch (the last
         training forward's inputs, and the target given with :meth:`set_target`) with this
@@ -339,13 +341,15 @@ class Recorder:
         training (parameters, optimizer state, buffers and RNG are untouched).
     landscape : int or callable, optional
         Schedule of loss-landscape probes along the gradient (Santurkar et al. 2018, §3;
-        :func:`icstools.gradients.landscape_probe`) at recorded steps it selects, before the
+        :func:`icstools.functional.gradients.landscape_probe`) at recorded steps it selects,
+        before the
         update, on the step's batch with BN in train mode: ``landscape_loss (step, eta)``
         (``L(w − ηg)``), ``landscape_grad_diff (step, eta)`` (gradient predictiveness),
         ``loss_variation`` and ``beta_smoothness (step)``; ``eta`` holds the multipliers of
         the learning rate (``landscape_multipliers``). Needs ``optimizer`` and ``loss_fn``.
     jacobian : int or callable, optional
-        Schedule of Jacobian spectra (:mod:`icstools.jacobians`) at recorded steps it selects,
+        Schedule of Jacobian spectra (:mod:`icstools.functional.jacobians`) at recorded steps
+        it selects,
         computed right after the probe forward on the first ``jacobian_examples`` probe
         examples (which form the batch whose statistics a train-mode BN uses), with the
         recorder's hooks silent. Stored as ``jac_sv (step, block, sv)``: the singular values of
@@ -366,7 +370,7 @@ class Recorder:
         to 512, the 8 largest beyond, matrix-free).
     jacobian_bn : {"fixed", "full"}
         Train-mode BatchNorm: batch statistics held fixed, or the full per-example block of
-        the batch map (see :mod:`icstools.jacobians`).
+        the batch map (see :mod:`icstools.functional.jacobians`).
     loss_fn : callable, optional
         ``loss_fn(output, target) -> scalar``, the training loss, for ``ics`` and
         ``landscape``.
@@ -841,7 +845,7 @@ class Recorder:
         return args[0] if len(args) == 1 else tuple(args)
 
     def _run_landscape(self, step: int) -> None:
-        from icstools.gradients import landscape_probe
+        from icstools.functional.gradients import landscape_probe
 
         args, kwargs, target = self._step_batch(step, "landscape")
         lr = float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
@@ -877,7 +881,7 @@ class Recorder:
             yield
 
     def _find_layers(self) -> None:
-        from icstools.gradients import parameter_layers
+        from icstools.functional.gradients import parameter_layers
 
         if self._batch is None:
             return
@@ -889,7 +893,7 @@ class Recorder:
             self._in_probe = False
 
     def _run_ics(self, step: int) -> None:
-        from icstools.gradients import gradient_ics
+        from icstools.functional.gradients import gradient_ics
 
         args, kwargs, target = self._step_batch(step, "ics")
         inputs = self._model_inputs(args, kwargs)
@@ -1114,7 +1118,7 @@ class Recorder:
 
     def _run_jacobian(self) -> None:
         """Spectra of every block on the first probe examples; the hooks stay silent."""
-        from icstools.jacobians import jacobian_spectrum, segment, whole
+        from icstools.functional.jacobians import jacobian_spectrum, segment, whole
 
         if self._jac_blocks is None:
             return

@@ -89,7 +89,8 @@ Metrics
 (see :func:`compare`), the name of an entry of :data:`METRICS`, or any callable
 ``run -> float | xarray.DataArray`` (a DataArray with one ``site`` dimension gives one number per
 site). :data:`METRICS` is the extension point for derived metrics. It holds every drift metric
-of :mod:`icstools.drift` (``"w1"``, ``"w1_std"``, ``"ks"``, ``"psi"``, …): per record against
+of :mod:`icstools.analysis.drift` (``"w1"``, ``"w1_std"``, ``"ks"``, ``"psi"``, …): per record
+against
 ``reference`` (default ``"first"``), the median over each site's units (``how``), averaged over
 the records::
 
@@ -150,10 +151,11 @@ def _drift_metric(
     method: str = "auto",
     how: str = "median",
 ) -> xr.DataArray:
-    """One drift metric of :mod:`icstools.drift` per site: per record against ``reference``,
+    """One drift metric of :mod:`icstools.analysis.drift` per site: per record against
+    ``reference``,
     reduced over the site's units by ``how`` and then averaged over the records (the
     reference's own NaN records are skipped)."""
-    from icstools.drift import drift, site_aggregate
+    from icstools.analysis.drift import drift, site_aggregate
 
     if source is None:
         sources = [str(s) for s in run["source"].values] if "source" in run.dims else ["probe"]
@@ -164,7 +166,7 @@ def _drift_metric(
 
 
 def _register_drift_metrics() -> None:
-    from icstools.drift import METRICS as DRIFT_METRICS
+    from icstools.analysis.drift import METRICS as DRIFT_METRICS
 
     for name in DRIFT_METRICS:
         METRICS.setdefault(name, functools.partial(_drift_metric, name))
@@ -442,7 +444,8 @@ def _collect(
         metric_name = getattr(metric, "__name__", type(metric).__name__)
     else:
         raise TypeError(
-            "metric must be a variable name, a name in icstools.compare.METRICS, or a callable "
+            "metric must be a variable name, a name in icstools.analysis.compare.METRICS, or a "
+            "callable "
             f"run -> float | DataArray(site); got {type(metric).__name__}"
         )
     if reduce is not None and reduce not in REDUCTIONS:
@@ -521,7 +524,7 @@ def _collect(
                 raise ValueError(
                     f"Variable {metric!r} does not exist. Expected one of "
                     f"{sorted(map(str, ds.data_vars))} (the variables of {where}) or a metric "
-                    f"registered in icstools.compare.METRICS {sorted(METRICS)}"
+                    f"registered in icstools.analysis.compare.METRICS {sorted(METRICS)}"
                 )
             mapping = (rename_sites or {}).get(cond)
             if mapping:
@@ -996,7 +999,7 @@ def compare(
     Each run is one seed. Every run is reduced to one number per site (the metric); then, for
     each site and each condition other than the reference, the condition's runs are compared
     with the reference's runs. The statistics are explained in the module docstring
-    (:mod:`icstools.compare`).
+    (:mod:`icstools.analysis.compare`).
 
     Parameters
     ----------

@@ -273,14 +273,16 @@ class ICSAccessor:
         source: str | None = None,
         method: str = "auto",
     ) -> xr.Dataset:
-        """Per-unit drift of each record against a reference (see :func:`icstools.drift.drift`).
+        """Per-unit drift of each record against a reference.
+
+        See :func:`icstools.analysis.drift.drift`.
 
         Examples
         --------
         >>> float(ds.ics.drift("first", ["w1"])["w1"].isel(step=0).max())
         0.0
         """
-        from icstools.drift import drift as _drift
+        from icstools.analysis.drift import drift as _drift
 
         if source is None:
             sources = [str(s) for s in self._ds["source"].values]

@@ -1,0 +1,11 @@
+"""The maths behind the measurements, as plain functions and mergeable state.
+
+No hook is registered here and nothing is read or written: each module takes tensors (or a model
+and its inputs) and returns numbers. The recorder's measurements
+(:mod:`icstools.recording.measurements`) call these; users can call them directly.
+
+- :mod:`~icstools.functional.statistics`: streaming, mergeable per-unit activation statistics;
+- :mod:`~icstools.functional.gradients`: gradient-based ICS, loss-landscape probes, the §3.3
+  scale-invariance identities;
+- :mod:`~icstools.functional.jacobians`: singular values of Jacobians of blocks and segments.
+"""
