@@ -1,0 +1,202 @@
+"""The static shape of a run: record sites and their units, coordinates, variables.
+
+:class:`SiteTable` names the sites as records see them (``"<site>#k"`` for the k-th call of a
+module with ``calls="separate"``) and fixes each one's unit dimension and width the first time
+it is seen. :class:`Layout` is fixed when the first record closes, from the sites seen and the
+declarations of the measurements; it makes empty records and turns a list of records into an
+``xarray.Dataset`` block (:meth:`Layout.block`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from fnmatch import fnmatchcase
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from icstools.schema import STEP, Variable
+from icstools.sites import Site, default_unit_dim, layout_module
+
+__all__ = ["Layout", "SiteTable", "site_option", "to_host"]
+
+
+def site_option(option: Any, site: str, what: str, kind: type) -> Any:
+    """The value of a per-site option for ``site``: the option itself, or the first value of a
+    ``{site glob: value}`` dict whose glob matches the site or its module (``None``: none)."""
+    if option is None:
+        return None
+    if isinstance(option, dict):
+        for pattern, value in option.items():
+            if fnmatchcase(site, pattern) or fnmatchcase(site.rpartition(":")[0], pattern):
+                return value
+        return None
+    if kind is int and (isinstance(option, bool) or not isinstance(option, int)):
+        raise TypeError(f"{what} must be an int or a dict of site glob -> int, got {option!r}")
+    if kind is tuple and not isinstance(option, (tuple, list)):
+        raise TypeError(
+            f"{what} must be (low, high) or a dict of site glob -> (low, high), got {option!r}"
+        )
+    return option
+
+
+def to_host(tensors: dict[Any, torch.Tensor]) -> dict[Any, np.ndarray]:
+    """Move a dict of device tensors to numpy with one transfer (float64 for float64 inputs,
+    float32 otherwise)."""
+    if not tensors:
+        return {}
+    keys = list(tensors)
+    dtype = (
+        torch.float64 if any(t.dtype == torch.float64 for t in tensors.values()) else torch.float32
+    )
+    flat = torch.cat([tensors[k].detach().reshape(-1).to(dtype) for k in keys]).cpu().numpy()
+    parts = np.split(flat, np.cumsum([tensors[k].numel() for k in keys])[:-1])
+    return {k: p.reshape(tuple(tensors[k].shape)) for k, p in zip(keys, parts, strict=True)}
+
+
+class SiteTable:
+    """Record-site names, unit dimensions and widths, fixed at each site's first sight."""
+
+    def __init__(self, model: nn.Module, unit_dim: Any, calls: str) -> None:
+        self.model = model
+        self.unit_dim_option = unit_dim
+        self.separate = calls == "separate"
+        self.unit_dims: dict[str, int] = {}
+        self.widths: dict[str, int] = {}
+        self.base: dict[str, str] = {}  # record site -> selected site
+        self._calls: dict[tuple[str | None, str], int] = {}
+        self.fixed: frozenset[str] | None = None  # the record sites, once the layout is fixed
+
+    def new_forward(self) -> None:
+        """A forward starts: call counting (``calls="separate"``) starts again."""
+        self._calls.clear()
+
+    def record_name(self, site: Site, source: str | None, x: torch.Tensor) -> str | None:
+        """The record site of this call of ``site`` (``None``: not part of the run)."""
+        name = site.name
+        if self.separate:  # the k-th call of a forward is site "<name>#k"
+            k = self._calls.get((source, name), 0)
+            self._calls[(source, name)] = k + 1
+            name = f"{name}#{k}"
+        if self.fixed is not None:
+            return name if name in self.fixed else None  # not seen at the first record
+        if name not in self.unit_dims:
+            ud = site_option(self.unit_dim_option, site.name, "unit_dim", int)
+            if ud is None:
+                ud = default_unit_dim(layout_module(self.model, site), x)
+            self.unit_dims[name] = int(ud)
+            # out of range: the statistics raise a clear error right after
+            self.widths[name] = int(x.shape[int(ud)]) if -x.ndim <= int(ud) < x.ndim else 0
+            self.base[name] = site.name
+        return name
+
+    def ordered(self, sites: Iterable[Site]) -> list[str]:
+        """The record sites seen so far, in selection order, calls in call order."""
+
+        def call_index(name: str) -> int:
+            return int(name.rpartition("#")[2]) if "#" in name else -1
+
+        return [
+            name
+            for s in sites
+            for name in sorted((n for n, b in self.base.items() if b == s.name), key=call_index)
+        ]
+
+
+class Layout:
+    """The static shape of a run: sources, record sites and their units, coordinates and the
+    variables of every measurement, fixed at the first record."""
+
+    def __init__(self, sources: tuple[str, ...], sites: list[str], table: SiteTable) -> None:
+        self.sources = sources
+        self.sites = sites
+        self.widths = {s: table.widths[s] for s in sites}
+        self.unit_dims = {s: table.unit_dims[s] for s in sites}
+        self.offsets: dict[str, int] = {}
+        offset = 0
+        for name in sites:
+            self.offsets[name] = offset
+            offset += self.widths[name]
+        self.n_units = offset
+        unit_site = [s for s in sites for _ in range(self.widths[s])]
+        unit_index = [i for s in sites for i in range(self.widths[s])]
+        self.coords: dict[str, Any] = {
+            "source": ("source", np.array(sources, dtype=str)),
+            "unit": ("unit", np.arange(self.n_units, dtype=np.int64)),
+            "unit_site": ("unit", np.array(unit_site, dtype=str)),
+            "unit_index": ("unit", np.array(unit_index, dtype=np.int64)),
+            "site": ("site", np.array(sites, dtype=str)),
+        }
+        self.sizes: dict[str, int] = {}
+        self.variables: dict[str, Variable] = {}
+        self._size_from_coords()
+
+    def _size_from_coords(self) -> None:
+        # 1-d coordinates define their dimension's size
+        self.sizes = {dims: len(v) for dims, v in self.coords.values() if isinstance(dims, str)}
+
+    def add(self, coords: dict[str, Any], variables: Iterable[Variable], by: str) -> None:
+        """Add a measurement's coordinates and variables (``by``: its name, for errors)."""
+        for name in coords:
+            if name in self.coords:
+                raise ValueError(f"coordinate {name!r} of {by!r} is already in the run")
+        self.coords.update(coords)
+        self._size_from_coords()
+        for v in variables:
+            if v.name in self.variables or v.name in self.coords:
+                raise ValueError(f"variable {v.name!r} of {by!r} is already in the run")
+            self.variables[v.name] = v
+
+    def check_dims(self) -> None:
+        """Raise if a variable has a dimension that no coordinate defines."""
+        for v in self.variables.values():
+            v.shape(self.sizes)
+
+    def site_index(self, name: str) -> int:
+        return self.sites.index(name)
+
+    def units_of(self, name: str) -> slice:
+        """The ``unit`` positions of a record site."""
+        lo = self.offsets[name]
+        return slice(lo, lo + self.widths[name])
+
+    def per_site(self, values: dict[str, Any], fill: float = np.nan) -> np.ndarray:
+        """``[site]`` array from a dict record site -> value (missing: ``fill``)."""
+        return np.array([values.get(s, fill) for s in self.sites], dtype=np.float64)
+
+    def empty_record(self, step: int) -> dict[str, Any]:
+        """One record of every variable, filled with its fill value."""
+        rec: dict[str, Any] = {STEP: step}
+        for name, v in self.variables.items():
+            rec[name] = v.empty(self.sizes)
+        return rec
+
+    def check(self, name: str, value: np.ndarray, measurement: str) -> np.ndarray:
+        """``value`` in the shape of one record of variable ``name`` (or a clear error)."""
+        v = self.variables.get(name)
+        if v is None:
+            raise ValueError(
+                f"measurement {measurement!r} returned {name!r}, which it did not declare "
+                f"(declared in this run: {sorted(self.variables)})"
+            )
+        value = np.asarray(value)
+        shape = v.shape(self.sizes)
+        if value.shape != shape:
+            raise ValueError(
+                f"measurement {measurement!r} returned {name!r} of shape {value.shape}; one "
+                f"record of {v.dims} has shape {shape}"
+            )
+        return value
+
+    def block(self, records: list[dict[str, Any]], attrs: dict[str, Any]) -> xr.Dataset:
+        """Records stacked along ``step`` into a dataset (with the static coordinates)."""
+        steps = np.array([r[STEP] for r in records], dtype=np.int64)
+        data = {
+            name: (v.dims, np.stack([r[name] for r in records], v.dims.index(STEP)))
+            for name, v in self.variables.items()
+        }
+        coords = {STEP: (STEP, steps), **self.coords}
+        return xr.Dataset(data, coords=coords, attrs=attrs)

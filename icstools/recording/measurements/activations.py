@@ -1,0 +1,261 @@
+"""Per-unit activation statistics of every record site, for each source (DESIGN.md §3, §4).
+
+The recorder's essential measurement: moments, extremes, saturation and dead-unit shares,
+quantiles and a fixed-edge histogram per site, from :mod:`icstools.functional.statistics`
+(streaming and mergeable, reduced on the tensor's device, one host transfer per record).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from icstools.functional.statistics import (
+    ActivationStatistics,
+    choose_hist_edges,
+    compute_many,
+)
+from icstools.recording.layout import Layout, site_option
+from icstools.recording.measurements.base import (
+    Context,
+    Declaration,
+    Measurement,
+    RecorderError,
+)
+from icstools.schema import Coordinate, Variable
+from icstools.sites import Site
+
+__all__ = ["UNIT_STATS", "Activations"]
+
+_DEFAULT = "the Recorder's default statistics"
+_UNIT = ("source", "step", "unit")
+
+#: The per-unit statistics, ``(source, step, unit)``.
+UNIT_STATS = ("mean", "var", "skew", "kurt", "min", "max", "sat_frac", "zero_frac", "nonfinite")
+
+VARIABLES = (
+    Variable("mean", _UNIT, "float32", "mean of the unit's finite values", _DEFAULT),
+    Variable("var", _UNIT, "float32", "variance (ddof=0) of the finite values", _DEFAULT),
+    Variable("skew", _UNIT, "float32", "skewness m3 / m2^1.5 (scipy's biased estimator)", _DEFAULT),
+    Variable("kurt", _UNIT, "float32", "excess kurtosis m4 / m2² − 3", _DEFAULT),
+    Variable("min", _UNIT, "float32", "smallest finite value", _DEFAULT),
+    Variable("max", _UNIT, "float32", "largest finite value", _DEFAULT),
+    Variable(
+        "sat_frac",
+        _UNIT,
+        "float32",
+        "share of |x| above the site's saturation threshold (sigmoid'/tanh' < 0.01)",
+        "a sigmoid/tanh input site, or Recorder(saturation=...)",
+    ),
+    Variable("zero_frac", _UNIT, "float32", "share of exact zeros (dead when 1)", _DEFAULT),
+    Variable("nonfinite", _UNIT, "float32", "share of NaN/±inf among all values", _DEFAULT),
+    Variable("count", _UNIT, "int64", "finite values pooled", _DEFAULT),
+    Variable(
+        "quantile_value",
+        ("source", "step", "unit", "quantile"),
+        "float32",
+        "quantiles of the finite values (linear interpolation)",
+        _DEFAULT,
+    ),
+    Variable(
+        "hist",
+        ("source", "step", "site", "bin"),
+        "int64",
+        "site histogram on fixed edges (hist_edges), with under/overflow bins",
+        _DEFAULT,
+    ),
+    Variable("calls", ("source", "step", "site"), "int64", "module calls pooled", _DEFAULT),
+)
+
+COORDINATES = (
+    Coordinate("quantile", ("quantile",), "levels of quantile_value"),
+    Coordinate("bin", ("bin",), "histogram bins: underflow, the bins, overflow"),
+    Coordinate("hist_edges", ("site", "edge"), "fixed histogram edges of each site"),
+    Coordinate("site_units", ("site",), "units of each site"),
+    Coordinate("site_unit_dim", ("site",), "tensor dimension holding the units"),
+    Coordinate("sat_threshold", ("site",), "|x| threshold of sat_frac (NaN: none)"),
+)
+
+
+class Activations(Measurement):
+    """Activation statistics of every record site, per source (always on)."""
+
+    name = "activations"
+    variables = VARIABLES
+    coordinates = COORDINATES
+
+    def __init__(
+        self,
+        sites: list[Site],
+        modules: dict[str, Any],
+        *,
+        quantiles: Sequence[float],
+        bins: int,
+        hist_range: Any,
+        saturation: dict[str, float] | None,
+        quantile_sample: int | None,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+            raise ValueError(f"bins must be an int ≥ 1, got {bins!r}")
+        self.quantiles = np.asarray(quantiles, dtype=np.float64)
+        self.bins = bins
+        self.hist_range = hist_range
+        self.saturation = dict(saturation or {})
+        self.quantile_sample = quantile_sample
+        self.seed = seed
+        # Validate the options now (not at the first hook call) by resolving them per site.
+        self.sat = {s.name: self._saturation_of(s, modules[s.module_name]) for s in sites}
+        for s in sites:
+            rng = site_option(hist_range, s.name, "hist_range", tuple)
+            if rng is not None and not (len(rng) == 2 and float(rng[0]) < float(rng[1])):
+                raise ValueError(
+                    f"hist_range for {s.name} must be (low, high) with low < high, got {rng!r}"
+                )
+        ActivationStatistics(
+            np.linspace(0, 1, 2), 0, quantiles=self.quantiles, quantile_sample=quantile_sample
+        )  # validates the quantile options
+        self._stats: dict[tuple[str, str], ActivationStatistics] = {}
+        self._edges: dict[str, np.ndarray] = {}
+
+    @classmethod
+    def from_options(cls, options: Any) -> Activations:
+        return cls(
+            options.sites,
+            options.modules,
+            quantiles=options.quantiles,
+            bins=options.bins,
+            hist_range=options.hist_range,
+            saturation=options.saturation,
+            quantile_sample=options.quantile_sample,
+            seed=options.seed,
+        )
+
+    def _saturation_of(self, site: Site, module: Any) -> float | None:
+        value = site_option(self.saturation, site.name, "saturation", float)
+        if value is None:
+            return site.default_saturation(module)
+        if not float(value) > 0:
+            raise ValueError(f"saturation threshold for {site.name} must be > 0, got {value!r}")
+        return float(value)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "quantiles": self.quantiles.tolist(),
+            "bins": self.bins,
+            "hist_range": repr(self.hist_range),
+            "saturation": {k: float(v) for k, v in self.saturation.items()},
+            "quantile_sample": self.quantile_sample,
+        }
+
+    # events ------------------------------------------------------------------------------
+    def site(self, ctx: Context, name: str, x: torch.Tensor, source: str) -> None:
+        stats = self._stats.get((source, name))
+        if stats is None:
+            stats = self._new_stats(ctx, name, x, source)
+        stats.update(x)
+
+    def _new_stats(
+        self, ctx: Context, name: str, x: torch.Tensor, source: str
+    ) -> ActivationStatistics:
+        base = ctx.units.base[name]
+        if name not in self._edges:
+            rng = site_option(self.hist_range, base, "hist_range", tuple)
+            if rng is None:
+                self._edges[name] = choose_hist_edges(x, self.bins)
+            else:
+                self._edges[name] = np.linspace(float(rng[0]), float(rng[1]), self.bins + 1)
+        seed = zlib.crc32(f"{self.seed}/{source}/{name}".encode())
+        stats = ActivationStatistics(
+            self._edges[name],
+            ctx.units.unit_dims[name],
+            quantiles=self.quantiles,
+            sat_threshold=self.sat[base],
+            quantile_sample=self.quantile_sample,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self._stats[(source, name)] = stats
+        return stats
+
+    def discard_train(self, ctx: Context) -> None:
+        for (source, _), stats in self._stats.items():
+            if source == "train":
+                stats.reset()
+
+    def reset(self, ctx: Context) -> None:
+        for stats in self._stats.values():
+            stats.reset()
+
+    # the record --------------------------------------------------------------------------
+    def declare(self, ctx: Context) -> Declaration:
+        layout_sites = ctx.layout.sites
+        sat = [self.sat[ctx.units.base[s]] for s in layout_sites]
+        coords = {
+            "quantile": ("quantile", self.quantiles.astype(np.float64)),
+            "bin": ("bin", np.arange(self.bins + 2, dtype=np.int64)),
+            "hist_edges": (("site", "edge"), np.stack([self._edges[s] for s in layout_sites])),
+            "site_units": (
+                "site",
+                np.array([ctx.units.widths[s] for s in layout_sites], np.int64),
+            ),
+            "site_unit_dim": (
+                "site",
+                np.array([ctx.units.unit_dims[s] for s in layout_sites], np.int64),
+            ),
+            "sat_threshold": ("site", np.array([np.nan if t is None else t for t in sat])),
+        }
+        return Declaration(coords, self.variables)
+
+    def collect(self, ctx: Context) -> dict[str, np.ndarray]:
+        layout = ctx.layout
+        active = [(key, stats) for key, stats in self._stats.items() if stats.calls]
+        outs = compute_many([stats for _, stats in active])  # one device -> host transfer
+        rec = {v.name: v.empty(layout.sizes) for v in self.variables}
+        for ((source, name), stats), out in zip(active, outs, strict=True):
+            calls = stats.calls
+            stats.reset()
+            if name not in layout.widths or source not in layout.sources:
+                continue
+            sat = self.sat[ctx.units.base[name]]
+            self._write(rec, layout, source, name, out, calls, sat, ctx.step)
+        return rec
+
+    def _write(
+        self,
+        rec: dict[str, np.ndarray],
+        layout: Layout,
+        source: str,
+        name: str,
+        out: dict[str, torch.Tensor],
+        calls: int,
+        sat: float | None,
+        step: int,
+    ) -> None:
+        if out["mean"].shape[0] != layout.widths[name]:
+            raise RecorderError(
+                f"site {name} has {out['mean'].shape[0]} units at step {step}, but "
+                f"{layout.widths[name]} at the first record; a site's width must not change "
+                f"(set unit_dim for it if the wrong dimension is taken as units)"
+            )
+        si = layout.sources.index(source)
+        k = layout.site_index(name)
+        units = layout.units_of(name)
+        # Statistics are stored as float32: moments beyond its range (a diverging network's
+        # variance) become ±inf there, which is what they are.
+        with np.errstate(over="ignore"):
+            for field, t in out.items():
+                if field == "hist":
+                    rec["hist"][si, k] = t.numpy()
+                else:
+                    rec[field][si, units] = t.numpy()
+        rec["calls"][si, k] = calls
+        if sat is None:
+            rec["sat_frac"][si, units] = np.nan  # no threshold: not a saturating input
+
+
+MEASUREMENT = Activations

@@ -1,0 +1,292 @@
+"""The measurement interface: what the recorder's core calls, and what it gives a measurement.
+
+A *measurement* is one quantity of the run (activation statistics, site gradients, gradient-based
+ICS, a Jacobian spectrum, …). It declares the dataset variables it writes (:class:`Variable`)
+and what it needs (``requires``: ``"optimizer"``, ``"loss_fn"``, ``"probe"``, ``"target"``), has
+its own schedule (``every``, evaluated at the steps the recorder records), receives the events
+of a recorded step and returns its host arrays when the record closes. The core
+(:class:`icstools.recording.recorder.Recorder`) is the only caller of these methods.
+
+Events of one recorded step, in order (every method is optional):
+
+1. ``train_forward(ctx, first)``: a scheduled training forward starts (``first``: the record
+   was just opened, and the probe has run);
+2. ``site(ctx, name, x, source)``: a site tensor was seen (``source`` ``"train"`` or
+   ``"probe"``; ``name`` is the record site, ``"<site>#k"`` with ``calls="separate"``);
+   only measurements that define it are called (it is the hot path);
+3. ``after_probe(ctx)``: right after the probe forward of a new record;
+4. ``train_forward_end(ctx)``: the training forward returned;
+5. ``before_update(ctx)`` / ``after_update(ctx)``: around ``optimizer.step()``;
+6. ``discard_train(ctx)``: an AMP ``GradScaler`` skipped the iteration: forget its data;
+7. ``declare(ctx)`` (first record only) then ``collect(ctx)``: the record closes.
+
+Examples
+--------
+A measurement of the largest absolute activation of each site on the probe (``site`` dimension,
+so one value per site and record):
+
+>>> import torch
+>>> from icstools.schema import Variable
+>>> class ProbeAbsMax(Measurement):
+...     name = "abs_max"
+...     requires = frozenset({"probe"})
+...     variables = (Variable("abs_max", ("step", "site"), "float64", "max |x| on the probe"),)
+...     def __init__(self, every=1):
+...         super().__init__(every)
+...         self.seen = {}
+...     def site(self, ctx, name, x, source):
+...         if source == "probe" and self.due(ctx.step):
+...             m = x.detach().abs().max()
+...             self.seen[name] = torch.maximum(self.seen.get(name, m), m)
+...     def collect(self, ctx):
+...         out = ctx.layout.per_site({n: float(v) for n, v in self.seen.items()})
+...         self.seen = {}
+...         return {"abs_max": out}
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from icstools.recording.hooks import HookGroup
+from icstools.recording.isolation import RngState, isolated
+from icstools.schedules import Schedule, as_schedule
+from icstools.schema import Coordinate, Variable
+from icstools.sites import Site
+
+if TYPE_CHECKING:
+    from icstools.recording.layout import Layout, SiteTable
+
+__all__ = ["REQUIREMENTS", "Context", "Declaration", "Measurement", "RecorderError", "StepBatch"]
+
+#: What a measurement can require of the recorder.
+REQUIREMENTS = ("optimizer", "loss_fn", "probe", "target")
+
+
+class RecorderError(ValueError):
+    """A recorder used in a way it does not support (the message says how to fix it)."""
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """The inputs of a step's last training forward and the RNG state it started from."""
+
+    args: tuple
+    kwargs: dict
+    rng: RngState
+
+    def inputs(self) -> Any:
+        """The model's inputs as one value: a tensor, a tuple of positional args or a dict."""
+        if self.kwargs and not self.args:
+            return self.kwargs
+        if self.kwargs:
+            raise RecorderError(
+                "ics/landscape need a model called with positional or keyword arguments, not both"
+            )
+        return self.args[0] if len(self.args) == 1 else tuple(self.args)
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run with the RNG state of the training forward (the same dropout masks); the
+        caller's RNG state is given back after."""
+        with isolated():
+            self.rng.restore()
+            yield
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What a measurement adds to the run's layout at the first record."""
+
+    coords: dict[str, Any]
+    variables: tuple[Variable, ...]
+
+
+class Context:
+    """What the recorder shares with its measurements (read it; the core updates it).
+
+    Attributes
+    ----------
+    model, optimizer, probe, probe_mode, loss_fn, scaler, seed
+        The recorder's own arguments (``optimizer`` may be set after construction).
+    sites : list of Site
+        The selected sites.
+    units : SiteTable
+        Record-site names, unit dimensions and widths of the sites seen so far.
+    layout : Layout or None
+        The run's static layout, fixed when the first record closes.
+    step : int
+        Optimizer steps completed; the open record is that of ``step``.
+    batch : StepBatch or None
+        The step's batch, kept when a measurement asked for it (``wants_batch``).
+    target : any
+        The step's target, given by :meth:`Recorder.set_target` (``target_step`` says when).
+    logs : dict
+        Scalars logged for the open record (``rec.log``).
+    hooks : HookGroup
+        Hooks removed when the record closes (tensor hooks on the step's activations).
+    loss_scale : float or None
+        The AMP loss scale of the latest recorded forward.
+    """
+
+    def __init__(self, model: nn.Module, sites: list[Site], units: SiteTable, **options: Any):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.sites = sites
+        self.units = units
+        self.optimizer: torch.optim.Optimizer | None = options.pop("optimizer", None)
+        self.probe: Any = options.pop("probe", None)
+        self.probe_mode: str = options.pop("probe_mode", "train")
+        self.loss_fn: Callable[..., Any] | None = options.pop("loss_fn", None)
+        self.scaler: Any = options.pop("scaler", None)
+        self.seed: int = options.pop("seed", 0)
+        if options:
+            raise TypeError(f"unknown context options: {sorted(options)}")
+        self.layout: Layout | None = None
+        self.step = 0
+        self.batch: StepBatch | None = None
+        self.target: Any = None
+        self.target_step: int | None = None
+        self.logs: dict[str, Any] = {}
+        self.hooks = HookGroup()
+        self.loss_scale: float | None = None
+        self.source: str | None = None  # what the site hooks record into (None: nothing)
+        self.silent = False  # the recorder's own forwards: its root hooks ignore them
+        self.measurements: list[Measurement] = []
+
+    @contextlib.contextmanager
+    def own_forwards(self, source: str | None = None) -> Iterator[None]:
+        """Run the recorder's own forwards (probe, ICS, landscape, Jacobian): not counted as
+        training; the site hooks record into ``source`` (``None``: they stay silent)."""
+        before = (self.silent, self.source)
+        self.silent, self.source = True, source
+        try:
+            yield
+        finally:
+            self.silent, self.source = before
+
+    def step_batch(self, what: str) -> tuple[Any, Any]:
+        """The inputs and the target of this step's batch, or an error saying what is missing."""
+        if self.batch is None:
+            raise RecorderError(
+                f"{what} at step {self.step}: no training forward was seen in this step"
+            )
+        if self.target_step != self.step:
+            raise RecorderError(
+                f"{what} at step {self.step} needs this step's target: call rec.set_target(y) "
+                "before optimizer.step() in every step"
+            )
+        return self.batch.inputs(), self.target
+
+    def discard_train(self) -> None:
+        """Forget the train-source data of the open record (an iteration AMP skipped)."""
+        for m in self.measurements:
+            m.discard_train(self)
+
+
+def need_loss_fn(options: Any) -> None:
+    """The error of ``ics=``/``landscape=`` without ``loss_fn=``."""
+    if options.loss_fn is None:
+        raise RecorderError(
+            "ics= and landscape= need loss_fn= (loss_fn(output, target) -> scalar, to "
+            "recompute the loss) and optimizer= (their hooks see the step's update)"
+        )
+
+
+class Measurement:
+    """Base class of the recorder's measurements (see the module docstring for the events).
+
+    Parameters
+    ----------
+    every : int, callable or None
+        The measurement's own schedule, evaluated at the steps the recorder records (an int:
+        every N steps; a ``step -> bool``; ``None``: every recorded step). :meth:`due` reads it.
+
+    Attributes
+    ----------
+    name : str
+        The measurement's name (the ``measurement`` of its variables).
+    variables : tuple of Variable
+        The dataset variables it writes.
+    coordinates : tuple of Coordinate
+        The static coordinates it adds (their values come from :meth:`declare`).
+    requires : frozenset of str
+        Among ``"optimizer"``, ``"loss_fn"``, ``"probe"``, ``"target"``: checked when the
+        recorder is built (``probe``, ``loss_fn``) or attached (``optimizer``).
+    """
+
+    name: ClassVar[str] = ""
+    variables: ClassVar[tuple[Variable, ...]] = ()
+    coordinates: ClassVar[tuple[Coordinate, ...]] = ()
+    requires: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, every: int | Schedule | None = None) -> None:
+        self.schedule: Schedule | None = None if every is None else as_schedule(every)
+
+    @classmethod
+    def from_options(cls, options: Any) -> Measurement | None:
+        """The measurement the :class:`Recorder`'s keywords ask for, or ``None`` (built-ins)."""
+        return None
+
+    def due(self, step: int) -> bool:
+        """Whether the measurement's own schedule selects ``step``."""
+        return self.schedule is None or bool(self.schedule(step))
+
+    def check(self, ctx: Context) -> None:
+        """Raise :class:`RecorderError` if a requirement is not met (at attach)."""
+        missing = [
+            r for r in sorted(self.requires) if r != "target" and getattr(ctx, r, None) is None
+        ]
+        if missing:
+            given = ", ".join(f"{r}=..." for r in missing)
+            raise RecorderError(f"the {self.name!r} measurement needs {given} in the Recorder")
+
+    def config(self) -> dict[str, Any]:
+        """Its settings as JSON-able values (part of the run's ``recorder_config``)."""
+        return {}
+
+    def wants_batch(self, ctx: Context) -> bool:
+        """Whether the step's batch (inputs, RNG state) must be kept for this measurement."""
+        return False
+
+    # events (no-ops by default) --------------------------------------------------------
+    def train_forward(self, ctx: Context, first: bool) -> None:
+        """A scheduled training forward starts."""
+
+    def train_forward_end(self, ctx: Context) -> None:
+        """The scheduled training forward returned."""
+
+    def after_probe(self, ctx: Context) -> None:
+        """The probe forward of a new record ran."""
+
+    def before_update(self, ctx: Context) -> None:
+        """``optimizer.step()`` of a recorded step is about to run."""
+
+    def after_update(self, ctx: Context) -> None:
+        """``optimizer.step()`` of a recorded step ran."""
+
+    def discard_train(self, ctx: Context) -> None:
+        """Forget the train-source data of the open record."""
+
+    def reset(self, ctx: Context) -> None:
+        """Forget all data of the open record (dropped: no site and no scalar was seen)."""
+        self.discard_train(ctx)
+
+    # site: defined by measurements that want site tensors (not here: the core calls only
+    # the measurements that define it, on the hot path)
+
+    # the record ------------------------------------------------------------------------
+    def declare(self, ctx: Context) -> Declaration:
+        """Coordinates and variables it adds to the run, at the first record."""
+        return Declaration({}, self.variables)
+
+    def collect(self, ctx: Context) -> dict[str, np.ndarray]:
+        """This record's host arrays of its variables (missing ones keep their fill value)."""
+        return {}

@@ -1,0 +1,160 @@
+"""Parameter dynamics per parameter tensor of the optimizer, ``Recorder(gradients=True)``.
+
+Read by optimizer step pre/post hooks, so any ``torch.optim`` optimizer works: ``‖p.grad‖`` as
+the optimizer sees it (after a ``GradScaler`` unscaled it), ``‖w‖`` before the update, ``‖Δw‖``
+of the step actually taken (momentum and weight decay included), their ratio, and ``lr/‖w‖²``
+for weights whose output is normalized next (the quantity that matters under scale invariance,
+paper §3.3).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from icstools.recording.hooks import HookGroup
+from icstools.recording.layout import to_host
+from icstools.recording.measurements.base import Context, Declaration, Measurement
+from icstools.schema import Coordinate, Variable
+
+__all__ = ["ParameterDynamics"]
+
+_HOW = "Recorder(gradients=True, optimizer=...)"
+_DIMS = ("step", "param")
+VARIABLES = (
+    Variable("param_grad_norm", _DIMS, "float64", "‖p.grad‖ as the optimizer sees it", _HOW),
+    Variable("param_norm", _DIMS, "float64", "‖w‖ before the update", _HOW),
+    Variable("update_norm", _DIMS, "float64", "‖Δw‖ of the step actually taken", _HOW),
+    Variable("update_ratio", _DIMS, "float64", "update_norm / param_norm", _HOW),
+    Variable(
+        "eff_lr", _DIMS, "float64", "lr / ‖w‖² for weights normalized next (NaN elsewhere)", _HOW
+    ),
+)
+COORDINATES = (
+    Coordinate("param", ("param",), "parameter names, in the optimizer's order"),
+    Coordinate("param_numel", ("param",), "elements of each parameter"),
+    Coordinate("param_normalized", ("param",), "whether a norm layer takes the output next"),
+)
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+class ParameterDynamics(Measurement):
+    """Gradient norm, weight norm and update of every parameter the optimizer steps."""
+
+    name = "parameters"
+    variables = VARIABLES
+    coordinates = COORDINATES
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._params: list[tuple[str, torch.Tensor, dict]] = []  # (name, tensor, param group)
+        self._before: list[torch.Tensor] | None = None
+        self._out: dict[str, torch.Tensor] = {}  # this record's per-parameter results
+        self._normalized: set[str] = set()  # weights whose output a norm layer takes next
+        self._order: list[str] = []
+        self._order_hooks = HookGroup()
+
+    @classmethod
+    def from_options(cls, options: Any) -> ParameterDynamics | None:
+        return cls() if options.gradients else None
+
+    def check(self, ctx: Context) -> None:
+        pass  # without an optimizer there are no parameter dynamics to record
+
+    def _parameters(self, ctx: Context) -> list[tuple[str, torch.Tensor, dict]]:
+        if not self._params and ctx.optimizer is not None:
+            names = {id(p): n for n, p in ctx.model.named_parameters()}
+            seen: set[int] = set()
+            for group in ctx.optimizer.param_groups:
+                for p in group["params"]:
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        self._params.append((names.get(id(p), f"param_{len(seen) - 1}"), p, group))
+        return self._params
+
+    # the order of modules, for eff_lr -------------------------------------------------------
+    def train_forward(self, ctx: Context, first: bool) -> None:
+        if ctx.layout is None and not self._normalized:
+            order: list[str] = []  # for one forward, the order in which leaf modules run
+            self._order = order
+            for n, m in ctx.model.named_modules():
+                if not list(m.children()):
+                    self._order_hooks.forward_pre(m, lambda mod, a, n=n: order.append(n))
+
+    def train_forward_end(self, ctx: Context) -> None:
+        if not self._order_hooks:
+            return
+        self._order_hooks.remove()
+        for this, nxt in zip(self._order, self._order[1:], strict=False):
+            module = ctx.modules[this]
+            if isinstance(getattr(module, "weight", None), nn.Parameter) and isinstance(
+                ctx.modules[nxt], _NORMS
+            ):
+                self._normalized.add(f"{this}.weight" if this else "weight")
+        self._order = []
+
+    # the update ------------------------------------------------------------------------------
+    def before_update(self, ctx: Context) -> None:
+        tensors = [p for _, p, _ in self._parameters(ctx)]
+        with torch.no_grad():
+            grads = [
+                p.grad.detach().norm() if p.grad is not None else p.new_full((), math.nan)
+                for p in tensors
+            ]
+            self._out["param_grad_norm"] = torch.stack([g.double() for g in grads])
+            self._out["param_norm"] = torch.stack([p.detach().norm().double() for p in tensors])
+            self._before = [p.detach().clone() for p in tensors]
+
+    def after_update(self, ctx: Context) -> None:
+        before, self._before = self._before, None
+        if before is None:
+            return
+        tensors = [p for _, p, _ in self._params]
+        with torch.no_grad():
+            upd = [(p.detach() - b).norm().double() for p, b in zip(tensors, before, strict=True)]
+        self._out["update_norm"] = torch.stack(upd)
+        lr = torch.tensor([float(g.get("lr", math.nan)) for _, _, g in self._params])
+        self._out["lr"] = lr.double()
+
+    def discard_train(self, ctx: Context) -> None:
+        self._out = {}
+        self._before = None
+
+    # the record ------------------------------------------------------------------------------
+    def declare(self, ctx: Context) -> Declaration:
+        if ctx.optimizer is None:
+            return Declaration({}, ())
+        params = self._parameters(ctx)
+        names = [n for n, _, _ in params]
+        coords = {
+            "param": ("param", np.array(names, dtype=str)),
+            "param_numel": ("param", np.array([p.numel() for _, p, _ in params], np.int64)),
+            "param_normalized": ("param", np.array([n in self._normalized for n in names], bool)),
+        }
+        return Declaration(coords, VARIABLES)
+
+    def collect(self, ctx: Context) -> dict[str, np.ndarray]:
+        params, self._out = to_host(self._out), {}
+        self._before = None
+        if "param" not in ctx.layout.coords:
+            return {}
+        out = {v.name: v.empty(ctx.layout.sizes) for v in VARIABLES}
+        if not params:
+            return out
+        for name in ("param_grad_norm", "param_norm", "update_norm"):
+            if name in params:
+                out[name][:] = params[name]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["update_ratio"][:] = out["update_norm"] / out["param_norm"]
+            if "lr" in params:
+                eff = params["lr"] / np.square(out["param_norm"])
+                normalized = [n in self._normalized for n, _, _ in self._params]
+                out["eff_lr"][:] = np.where(normalized, eff, np.nan)
+        return out
+
+
+MEASUREMENT = ParameterDynamics

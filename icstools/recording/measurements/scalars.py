@@ -1,0 +1,81 @@
+"""Scalars per record: the loss and any value the training loop logs (``rec.log``), and the
+learning rate of the optimizer's first parameter group."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from icstools.recording.measurements.base import Context, Declaration, Measurement, RecorderError
+from icstools.schema import Variable, reserved_names
+
+__all__ = ["Scalars", "check_logged"]
+
+VARIABLES = (
+    Variable("loss", ("step",), "float64", "the training loss, as logged", "rec.log(loss=...)"),
+    Variable(
+        "lr",
+        ("step",),
+        "float64",
+        "learning rate of the first parameter group",
+        "Recorder(optimizer=...)",
+    ),
+)
+
+
+def check_logged(scalars: dict[str, Any]) -> None:
+    """Raise if a logged name or value cannot be a scalar variable of the run."""
+    reserved = reserved_names()
+    for name, value in scalars.items():
+        if name in reserved or name.startswith("_"):
+            raise RecorderError(
+                f"cannot log {name!r}: the name is used by the run dataset "
+                f"({sorted(reserved)}); choose another"
+            )
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise RecorderError(
+                    f"log({name}=...) needs a scalar, got a tensor of shape {tuple(value.shape)}"
+                )
+        elif not isinstance(value, (int, float, np.number)) or isinstance(value, bool):
+            raise TypeError(f"log({name}=...) needs a number or a 1-element tensor, got {value!r}")
+
+
+class Scalars(Measurement):
+    """``loss``, ``lr`` and the logged scalars (their names are fixed by the first record)."""
+
+    name = "scalars"
+    variables = VARIABLES
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, options: Any) -> Scalars:
+        return cls()
+
+    def declare(self, ctx: Context) -> Declaration:
+        self.logged = tuple(sorted(k for k in ctx.logs if k != "loss"))
+        extra = tuple(
+            Variable(name, ("step",), "float64", "logged with rec.log", f"rec.log({name}=...)")
+            for name in self.logged
+        )
+        return Declaration({}, (*VARIABLES, *extra))
+
+    def collect(self, ctx: Context) -> dict[str, np.ndarray]:
+        logs = dict(ctx.logs)
+        tensors = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+        if tensors:  # one transfer for all logged tensors
+            values = torch.stack([logs[k].reshape(()).double() for k in tensors]).cpu()
+            logs.update(zip(tensors, values.tolist(), strict=True))
+        out = {name: np.float64(logs.get(name, math.nan)) for name in ("loss", *self.logged)}
+        lr = ctx.optimizer.param_groups[0]["lr"] if ctx.optimizer is not None else math.nan
+        out["lr"] = np.float64(float(lr))
+        return out
+
+
+MEASUREMENT = Scalars

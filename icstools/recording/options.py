@@ -1,0 +1,85 @@
+"""The recorder's own keywords: their checks and the run's ``recorder_config``.
+
+Keywords that belong to a measurement are checked by that measurement
+(:mod:`icstools.recording.measurements`); this module checks the rest and writes the
+configuration stored in every run's attrs, key by key in a fixed order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from icstools.recording.measurements import Measurement
+from icstools.sites import find_tensor
+
+__all__ = ["check_options", "recorder_config"]
+
+
+def check_options(model: Any, o: SimpleNamespace) -> None:
+    """Raise ``TypeError``/``ValueError`` naming a recorder keyword with a bad value."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if o.optimizer is not None and not isinstance(o.optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(o.optimizer).__name__}"
+        )
+    if o.calls not in ("pool", "separate"):
+        raise ValueError(f"calls must be 'pool' or 'separate', got {o.calls!r}")
+    if o.probe_mode not in ("train", "eval"):
+        raise ValueError(f"probe_mode must be 'train' or 'eval', got {o.probe_mode!r}")
+    if o.probe is not None and find_tensor(o.probe) is None:
+        raise TypeError(
+            "probe must be a tensor, a tuple of positional arguments or a dict of keyword "
+            f"arguments holding at least one floating-point tensor, got {type(o.probe).__name__}"
+        )
+    if not isinstance(o.gradients, bool):
+        raise TypeError(f"gradients must be True or False, got {o.gradients!r}")
+    if o.loss_fn is not None and not callable(o.loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(o.loss_fn).__name__}")
+
+
+def recorder_config(
+    o: SimpleNamespace, schedule: Any, measurements: list[Measurement]
+) -> dict[str, Any]:
+    """The recorder's configuration as JSON-able values (the run's ``recorder_config``)."""
+    probe = find_tensor(o.probe) if o.probe is not None else None
+    config: dict[str, Any] = {
+        "sites": [s.name for s in o.sites],
+        "schedule": repr(schedule),
+        "probe_shape": None if probe is None else list(probe.shape),
+        "probe_mode": o.probe_mode,
+        "probe_sample": o.probe_sample,
+        "quantiles": None,  # the measurements' own keys keep these places
+        "bins": None,
+        "hist_range": None,
+        "saturation": None,
+        "unit_dim": repr(o.unit_dim),
+        "quantile_sample": None,
+        "calls": o.calls,
+        "chunk_steps": o.chunk_steps,
+        "seed": o.seed,
+        "gradients": o.gradients,
+        "ics": None,
+        "landscape": None,
+        "landscape_multipliers": np.asarray(o.landscape_multipliers, np.float64)
+        .reshape(-1)
+        .tolist(),
+        "jacobian": None,
+        "jacobian_blocks": None,
+        "jacobian_examples": o.jacobian_examples,
+        "jacobian_k": o.jacobian_k,
+        "jacobian_bn": o.jacobian_bn,
+        "scaler": o.scaler is not None,
+        "path": None if o.path is None else str(Path(o.path)),
+    }
+    for m in measurements:
+        config.update(m.config())
+    if o.measurements:  # user-defined ones
+        config["measurements"] = [m.name for m in o.measurements]
+    return config
