@@ -213,6 +213,8 @@ def _site_rows(model: Any, input_shape: tuple[int, ...] | None) -> list[dict[str
     """One row per site: name, module type, tensor shape and unit layout, default mark."""
     import torch
 
+    from icstools.recording.hooks import HookGroup
+    from icstools.recording.isolation import isolated
     from icstools.sites import (
         Site,
         SiteSelectionError,
@@ -229,38 +231,32 @@ def _site_rows(model: Any, input_shape: tuple[int, ...] | None) -> list[dict[str
         default = set()
     shapes: dict[str, tuple[int, ...]] = {}
     if input_shape is not None:
-        handles = []
-        for name, module in model.named_modules():
-            if not name:
-                continue
+        with HookGroup() as hooks:
+            for name, module in model.named_modules():
+                if not name:
+                    continue
 
-            def pre(mod, args, kwargs, name=name):
-                t = find_tensor(args) if args else find_tensor(kwargs)
-                if t is not None:
-                    shapes.setdefault(f"{name}:input", tuple(t.shape))
+                def pre(mod, args, kwargs, name=name):
+                    t = find_tensor(args) if args else find_tensor(kwargs)
+                    if t is not None:
+                        shapes.setdefault(f"{name}:input", tuple(t.shape))
 
-            def post(mod, args, output, name=name):
-                t = find_tensor(output)
-                if t is not None:
-                    shapes.setdefault(f"{name}:output", tuple(t.shape))
+                def post(mod, args, output, name=name):
+                    t = find_tensor(output)
+                    if t is not None:
+                        shapes.setdefault(f"{name}:output", tuple(t.shape))
 
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(module.register_forward_hook(post))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                model(torch.rand(2, *input_shape))
-        except Exception as exc:
-            raise UsageError(
-                f"the model does not accept inputs of shape [batch, "
-                f"{', '.join(map(str, input_shape))}]: {exc} (give one example's shape with "
-                "--input-shape)"
-            ) from None
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was_training)
+                hooks.forward_pre(module, pre, with_kwargs=True)
+                hooks.forward(module, post)
+            try:
+                with isolated(model, mode="eval", grad=False):
+                    model(torch.rand(2, *input_shape))
+            except Exception as exc:
+                raise UsageError(
+                    f"the model does not accept inputs of shape [batch, "
+                    f"{', '.join(map(str, input_shape))}]: {exc} (give one example's shape "
+                    "with --input-shape)"
+                ) from None
     rows = []
     for site_name in list_sites(model):
         module_name, _, role = site_name.rpartition(":")
@@ -313,6 +309,7 @@ def _sites(args: argparse.Namespace) -> int:
     from torch import nn
 
     from icstools.experiments import DATA_SHAPES, PRESETS, get_preset, load_factory
+    from icstools.recording.isolation import isolated
 
     input_shape = args.input_shape
     if ":" in args.target:
@@ -354,7 +351,7 @@ def _sites(args: argparse.Namespace) -> int:
         first = True
         for names in seen.values():
             cond = preset.condition(names[0])
-            with torch.random.fork_rng(devices=[]):
+            with isolated():
                 torch.manual_seed(0)
                 model = cond.build()
             if not first:
