@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 from icstools.analysis import AnalysisError, ICSAccessor  # registers ds.ics
 from icstools.analysis.compare import compare
 from icstools.functional.gradients import check_scale_invariance, gradient_ics, landscape_probe
-from icstools.recording.recorder import Recorder, RecorderError
+from icstools.recording.errors import RecorderError
+from icstools.recording.recorder import Recorder
 from icstools.schedules import as_schedule, at_steps, every, log_spaced
 from icstools.sites import SiteSelectionError, list_sites, select_sites
 from icstools.store import open_run

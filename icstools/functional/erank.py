@@ -27,7 +27,7 @@ def effective_rank(eigenvalues: np.ndarray) -> float:
 
     Examples
     --------
-    >>> effective_rank(np.array([1.0, 1.0, 1.0])), effective_rank(np.array([2.0, 0.0]))
+    >>> round(effective_rank(np.array([1.0, 1.0, 1.0])), 9), effective_rank(np.array([2.0, 0.0]))
     (3.0, 1.0)
     """
     lam = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None)

@@ -19,9 +19,9 @@ or by :meth:`Recorder.flush`, :meth:`Recorder.to_dataset` and leaving the ``with
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,15 +30,16 @@ import xarray as xr
 from torch import nn
 
 from icstools import __version__
+from icstools.recording.errors import RecorderError
 from icstools.recording.hooks import HookGroup
 from icstools.recording.isolation import RngState, isolated
 from icstools.recording.layout import Layout
-from icstools.recording.measurements import Context, Measurement, RecorderError, StepBatch
+from icstools.recording.measurements import Context, Measurement, StepBatch
 from icstools.recording.measurements.scalars import check_logged
 from icstools.recording.sink import RecordSink
 from icstools.schedules import Schedule
-from icstools.schema import SCHEMA_VERSION, SOURCES
-from icstools.sites import Site, find_tensor
+from icstools.schema import SCHEMA_VERSION
+from icstools.sites import Site
 
 __all__ = ["RecorderCore"]
 
@@ -132,34 +133,15 @@ class RecorderCore:
 
     def _arm(self) -> None:
         """Register the site hooks (for one scheduled forward, and the probe's)."""
-        if self._site_hooks:
-            return
-        for site in self._ctx.sites:
-            module = self._ctx.modules[site.module_name]
-            if site.role == "input":
-                hook = self._input_hook(site)
-                self._site_hooks.forward_pre(module, hook, with_kwargs=True)
-            else:
-                self._site_hooks.forward(module, self._output_hook(site))
-
-    def _input_hook(self, site: Site) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if self._ctx.source is not None:
-                self._observe(site, find_tensor(args) if args else find_tensor(kwargs))
-
-        return hook
-
-    def _output_hook(self, site: Site) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            if self._ctx.source is not None:
-                self._observe(site, find_tensor(output))
-
-        return hook
+        if not self._site_hooks:
+            for site in self._ctx.sites:
+                module = self._ctx.modules[site.module_name]
+                self._site_hooks.site(module, site.role, functools.partial(self._observe, site))
 
     def _observe(self, site: Site, x: torch.Tensor | None) -> None:
-        if x is None:
-            return
         ctx = self._ctx
+        if x is None or ctx.source is None:
+            return
         name = ctx.units.record_name(site, ctx.source, x)
         if name is not None:
             for m in self._site_takers:
@@ -313,7 +295,7 @@ class RecorderCore:
                 m.reset(ctx)
             return
         if ctx.layout is None:
-            ctx.layout = self._make_layout()
+            ctx.layout = Layout.fix(ctx)
         record = ctx.layout.empty_record(step)
         for m in ctx.measurements:
             for name, value in m.collect(ctx).items():
@@ -321,28 +303,6 @@ class RecorderCore:
         ctx.logs = {}
         self._check_divergence(record, logs)
         self._sink.emit(record, self._block)
-
-    def _make_layout(self) -> Layout:
-        ctx = self._ctx
-        sites = ctx.units.ordered(ctx.sites)
-        if not sites and ctx.sites:
-            raise RecorderError(
-                "no selected site received a floating-point tensor during the first recorded "
-                f"step; selected: {[s.name for s in ctx.sites][:10]}. Check the sites (e.g. an "
-                "embedding's input is integer: record its output instead)"
-            )
-        sources = SOURCES if ctx.probe is not None else SOURCES[:1]
-        ctx.layout = layout = Layout(sources, sites, ctx.units)
-        try:
-            for m in ctx.measurements:
-                declared = m.declare(ctx)
-                layout.add(declared.coords, declared.variables, m.name)
-            layout.check_dims()
-        except BaseException:
-            ctx.layout = None
-            raise
-        ctx.units.fixed = frozenset(sites)
-        return layout
 
     def _check_divergence(self, record: dict[str, Any], logs: dict[str, Any]) -> None:
         if self.diverged_step is not None:

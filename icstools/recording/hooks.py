@@ -12,7 +12,7 @@ Examples
 >>> model = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
 >>> seen = []
 >>> with HookGroup() as hooks:
-...     hooks.forward(model[1], lambda mod, args, out: seen.append(tuple(out.shape)))
+...     _ = hooks.forward(model[1], lambda mod, args, out: seen.append(tuple(out.shape)))
 ...     _ = model(torch.zeros(4, 2))
 >>> seen, len(model[1]._forward_hooks)
 ([(4, 3)], 0)
@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from icstools.sites import find_tensor
 
 __all__ = ["HookGroup"]
 
@@ -67,6 +69,23 @@ class HookGroup:
         return self._keep(
             module.register_forward_hook(fn, prepend=prepend, always_call=always_call)
         )
+
+    def site(
+        self, module: nn.Module, role: str, fn: Callable[[torch.Tensor | None], None]
+    ) -> RemovableHandle:
+        """A hook that calls ``fn`` with the first floating-point tensor of the module's
+        inputs (``role="input"``, a pre-hook) or output (``role="output"``), or ``None``."""
+        if role == "input":
+
+            def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                fn(find_tensor(args) if args else find_tensor(kwargs))
+
+            return self.forward_pre(module, pre, with_kwargs=True)
+
+        def post(mod: nn.Module, args: tuple, output: Any) -> None:
+            fn(find_tensor(output))
+
+        return self.forward(module, post)
 
     # ------------------------------------------------------------------ tensor hooks
     def tensor(self, tensor: torch.Tensor, fn: Callable[[torch.Tensor], Any]) -> RemovableHandle:

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import xarray as xr
 from torch import nn
 
-from icstools.schema import STEP, Variable
+from icstools.recording.errors import RecorderError
+from icstools.schema import SOURCES, STEP, Variable
 from icstools.sites import Site, default_unit_dim, layout_module
+
+if TYPE_CHECKING:
+    from icstools.recording.measurements.base import Context
 
 __all__ = ["Layout", "SiteTable", "site_option", "to_host"]
 
@@ -154,6 +158,29 @@ class Layout:
         """Raise if a variable has a dimension that no coordinate defines."""
         for v in self.variables.values():
             v.shape(self.sizes)
+
+    @classmethod
+    def fix(cls, ctx: Context) -> Layout:
+        """The run's layout at the first record: the sites seen, then what every measurement
+        declares (it may read ``ctx.layout.sites``)."""
+        sites = ctx.units.ordered(ctx.sites)
+        if not sites and ctx.sites:
+            raise RecorderError(
+                "no selected site received a floating-point tensor during the first recorded "
+                f"step; selected: {[s.name for s in ctx.sites][:10]}. Check the sites (e.g. an "
+                "embedding's input is integer: record its output instead)"
+            )
+        sources = SOURCES if ctx.probe is not None else SOURCES[:1]
+        ctx.layout = layout = cls(sources, sites, ctx.units)
+        try:
+            for m in ctx.measurements:
+                declared = m.declare(ctx)
+                layout.add(declared.coords, declared.variables, m.name)
+            layout.check_dims()
+        finally:
+            ctx.layout = None  # the caller sets it: a half-built layout is never seen
+        ctx.units.fixed = frozenset(sites)
+        return layout
 
     def site_index(self, name: str) -> int:
         return self.sites.index(name)

@@ -19,13 +19,13 @@ from torch import nn
 from icstools.functional.statistics import DEFAULT_QUANTILES
 from icstools.recording.core import RecorderCore
 from icstools.recording.layout import SiteTable
-from icstools.recording.measurements import Context, Measurement, RecorderError, build
+from icstools.recording.measurements import Context, Measurement, build
 from icstools.recording.options import check_options, recorder_config
 from icstools.recording.sink import RecordSink
 from icstools.schedules import Schedule, as_schedule
 from icstools.sites import Selector, select_sites
 
-__all__ = ["Recorder", "RecorderError"]
+__all__ = ["Recorder"]
 
 
 class Recorder(RecorderCore):
@@ -114,7 +114,7 @@ class Recorder(RecorderCore):
     ...         opt.zero_grad(); loss.backward(); opt.step()
     ...         rec.log(loss=loss)
     >>> ds = rec.to_dataset()
-    >>> ds["mean"].dims, ds.sizes["step"], list(ds.site.values)
+    >>> ds["mean"].dims, ds.sizes["step"], ds.site.values.tolist()
     (('source', 'step', 'unit'), 2, ['1:input'])
     """
 

@@ -26,11 +26,11 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from icstools.recording.errors import RecorderError
 from icstools.recording.measurements.base import (
     Context,
     Declaration,
     Measurement,
-    RecorderError,
     StepBatch,
 )
 
@@ -39,7 +39,6 @@ __all__ = [
     "Context",
     "Declaration",
     "Measurement",
-    "RecorderError",
     "StepBatch",
     "build",
 ]

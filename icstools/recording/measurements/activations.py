@@ -19,12 +19,12 @@ from icstools.functional.statistics import (
     choose_hist_edges,
     compute_many,
 )
+from icstools.recording.errors import RecorderError
 from icstools.recording.layout import Layout, site_option
 from icstools.recording.measurements.base import (
     Context,
     Declaration,
     Measurement,
-    RecorderError,
 )
 from icstools.schema import Coordinate, Variable
 from icstools.sites import Site

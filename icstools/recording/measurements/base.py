@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from icstools.recording.errors import RecorderError
 from icstools.recording.hooks import HookGroup
 from icstools.recording.isolation import RngState, isolated
 from icstools.schedules import Schedule, as_schedule
@@ -64,14 +65,10 @@ from icstools.sites import Site
 if TYPE_CHECKING:
     from icstools.recording.layout import Layout, SiteTable
 
-__all__ = ["REQUIREMENTS", "Context", "Declaration", "Measurement", "RecorderError", "StepBatch"]
+__all__ = ["REQUIREMENTS", "Context", "Declaration", "Measurement", "StepBatch"]
 
 #: What a measurement can require of the recorder.
 REQUIREMENTS = ("optimizer", "loss_fn", "probe", "target")
-
-
-class RecorderError(ValueError):
-    """A recorder used in a way it does not support (the message says how to fix it)."""
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from icstools.recording.errors import RecorderError
 from icstools.recording.measurements.base import (
     Context,
     Declaration,
     Measurement,
-    RecorderError,
     need_loss_fn,
 )
 from icstools.schema import Coordinate, Variable

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from icstools.recording.errors import RecorderError
 from icstools.recording.isolation import isolated
 from icstools.recording.measurements.base import (
     Context,
     Declaration,
     Measurement,
-    RecorderError,
 )
 from icstools.schema import Coordinate, Variable
 from icstools.sites import Site, find_tensor

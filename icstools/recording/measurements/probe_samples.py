@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from icstools.recording.errors import RecorderError
 from icstools.recording.layout import to_host
 from icstools.recording.measurements.base import (
     Context,
     Declaration,
     Measurement,
-    RecorderError,
 )
 from icstools.schema import Coordinate, Variable
 
@@ -54,7 +54,6 @@ class ProbeSamples(Measurement):
         self.seed = seed
         self._positions: dict[str, tuple[torch.Tensor, int]] = {}  # site -> positions [m], of n
         self._values: dict[str, torch.Tensor] = {}  # site -> this record's values [m, units]
-        self._length = 0
 
     @classmethod
     def from_options(cls, options: Any) -> ProbeSamples | None:
@@ -86,13 +85,9 @@ class ProbeSamples(Measurement):
         self._values = {}
 
     def declare(self, ctx: Context) -> Declaration:
-        sites = ctx.layout.sites
-        self._length = min(
-            (self._values[n].shape[0] for n in sites if n in self._values), default=0
-        )
-        return Declaration(
-            {"sample": ("sample", np.arange(self._length, dtype=np.int64))}, VARIABLES
-        )
+        kept = [self._values[n].shape[0] for n in ctx.layout.sites if n in self._values]
+        length = min(kept, default=0)  # the fewest positions of any site
+        return Declaration({"sample": ("sample", np.arange(length, dtype=np.int64))}, VARIABLES)
 
     def collect(self, ctx: Context) -> dict[str, np.ndarray]:
         values, self._values = to_host(self._values), {}  # one transfer for all sites

@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from icstools.recording.measurements.base import Context, Declaration, Measurement, RecorderError
+from icstools.recording.errors import RecorderError
+from icstools.recording.measurements.base import Context, Declaration, Measurement
 from icstools.schema import Variable, reserved_names
 
 __all__ = ["Scalars", "check_logged"]
