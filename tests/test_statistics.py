@@ -27,7 +27,12 @@ from icstools.functional.statistics import (
     SIGMOID_SATURATION,
     TANH_SATURATION,
     ActivationStatistics,
+    GradientStatistics,
+    StateField,
+    StatisticsState,
+    _finish,
     choose_hist_edges,
+    merge_fields,
     merge_states,
     quantiles_from_sorted,
     summarize,
@@ -959,3 +964,183 @@ def test_batched_numpy_fold_equals_per_site_torch_reduction():
             rtol=1e-6,
             atol=1e-6,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The declared state: every field merges, travels to the host and is finished by name
+# --------------------------------------------------------------------------------------------
+
+
+def _moment_group(cls) -> list[str]:
+    return [f.name for f in cls.FIELDS if f.reduce == "moments"]
+
+
+def _awkward_block(rng: np.random.Generator, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[n, 6]``: no finite value in unit 0's first half (an empty side for min/max and the
+    moments), ±inf in unit 1, zeros in unit 2, saturated values in 3, skewed 4, constant 5."""
+    a = rng.normal(0.5, 2.0, (n, 6))
+    a[: n // 2, 0] = np.nan
+    a[rng.random(n) < 0.2, 1] = np.inf
+    a[rng.random(n) < 0.2, 1] = -np.inf
+    a[rng.random(n) < 0.4, 2] = 0.0
+    a[:, 3] *= 5
+    a[:, 4] = rng.exponential(3.0, n)
+    a[:, 5] = 1.25
+    return torch.from_numpy(a).to(dtype)
+
+
+def _assert_close_per_unit(got, want, rtol: float, atol: np.ndarray, what: str) -> None:
+    """``|got - want| <= atol[u] + rtol·|want|`` for every unit ``u`` (NaN where NaN)."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    nan = np.isnan(want)
+    assert (np.isnan(got) == nan).all(), f"{what}: NaN at {np.isnan(got)}, want {nan}"
+    err = np.abs(np.where(nan, 0, got - want))
+    bad = err > atol + rtol * np.abs(np.where(nan, 0, want))
+    assert not bad.any(), f"{what}: units {np.flatnonzero(bad)} off by {err[bad]}: {got} {want}"
+
+
+def _random_tree_merge(states: list, merge, rng: np.random.Generator):
+    """Merge ``states`` pairwise in a random order and pairing (not only a left fold)."""
+    states = list(states)
+    while len(states) > 1:
+        i, j = rng.choice(len(states), size=2, replace=False)
+        merged = merge(states[i], states[j])
+        states = [s for k, s in enumerate(states) if k not in (i, j)] + [merged]
+    return states[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_of_random_splits_equals_one_pass_in_every_declared_field(dtype, seed):
+    rng = np.random.default_rng(seed)
+    n = 97
+    x = _awkward_block(rng, n, dtype)
+    edges = np.linspace(-6, 6, 9)
+    kw = dict(hist_edges=edges, sat_threshold=3.0)
+    # the first chunk has no finite value of unit 0; repeated cuts give chunks without rows
+    cuts = [rng.integers(1, n // 2), *rng.integers(0, n + 1, size=rng.integers(1, 6))]
+    bounds = [0, *sorted(cuts), n]
+    chunks = [x[s:e] for s, e in itertools.pairwise(bounds)] + [x[:0]]
+    merged = _random_tree_merge([summarize(c, 1, **kw) for c in chunks], merge_states, rng)
+    one = summarize(x, 1, **kw)
+    assert merged.calls == len(chunks)
+
+    finite = np.where(np.isfinite(unit_rows(x, 1)), np.abs(unit_rows(x, 1)), 0)
+    scale = finite.max(1)  # per unit
+    tol = 1e-7 if dtype == torch.float32 else 1e-14  # both sides sum in float64
+    group = _moment_group(StatisticsState)
+
+    def exact(name, got, want):
+        np.testing.assert_array_equal(got.numpy(), want.numpy(), err_msg=name)
+        assert got.dtype == want.dtype, name
+
+    def same_multiset(name, got, want):  # concatenation: the rows of all chunks, any order
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        np.testing.assert_array_equal(np.sort(got.numpy(), 0), np.sort(want.numpy(), 0), name)
+
+    def moments(name, got, want):
+        p = group.index(name)  # 0: the count, 1: the mean, p >= 2: the central sum M_p
+        if p == 0:
+            return exact(name, got, want)
+        atol = tol * scale**p * (1 if p == 1 else n)  # per unit
+        _assert_close_per_unit(got, want, tol, atol, name)
+
+    check = {"sum": exact, "min": exact, "max": exact, "cat": same_multiset, "moments": moments}
+    for f in StatisticsState.FIELDS:  # a field with an unknown reduction fails here
+        check[f.reduce](f.name, getattr(merged, f.name), getattr(one, f.name))
+    assert np.isfinite(merged.min[0].item()) and merged.count[0] == (n + 1) // 2
+
+
+def test_every_declared_field_is_merged_transferred_and_finished():
+    names = [f.name for f in StatisticsState.FIELDS]
+    for cls in (StatisticsState, GradientStatistics):
+        declared = [f.name for f in cls.FIELDS]
+        assert len(set(declared)) == len(declared), cls
+        assert {f.reduce for f in cls.FIELDS} <= {"sum", "min", "max", "cat", "moments"}
+        assert 3 <= len(_moment_group(cls)) <= 5  # count, mean, M2 [, M3, M4]
+    with pytest.raises(ValueError, match="unknown reduction"):
+        StateField("n_neg", "mean")
+    # the state holds exactly the declared fields (and its bookkeeping), no other
+    assert set(StatisticsState.__slots__) == {*names, "calls", "sample_sorted"}
+    x = _awkward_block(np.random.default_rng(0), 40, torch.float32)
+    edges = np.linspace(-6, 6, 9)
+    a = summarize(x[:25], 1, hist_edges=edges, sat_threshold=3.0)
+    b = summarize(x[25:], 1, hist_edges=edges, sat_threshold=3.0)
+    with pytest.raises(TypeError, match=r"missing \['hist'\]"):
+        StatisticsState(**{k: v for k, v in a.fields().items() if k != "hist"})
+    with pytest.raises(TypeError, match=r"unknown \['n_neg'\]"):
+        StatisticsState(**a.fields(), n_neg=a.n_zero)
+    empty = StatisticsState.empty(6, bins=8, dtype=torch.float32, device="cpu")
+    assert list(empty.fields()) == names
+
+    # merge: every declared field, from both sides
+    assert set(merge_fields(StatisticsState.FIELDS, a, b)) == set(names)
+
+    # host transfer: every declared field by name (the sample as its quantile values)
+    stats = ActivationStatistics(edges, 1, sat_threshold=3.0, quantile_sample=None)
+    stats.update(x[:, 2:5])  # finite, not constant: every finished statistic is a number
+    parts = stats._device_parts()
+    assert list(parts) == names
+    host = {k: v.numpy() for k, v in parts.items()}
+
+    # finish: each declared field changes the result
+    base = _finish(host, compute_dtype=torch.float32)
+    assert all(np.isfinite(v.numpy()).all() for v in base.values())
+    for name in names:
+        changed = _finish({**host, name: host[name] + 1}, compute_dtype=torch.float32)
+        assert any(changed[k].numpy().tobytes() != base[k].numpy().tobytes() for k in base), (
+            f"field {name!r} does not reach the statistics"
+        )
+
+    # GradientStatistics: merge and the final statistics cover n, mean and M2 the same way
+    g = torch.randn(12, 4, generator=torch.Generator().manual_seed(1))
+    ga, gb = GradientStatistics(1), GradientStatistics(1)
+    ga.update(g[:5])
+    gb.update(g[5:])
+    grad_names = [f.name for f in GradientStatistics.FIELDS]
+    assert set(merge_fields(GradientStatistics.FIELDS, ga, gb)) == set(grad_names)
+    base_g = ga.compute()
+    for name in grad_names:
+        other = GradientStatistics(1)
+        other.merge(ga)
+        setattr(other, name, getattr(ga, name) + 1)
+        out = other.compute()
+        assert any(not torch.equal(out[k], base_g[k]) for k in base_g), name
+    ga.reset()
+    assert [getattr(ga, n) for n in grad_names] == [0, None, None]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gradient_merge_of_random_splits_equals_one_pass(seed):
+    rng = np.random.default_rng(seed)
+    # [batch, 4, 3]: units on the last dimension, at three scales
+    g = torch.from_numpy(rng.normal(0.3, 2.0, (57, 4, 3)) * [1e-3, 1.0, 1e3]).float()
+    cuts = np.sort(rng.integers(1, 57, size=rng.integers(1, 6)))
+    chunks = [g[s:e] for s, e in itertools.pairwise([0, *cuts.tolist(), 57]) if e > s]
+    ranks = [GradientStatistics(-1) for _ in range(rng.integers(1, 4) + 1)]  # some stay empty
+    for c in chunks:
+        ranks[rng.integers(len(ranks))].update(c)
+
+    def merge(a, b):
+        a.merge(b)
+        return a
+
+    merged = _random_tree_merge(ranks, merge, rng)
+    one = GradientStatistics(-1)
+    one.update(g)
+    rows = g.double().reshape(-1, 3).numpy()
+    scale = np.abs(rows).max(0)
+    m = rows.shape[0]
+    atol = {"mean": 1e-6 * scale, "m2": 1e-6 * m * scale**2}  # float32 gradients
+    for f in GradientStatistics.FIELDS:
+        got, want = getattr(merged, f.name), getattr(one, f.name)
+        if f.name == "n":
+            assert got == want == m
+        else:
+            _assert_close_per_unit(got, want, 1e-6, atol[f.name], f.name)
+    out = merged.compute()
+    mean = rows.mean(0)
+    _assert_close_per_unit(out["grad_mean"], mean, 1e-6, atol["mean"], "grad_mean")
+    _assert_close_per_unit(out["grad_var"], rows.var(0), 1e-6, atol["m2"] / m, "grad_var")
+    np.testing.assert_allclose(out["grad_unit_norm"], np.sqrt((rows**2).sum(0)), rtol=1e-6)
+    np.testing.assert_allclose(out["grad_norm"], np.sqrt((rows**2).sum()), rtol=1e-6)

@@ -22,18 +22,25 @@ them; the copies of all sites are reduced together when the record closes
 
 The state of two :class:`ActivationStatistics` over disjoint values merges exactly
 (:meth:`ActivationStatistics.merge`), so batches, repeated calls of a module and ranks combine
-to what one pass over all the values gives. Quantiles are exact while the pooled values of a
-unit number at most ``quantile_sample``; beyond that they are taken on a uniform random sample
-of that many values (drawn with the object's own generator, never the global RNG). The standard
-error of such a quantile is about ``sqrt(q(1-q)/m) / f(x_q)`` for a sample of ``m`` values and
-density ``f``: for ``m = 8192`` and a Gaussian unit, 0.014σ at the median.
+to what one pass over all the values gives. Each field of a state is declared once
+(:class:`StateField`: name, empty value, reduction; see :class:`StatisticsState`), and merging,
+folding, the host transfer and the final statistics go through the declared fields by name.
+
+Quantiles are exact while the pooled values of a unit number at most ``quantile_sample``;
+beyond that they are taken on a uniform random sample of that many values (drawn with the
+object's own generator, never the global RNG). The standard error of such a quantile is about
+``sqrt(q(1-q)/m) / f(x_q)`` for a sample of ``m`` values and density ``f``: for ``m = 8192``
+and a Gaussian unit, 0.014σ at the median.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -44,9 +51,11 @@ __all__ = [
     "TANH_SATURATION",
     "ActivationStatistics",
     "GradientStatistics",
+    "StateField",
     "StatisticsState",
     "choose_hist_edges",
     "compute_many",
+    "merge_fields",
     "merge_states",
     "quantiles_from_sorted",
     "summarize",
@@ -66,28 +75,226 @@ DEFAULT_QUANTILES: tuple[float, ...] = tuple(
 )
 
 
-@dataclass
+#: Field-by-field reductions of two states over disjoint values (``"moments"``: see
+#: :func:`_merge_moments`).
+_REDUCTIONS: dict[str, Callable[[Any, Any], Any]] = {
+    "sum": operator.add,
+    "min": torch.fmin,  # fmin/fmax ignore the NaN of a unit without values on one side
+    "max": torch.fmax,
+    "cat": lambda a, b: torch.cat([a, b.to(a.dtype)]),
+}
+
+
+@dataclass(frozen=True)
+class StateField:
+    """The declaration of one field of a mergeable state (cf. torchmetrics' ``add_state``).
+
+    Parameters
+    ----------
+    name : str
+        Attribute name of the field.
+    reduce : str
+        How the field of two states over disjoint values combines (see :func:`merge_fields`):
+        ``"sum"``, ``"min"``/``"max"`` (NaN-ignoring ``fmin``/``fmax``: NaN marks a unit
+        without values), ``"cat"`` (concatenation along the first dimension) or
+        ``"moments"``: the fields so declared form *one* group merged jointly, in declaration
+        order the count, the mean and the central moment sums ``M2 .. Mp`` (Pébay 2008).
+    shape : tuple
+        Shape of the empty value: ints and the sizes ``"units"`` and ``"bins+2"``.
+    dtype : torch.dtype, type or None
+        ``None`` for the compute dtype of the values; ``int`` for a host-side Python int (one
+        count for all units).
+    fill : float
+        Every element of the empty value (the field's value over no values).
+
+    Notes
+    -----
+    The reductions map onto ``torch.distributed`` for a later multi-rank merge: ``"sum"`` is
+    ``all_reduce(SUM)``; ``"min"``/``"max"`` are ``all_reduce(MIN/MAX)`` once the NaN of empty
+    units is replaced by ``+inf``/``-inf`` (MIN/MAX do not ignore NaN); ``"cat"`` needs an
+    ``all_gather`` of samples of unequal length (padded, or ``all_gather_object``); the moment
+    group needs an ``all_gather`` of all its fields followed by the pairwise merge (a rank's
+    count, mean and sums cannot be reduced field by field).
+    """
+
+    name: str
+    reduce: str
+    shape: tuple[int | str, ...] = ("units",)
+    dtype: torch.dtype | type | None = None
+    fill: float = 0
+
+    def __post_init__(self) -> None:
+        if self.reduce not in (*_REDUCTIONS, "moments"):
+            raise ValueError(f"field {self.name!r}: unknown reduction {self.reduce!r}")
+
+    def empty(
+        self,
+        units: int | None,
+        *,
+        bins: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor | int | None:
+        """The field over no values; ``None`` for a per-unit field while ``units`` is unknown."""
+        if self.dtype is int:
+            return int(self.fill)
+        if units is None:
+            return None
+        sizes = {"units": units, "bins+2": bins + 2}
+        shape = tuple(sizes.get(d, d) for d in self.shape)
+        return torch.full(shape, self.fill, dtype=self.dtype or dtype, device=device)
+
+
+def merge_fields(fields: Sequence[StateField], a: Any, b: Any) -> dict[str, Any]:
+    """Merge two states over disjoint values, declared field by field (exact).
+
+    ``a`` and ``b`` hold the declared fields as attributes; returns ``{name: merged value}``
+    for every declared field. The ``"moments"`` fields are merged as one group.
+    """
+    out: dict[str, Any] = {}
+    group = []
+    for f in fields:
+        if f.reduce == "moments":
+            group.append(f.name)
+        else:
+            out[f.name] = _REDUCTIONS[f.reduce](getattr(a, f.name), getattr(b, f.name))
+    if group:
+        merged = _merge_moments([getattr(a, k) for k in group], [getattr(b, k) for k in group])
+        out.update(zip(group, merged, strict=True))
+    return out
+
+
+def _merge_moments(a: list[Any], b: list[Any]) -> list[Any]:
+    """Pébay's (2008) pairwise merge of ``[count, mean, M2, .., Mp]`` (``p`` ≤ 4).
+
+    Per-unit integer counts (tensors): a side without values (count 0, NaN moments)
+    contributes nothing. One Python int count for all units (``p`` = 2): Chan et al.'s form,
+    with the weights taken once in double precision; an empty ``a`` gives ``b``.
+    """
+    order = len(a) - 1
+    if not 2 <= order <= 4 or len(b) != len(a):
+        raise ValueError(f"a moment group is count, mean, M2 .. M4; got {len(a)} and {len(b)}")
+    if isinstance(a[0], int):
+        if order != 2:
+            raise ValueError("a moment group with one count for all units has order 2")
+        (na, mean_a, m2_a), (nb, mean_b, m2_b) = a, b
+        if na == 0:
+            return list(b)
+        total = na + nb
+        delta = mean_b - mean_a
+        m2 = m2_a + m2_b + delta.square() * (na * nb / total)
+        return [total, mean_a + delta * (nb / total), m2]
+    na, nb = a[0].double(), b[0].double()
+    n = na + nb
+    safe_n = torch.where(n > 0, n, 1)
+    delta = b[1] - a[1]
+    merged = [
+        a[1] + delta * nb / safe_n,
+        a[2] + b[2] + delta**2 * na * nb / safe_n,
+    ]
+    if order >= 3:
+        merged.append(
+            a[3]
+            + b[3]
+            + delta**3 * na * nb * (na - nb) / safe_n**2
+            + 3 * delta * (na * b[2] - nb * a[2]) / safe_n
+        )
+    if order >= 4:
+        merged.append(
+            a[4]
+            + b[4]
+            + delta**4 * na * nb * (na * na - na * nb + nb * nb) / safe_n**3
+            + 6 * delta**2 * (na * na * b[2] + nb * nb * a[2]) / safe_n**2
+            + 4 * delta * (na * b[3] - nb * a[3]) / safe_n
+        )
+    # A side without finite values (NaN moments) contributes nothing: take the other side.
+    a_empty, b_empty = na == 0, nb == 0
+    return [
+        a[0] + b[0],
+        *(
+            torch.where(a_empty, tb, torch.where(b_empty, ta, t))
+            for t, ta, tb in zip(merged, a[1:], b[1:], strict=True)
+        ),
+    ]
+
+
 class StatisticsState:
     """Mergeable state of one site's units (tensors on the activations' device).
 
-    Shapes: ``[units]`` unless noted; ``hist`` is ``[bins + 2]`` (underflow, bins, overflow);
-    ``sample`` is ``[m, units]`` raw values (non-finite kept, excluded when sorted).
+    Every field is declared once in :attr:`FIELDS`, with its reduction and its empty value;
+    merging (:func:`merge_states`), folding, the host transfer and the final statistics
+    (:func:`compute_many`) go through the declared fields by name:
+
+    ==========  ==========  ===============  ============================================
+    field       reduce      empty            meaning
+    ==========  ==========  ===============  ============================================
+    count       moments     0 int64          finite values per unit
+    total       sum         0 int64          all values per unit
+    mean        moments     NaN float64      mean of the finite values
+    m2, m3, m4  moments     NaN float64      central moment sums
+    min, max    min, max    NaN compute      extremes (compute dtype: float32 or float64)
+    n_sat       sum         0 int64          saturated values per unit
+    n_zero      sum         0 int64          exact zeros per unit
+    hist        sum         0 int64          ``[bins + 2]``: underflow, bins, overflow
+    sample      cat         ``[0, units]``   ``[m, units]`` raw values for the quantiles
+    ==========  ==========  ===============  ============================================
+
+    ``calls`` (tensors merged; added by a merge) and ``sample_sorted`` (each column of
+    ``sample`` ascending; false after a merge) are bookkeeping, not statistics.
     """
 
-    count: torch.Tensor  # finite values per unit (int64)
-    total: torch.Tensor  # all values per unit (int64)
-    mean: torch.Tensor  # float64, as the central moment sums
-    m2: torch.Tensor
-    m3: torch.Tensor
-    m4: torch.Tensor
-    min: torch.Tensor  # compute dtype (float32, or float64 for float64 inputs)
-    max: torch.Tensor
-    n_sat: torch.Tensor
-    n_zero: torch.Tensor
-    hist: torch.Tensor
-    sample: torch.Tensor
-    calls: int = 1
-    sample_sorted: bool = False  # each column of ``sample`` ascending (a sample is a multiset)
+    FIELDS: ClassVar[tuple[StateField, ...]] = (
+        StateField("count", "moments", dtype=torch.int64),
+        StateField("total", "sum", dtype=torch.int64),
+        StateField("mean", "moments", dtype=torch.float64, fill=math.nan),
+        StateField("m2", "moments", dtype=torch.float64, fill=math.nan),
+        StateField("m3", "moments", dtype=torch.float64, fill=math.nan),
+        StateField("m4", "moments", dtype=torch.float64, fill=math.nan),
+        StateField("min", "min", fill=math.nan),
+        StateField("max", "max", fill=math.nan),
+        StateField("n_sat", "sum", dtype=torch.int64),
+        StateField("n_zero", "sum", dtype=torch.int64),
+        StateField("hist", "sum", ("bins+2",), torch.int64),
+        StateField("sample", "cat", (0, "units"), fill=math.nan),
+    )
+    _NAMES: ClassVar[frozenset[str]] = frozenset(f.name for f in FIELDS)
+    __slots__ = (*(f.name for f in FIELDS), "calls", "sample_sorted")
+
+    def __init__(
+        self, *, calls: int = 1, sample_sorted: bool = False, **fields: torch.Tensor
+    ) -> None:
+        if fields.keys() != self._NAMES:
+            missing, unknown = self._NAMES - fields.keys(), fields.keys() - self._NAMES
+            raise TypeError(
+                f"StatisticsState takes exactly the declared fields: missing {sorted(missing)}, "
+                f"unknown {sorted(unknown)}"
+            )
+        for name, value in fields.items():
+            setattr(self, name, value)
+        self.calls = calls
+        self.sample_sorted = sample_sorted
+
+    @classmethod
+    def empty(
+        cls, units: int, *, bins: int, dtype: torch.dtype, device: torch.device | str | None
+    ) -> StatisticsState:
+        """The state of one call without values (``calls`` 1)."""
+        return cls(
+            **{f.name: f.empty(units, bins=bins, dtype=dtype, device=device) for f in cls.FIELDS}
+        )
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        """The declared fields, by name, in declaration order."""
+        return {f.name: getattr(self, f.name) for f in self.FIELDS}
+
+    def replace(self, **changes: Any) -> StatisticsState:
+        """A shallow copy with some fields or bookkeeping changed (as ``dataclasses.replace``)."""
+        kwargs = {**self.fields(), "calls": self.calls, "sample_sorted": self.sample_sorted}
+        return type(self)(**{**kwargs, **changes})
+
+    def __repr__(self) -> str:
+        parts = [f"{k}={tuple(v.shape)} {v.dtype}" for k, v in self.fields().items()]
+        return f"StatisticsState({', '.join(parts)}, calls={self.calls})"
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -155,23 +362,7 @@ def summarize(
     bins = len(hist_edges) - 1
 
     if n_total == 0:
-        nan = torch.full((units,), math.nan, dtype=dtype, device=x.device)
-        nan64 = torch.full((units,), math.nan, dtype=torch.float64, device=x.device)
-        zero = torch.zeros(units, dtype=torch.int64, device=x.device)
-        return StatisticsState(
-            count=zero,
-            total=zero.clone(),
-            mean=nan64,
-            m2=nan64.clone(),
-            m3=nan64.clone(),
-            m4=nan64.clone(),
-            min=nan.clone(),
-            max=nan.clone(),
-            n_sat=zero.clone(),
-            n_zero=zero.clone(),
-            hist=torch.zeros(bins + 2, dtype=torch.int64, device=x.device),
-            sample=torch.empty(0, units, dtype=dtype, device=x.device),
-        )
+        return StatisticsState.empty(units, bins=bins, dtype=dtype, device=x.device)
 
     moments, flat = _unit_moments(x, dims, bshape, sat_threshold)
     hist = _histogram(flat, hist_edges)
@@ -286,67 +477,25 @@ def _sample_rows(
 def merge_states(a: StatisticsState, b: StatisticsState) -> StatisticsState:
     """Merge the states of two disjoint sets of values of the same units (exact).
 
-    Moments combine with Pébay's (2008) pairwise formulas; counts, histograms add; samples
-    concatenate (the caller keeps their rates equal so the pooled sample stays uniform).
+    Each field merges as declared in :attr:`StatisticsState.FIELDS` (:func:`merge_fields`):
+    moments with Pébay's (2008) pairwise formulas; counts, histograms add; extremes take
+    fmin/fmax; samples concatenate (the caller keeps their rates equal so the pooled sample
+    stays uniform). ``calls`` add.
 
     Examples
     --------
     >>> e = np.linspace(-3, 3, 7)
     >>> x = torch.randn(100, 4)
     >>> ab = merge_states(summarize(x[:30], 1, hist_edges=e), summarize(x[30:], 1, hist_edges=e))
-    >>> torch.allclose(ab.mean, x.mean(0))
+    >>> torch.allclose(ab.mean, x.double().mean(0))
     True
     """
     if a.mean.shape != b.mean.shape:
         raise ValueError(
             f"cannot merge statistics of {a.mean.shape[0]} and {b.mean.shape[0]} units"
         )
-    na = a.count.double()
-    nb = b.count.double()
-    n = na + nb
-    safe_n = torch.where(n > 0, n, 1)
-    delta = b.mean - a.mean
-    mean = a.mean + delta * nb / safe_n
-    m2 = a.m2 + b.m2 + delta**2 * na * nb / safe_n
-    m3 = (
-        a.m3
-        + b.m3
-        + delta**3 * na * nb * (na - nb) / safe_n**2
-        + 3 * delta * (na * b.m2 - nb * a.m2) / safe_n
-    )
-    m4 = (
-        a.m4
-        + b.m4
-        + delta**4 * na * nb * (na * na - na * nb + nb * nb) / safe_n**3
-        + 6 * delta**2 * (na * na * b.m2 + nb * nb * a.m2) / safe_n**2
-        + 4 * delta * (na * b.m3 - nb * a.m3) / safe_n
-    )
-    # A side without finite values (NaN moments) contributes nothing: take the other side.
-    a_empty, b_empty = na == 0, nb == 0
-    mean, m2, m3, m4 = (
-        torch.where(a_empty, tb, torch.where(b_empty, ta, t))
-        for t, ta, tb in (
-            (mean, a.mean, b.mean),
-            (m2, a.m2, b.m2),
-            (m3, a.m3, b.m3),
-            (m4, a.m4, b.m4),
-        )
-    )
-    return StatisticsState(
-        count=a.count + b.count,
-        total=a.total + b.total,
-        mean=mean,
-        m2=m2,
-        m3=m3,
-        m4=m4,
-        min=torch.fmin(a.min, b.min),  # fmin ignores the NaN of an empty side
-        max=torch.fmax(a.max, b.max),
-        n_sat=a.n_sat + b.n_sat,
-        n_zero=a.n_zero + b.n_zero,
-        hist=a.hist + b.hist,
-        sample=torch.cat([a.sample, b.sample.to(a.sample.dtype)]),
-        calls=a.calls + b.calls,
-    )
+    merged = merge_fields(StatisticsState.FIELDS, a, b)
+    return StatisticsState(**merged, calls=a.calls + b.calls)
 
 
 def quantiles_from_sorted(
@@ -573,9 +722,7 @@ class ActivationStatistics:
             return state
         m = state.sample.shape[0]
         rows = torch.randperm(m, generator=self.generator)[: round(m * keep)]
-        return replace(
-            state, sample=state.sample[rows.to(state.sample.device)], sample_sorted=False
-        )
+        return state.replace(sample=state.sample[rows.to(state.sample.device)], sample_sorted=False)
 
     def _bound_sample(self) -> None:
         # Many small calls (an RNN cell, gradient accumulation) would let the pooled sample
@@ -609,14 +756,16 @@ class ActivationStatistics:
         """
         return compute_many([self])[0]
 
-    def _device_parts(self) -> list[torch.Tensor]:
-        """The state's tensors and the quantile values, still on the device."""
+    def _device_parts(self) -> dict[str, torch.Tensor]:
+        """Every declared field of the state by name, still on the device; the sample as its
+        quantile values (``[units, nq]``)."""
         self._fold()
         s = self._state
         if s is None:
             raise ValueError("compute() called before any update()")
-        parts = [s.count, s.total, s.mean, s.m2, s.m3, s.m4, s.min, s.max, s.n_sat, s.n_zero]
-        return [*parts, s.hist, self._quantiles(s)]
+        parts = s.fields()
+        parts["sample"] = self._quantiles(s)
+        return parts
 
     def _quantiles(self, s: StatisticsState) -> torch.Tensor:
         sample = s.sample  # [m, units]
@@ -659,8 +808,8 @@ def compute_many(stats: Sequence[ActivationStatistics]) -> list[dict[str, torch.
     """
     todo = [s for s in stats if s._result is None]
     _fold_together([s for s in todo if s._state is None and s._values])
-    parts = [s._device_parts() for s in todo]
-    flat = [t for p in parts for t in p]
+    parts = [s._device_parts() for s in todo]  # {field: tensor} each
+    flat = [t for p in parts for t in p.values()]
     if all(t.device.type == "cpu" for t in flat):
         host = [t.numpy() for t in flat]  # nothing to transfer
     else:
@@ -674,7 +823,8 @@ def compute_many(stats: Sequence[ActivationStatistics]) -> list[dict[str, torch.
             pos += t.numel()
     pos = 0
     for s, p in zip(todo, parts, strict=True):
-        s._result = _finish(host[pos : pos + len(p)], compute_dtype=p[6].dtype)
+        fields = dict(zip(p, host[pos : pos + len(p)], strict=True))
+        s._result = _finish(fields, compute_dtype=p["min"].dtype)
         pos += len(p)
     return [s._result for s in stats]  # type: ignore[misc]
 
@@ -692,7 +842,7 @@ def _fold_together(stats: list[ActivationStatistics]) -> None:
         if n == 0:
             for s, v in zip(group, vals, strict=True):
                 state = summarize(v, 1, hist_edges=s.hist_edges, sat_threshold=s.sat_threshold)
-                s._state = replace(state, calls=len(s._values))
+                s._state = state.replace(calls=len(s._values))
                 s._values, s._n_values, s._rate = [], 0, 1.0
             continue
         block = torch.cat(vals, dim=1) if len(vals) > 1 else vals[0]  # [positions, all units]
@@ -784,9 +934,11 @@ def _histogram_numpy(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def _finish(arrays: list[np.ndarray], compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Final statistics from a state's host arrays (numpy: cheap on ``[units]`` vectors)."""
-    count, total, mean, m2, m3, m4, mn, mx, n_sat, n_zero, hist, qv = arrays
+def _finish(host: Mapping[str, np.ndarray], compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Final statistics from a state's declared fields on the host, by name (numpy: cheap on
+    ``[units]`` vectors); ``host["sample"]`` holds the quantile values."""
+    count, mean = host["count"], host["mean"]
+    m2, m3, m4 = host["m2"], host["m3"], host["m4"]
     n = count
     safe = np.where(n > 0, n, 1)
     var = m2 / safe
@@ -805,14 +957,14 @@ def _finish(arrays: list[np.ndarray], compute_dtype: torch.dtype) -> dict[str, t
         "var": np.where(empty, np.nan, var),
         "skew": np.where(empty, np.nan, skew),
         "kurt": np.where(empty, np.nan, kurt),
-        "min": np.where(empty, np.nan, mn).astype(cdt),
-        "max": np.where(empty, np.nan, mx).astype(cdt),
-        "sat_frac": np.where(empty, np.nan, n_sat / safe),
-        "zero_frac": np.where(empty, np.nan, n_zero / safe),
-        "nonfinite": 1 - n / np.maximum(total, 1),
+        "min": np.where(empty, np.nan, host["min"]).astype(cdt),
+        "max": np.where(empty, np.nan, host["max"]).astype(cdt),
+        "sat_frac": np.where(empty, np.nan, host["n_sat"] / safe),
+        "zero_frac": np.where(empty, np.nan, host["n_zero"] / safe),
+        "nonfinite": 1 - n / np.maximum(host["total"], 1),
         "count": count.astype(np.int64),
-        "hist": hist.astype(np.int64),
-        "quantile_value": qv.astype(cdt),
+        "hist": host["hist"].astype(np.int64),
+        "quantile_value": host["sample"].astype(cdt),
     }
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
 
@@ -821,8 +973,9 @@ class GradientStatistics:
     """Per-unit moments of a site's gradient ``dL/dx``, streaming and mergeable.
 
     The state is the number of positions ``n`` and, per unit, the mean and the sum of squared
-    deviations ``M2`` of the gradient (float64, merged with Chan et al.'s formulas, so calls,
-    micro-batches and ranks combine exactly). :meth:`compute` gives per unit ``grad_mean``,
+    deviations ``M2`` of the gradient (float64), declared in :attr:`FIELDS` as one moment group
+    of order 2 (:class:`StateField`) and merged with Chan et al.'s formulas, so calls,
+    micro-batches and ranks combine exactly. :meth:`compute` gives per unit ``grad_mean``,
     ``grad_var`` (ddof=0) and ``grad_unit_norm`` (``sqrt(Σ g²)`` over the unit's positions), and
     ``grad_norm``, the Euclidean norm of the whole site gradient (all units, positions and
     calls). Non-finite gradients propagate (NaN/inf results), as a diverged run's should.
@@ -842,15 +995,24 @@ class GradientStatistics:
     True
     """
 
+    FIELDS: ClassVar[tuple[StateField, ...]] = (
+        StateField("n", "moments", (), int),  # positions: one count for all units
+        StateField("mean", "moments", dtype=torch.float64),  # [units], the gradient's device
+        StateField("m2", "moments", dtype=torch.float64),
+    )
+
+    n: int
+    mean: torch.Tensor | None  # None until the first update (the units are unknown)
+    m2: torch.Tensor | None
+
     def __init__(self, unit_dim: int) -> None:
         self.unit_dim = unit_dim
         self.reset()
 
     def reset(self) -> None:
         """Forget everything."""
-        self.n = 0
-        self.mean: torch.Tensor | None = None  # [units] float64, on the gradient's device
-        self.m2: torch.Tensor | None = None
+        for f in self.FIELDS:
+            setattr(self, f.name, f.empty(None))
 
     def update(self, g: torch.Tensor) -> None:
         """Add the gradient of one call (any shape with the units on ``unit_dim``)."""
@@ -864,23 +1026,21 @@ class GradientStatistics:
 
     def merge_moments(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         """Merge another state (``n`` positions, per-unit ``mean`` and ``M2``) into this one."""
-        if self.mean is None or self.m2 is None or self.n == 0:
-            self.n, self.mean, self.m2 = n, mean, m2
-            return
-        if mean.shape != self.mean.shape:
-            raise ValueError(
-                f"cannot merge gradients of {tuple(mean.shape)} units into {tuple(self.mean.shape)}"
-            )
-        total = self.n + n
-        delta = mean - self.mean
-        self.m2 = self.m2 + m2 + delta.square() * (self.n * n / total)
-        self.mean = self.mean + delta * (n / total)
-        self.n = total
+        self._merge(SimpleNamespace(n=n, mean=mean, m2=m2))
 
     def merge(self, other: GradientStatistics) -> None:
         """Merge the state of ``other`` (disjoint positions of the same units) into this one."""
         if other.n and other.mean is not None and other.m2 is not None:
-            self.merge_moments(other.n, other.mean, other.m2)
+            self._merge(other)
+
+    def _merge(self, other: Any) -> None:
+        if self.n and self.mean is not None and other.mean.shape != self.mean.shape:
+            raise ValueError(
+                f"cannot merge gradients of {tuple(other.mean.shape)} units into "
+                f"{tuple(self.mean.shape)}"
+            )
+        for name, value in merge_fields(self.FIELDS, self, other).items():
+            setattr(self, name, value)
 
     def compute(self) -> dict[str, torch.Tensor]:
         """``grad_mean``, ``grad_var``, ``grad_unit_norm`` ``[units]`` and ``grad_norm`` ``[]``
