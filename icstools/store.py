@@ -63,13 +63,14 @@ from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.core.sync import sync as _zarr_sync
 from zarr.storage import LocalStore
 
+from icstools.schema import SCHEMA_VERSION, STEP
+
 __all__ = ["STORE_FORMAT", "BackgroundWriter", "RunWriter", "StoreError", "open_run"]
 
 logger = logging.getLogger(__name__)
 
 #: Version of the on-disk layout, stored as the root attribute ``icstools_store_format``.
 STORE_FORMAT = 1
-STEP = "step"
 _MARKER = ".zmetadata"  # zarr v2 consolidated metadata, our commit marker
 _RESERVED_ATTRS = frozenset({"icstools_store_format", "n_committed"})
 _STEP_KINDS = "biuf"  # bool, signed/unsigned int, float
@@ -1069,6 +1070,12 @@ def open_run(path: str | os.PathLike, *, chunks: Any = None) -> xr.Dataset:
         raise StoreError(f"{p} is a Zarr store but not an icstools run store (no format attr)")
     if fmt != STORE_FORMAT:
         raise StoreError(f"{p} has icstools store format {fmt!r}; this version reads only 1")
+    schema = attrs.get("schema_version", SCHEMA_VERSION)
+    if isinstance(schema, int) and schema > SCHEMA_VERSION:
+        raise StoreError(
+            f"{p} holds a run of schema version {schema}, newer than this icstools reads "
+            f"({SCHEMA_VERSION}): upgrade icstools"
+        )
     store = _SnapshotStore(p, snapshot=snapshot)
     try:
         ds = xr.open_dataset(

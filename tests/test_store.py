@@ -724,3 +724,20 @@ def test_sigkill_at_any_moment_leaves_last_commit(tmp_path):
             proc.wait(timeout=30)
             for stream in (proc.stdin, proc.stdout, proc.stderr):
                 stream.close()
+
+
+def test_a_run_of_a_newer_schema_is_refused_with_a_clear_error(tmp_path):
+    from icstools.schema import SCHEMA_VERSION
+
+    path = tmp_path / "newer.zarr"
+    with RunWriter(path, chunk_steps=4) as writer:
+        block = make_block(0, 3)
+        block.attrs["schema_version"] = SCHEMA_VERSION + 1
+        writer.append(block)
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}, newer"):
+        open_run(path)
+    with RunWriter(tmp_path / "same.zarr", chunk_steps=4) as writer:
+        block = make_block(0, 3)
+        block.attrs["schema_version"] = SCHEMA_VERSION
+        writer.append(block)
+    assert open_run(tmp_path / "same.zarr").sizes["step"] == 3

@@ -296,10 +296,7 @@ class RecorderCore:
             return
         if ctx.layout is None:
             ctx.layout = Layout.fix(ctx)
-        record = ctx.layout.empty_record(step)
-        for m in ctx.measurements:
-            for name, value in m.collect(ctx).items():
-                record[name] = ctx.layout.check(name, value, m.name)
+        record = ctx.layout.record(step, [(m.name, m.collect(ctx)) for m in ctx.measurements])
         ctx.logs = {}
         self._check_divergence(record, logs)
         self._sink.emit(record, self._block)

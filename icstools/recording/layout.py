@@ -194,22 +194,27 @@ class Layout:
         """``[site]`` array from a dict record site -> value (missing: ``fill``)."""
         return np.array([values.get(s, fill) for s in self.sites], dtype=np.float64)
 
-    def empty_record(self, step: int) -> dict[str, Any]:
-        """One record of every variable, filled with its fill value."""
+    def record(self, step: int, results: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+        """One record from the measurements' ``(name, collected arrays)``: each array checked
+        against its declaration and cast to its dtype; variables not returned are filled."""
         rec: dict[str, Any] = {STEP: step}
+        for measurement, arrays in results:
+            for name, value in arrays.items():
+                rec[name] = self._checked(name, value, measurement)
         for name, v in self.variables.items():
-            rec[name] = v.empty(self.sizes)
+            if name not in rec:
+                rec[name] = v.empty(self.sizes)
         return rec
 
-    def check(self, name: str, value: np.ndarray, measurement: str) -> np.ndarray:
-        """``value`` in the shape of one record of variable ``name`` (or a clear error)."""
+    def _checked(self, name: str, value: Any, measurement: str) -> np.ndarray:
         v = self.variables.get(name)
         if v is None:
             raise ValueError(
                 f"measurement {measurement!r} returned {name!r}, which it did not declare "
                 f"(declared in this run: {sorted(self.variables)})"
             )
-        value = np.asarray(value)
+        with np.errstate(over="ignore"):  # float32 holds a diverging value as ±inf
+            value = np.asarray(value, dtype=v.dtype)
         shape = v.shape(self.sizes)
         if value.shape != shape:
             raise ValueError(
