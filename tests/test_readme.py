@@ -44,3 +44,25 @@ def test_readme_analysis_example_runs_on_the_first_examples_store(tmp_path, monk
     d = namespace["d"]
     assert d["w1_std"].chunks is not None  # lazy on the store
     assert set(d.compute().data_vars) >= {"w1_std", "ks", "psi"}
+
+
+def test_readme_user_defined_measurement_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    exec(compile(_example(), str(README), "exec"), namespace)
+    section = README.read_text().split("## Your own measurement", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code, "README lost its user-defined measurement example"
+    snippet = code.group(1)
+    assert len([ln for ln in snippet.splitlines() if ln.strip()]) <= 32
+    exec(compile(snippet, str(README), "exec"), namespace)
+    assert "site_rms" in capsys.readouterr().out
+    ds = namespace["rec"].to_dataset()
+    rms = ds["site_rms"].values  # [step, site]; its own schedule: every 20th step
+    steps = ds.step.values
+    assert np.isfinite(rms[steps % 20 == 0]).all() and np.isnan(rms[steps % 20 != 0]).all()
+    # the RMS of a sigmoid input is at least |mean| of its units (Jensen), from the statistics
+    mean = ds["mean"].sel(source="train").values[steps % 20 == 0]
+    assert (rms[steps % 20 == 0, 0] + 1e-6 >= np.abs(mean).max(axis=1)).all()
+    erank = ds["erank"].values[steps % 50 == 0]
+    assert ((erank >= 1) & (erank <= 64)).all()
