@@ -60,7 +60,6 @@ class RecorderCore:
         self._site_takers = [m for m in ctx.measurements if hasattr(m, "site")]
         self.diverged_step: int | None = None
         self._hooks = HookGroup()  # the model's and the optimizer's, while attached
-        self._site_hooks = HookGroup()  # the sites', during one scheduled forward
         self._pending: int | None = None  # step of the open record
         self._last_forward_step: int | None = None
         self._in_train_forward = False
@@ -116,11 +115,11 @@ class RecorderCore:
 
     def detach(self) -> None:
         """Remove every hook this recorder registered (safe to call twice)."""
-        self._site_hooks.remove()
+        ctx = self._ctx
+        ctx.forward_hooks.remove()
+        ctx.record_hooks.remove()
         self._hooks.remove()
-        for m in self._ctx.measurements:
-            m.train_forward_end(self._ctx)  # a forward interrupted by an exception
-        self._ctx.source = None
+        ctx.source = None
 
     def __enter__(self) -> RecorderCore:
         return self.attach()
@@ -133,10 +132,11 @@ class RecorderCore:
 
     def _arm(self) -> None:
         """Register the site hooks (for one scheduled forward, and the probe's)."""
-        if not self._site_hooks:
+        hooks = self._ctx.forward_hooks
+        if not hooks:
             for site in self._ctx.sites:
                 module = self._ctx.modules[site.module_name]
-                self._site_hooks.site(module, site.role, functools.partial(self._observe, site))
+                hooks.site(module, site.role, functools.partial(self._observe, site))
 
     def _observe(self, site: Site, x: torch.Tensor | None) -> None:
         ctx = self._ctx
@@ -154,7 +154,7 @@ class RecorderCore:
             return
         if not (module.training and torch.is_grad_enabled()):
             ctx.source = None  # evaluation forwards are not training data
-            self._site_hooks.remove()
+            ctx.forward_hooks.remove()
             return
         step = ctx.step
         self._last_forward_step = step
@@ -162,7 +162,7 @@ class RecorderCore:
             self._close_record()
         if not self.schedule(step):
             ctx.source = None
-            self._site_hooks.remove()
+            ctx.forward_hooks.remove()
             return
         self._arm()
         first = self._pending is None
@@ -185,7 +185,7 @@ class RecorderCore:
         if ctx.silent:
             return
         ctx.source = None
-        self._site_hooks.remove()
+        ctx.forward_hooks.remove()
         if self._in_train_forward:
             self._in_train_forward = False
             for m in ctx.measurements:
@@ -287,7 +287,7 @@ class RecorderCore:
         if step is None:
             return
         ctx = self._ctx
-        ctx.hooks.remove()  # tensor hooks of the record's activations
+        ctx.record_hooks.remove()  # tensor hooks of the record's activations
         ctx.batch = None
         logs = ctx.logs
         if ctx.layout is None and not ctx.units.base and not logs:

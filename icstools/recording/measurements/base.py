@@ -127,8 +127,12 @@ class Context:
         The step's target, given by :meth:`Recorder.set_target` (``target_step`` says when).
     logs : dict
         Scalars logged for the open record (``rec.log``).
-    hooks : HookGroup
-        Hooks removed when the record closes (tensor hooks on the step's activations).
+    forward_hooks : HookGroup
+        Hooks of one scheduled training forward (the sites', and any a measurement adds in
+        ``train_forward``), removed by the core when the forward ends or the recorder detaches.
+    record_hooks : HookGroup
+        Hooks removed when the record closes or the recorder detaches (tensor hooks on the
+        step's activations).
     loss_scale : float or None
         The AMP loss scale of the latest recorded forward.
     """
@@ -152,7 +156,8 @@ class Context:
         self.target: Any = None
         self.target_step: int | None = None
         self.logs: dict[str, Any] = {}
-        self.hooks = HookGroup()
+        self.forward_hooks = HookGroup()
+        self.record_hooks = HookGroup()
         self.loss_scale: float | None = None
         self.source: str | None = None  # what the site hooks record into (None: nothing)
         self.silent = False  # the recorder's own forwards: its root hooks ignore them

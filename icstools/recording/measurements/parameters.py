@@ -9,6 +9,7 @@ paper §3.3).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -16,7 +17,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from icstools.recording.hooks import HookGroup
 from icstools.recording.layout import to_host
 from icstools.recording.measurements.base import Context, Declaration, Measurement
 from icstools.schema import Coordinate, Variable
@@ -55,8 +55,7 @@ class ParameterDynamics(Measurement):
         self._before: list[torch.Tensor] | None = None
         self._out: dict[str, torch.Tensor] = {}  # this record's per-parameter results
         self._normalized: set[str] = set()  # weights whose output a norm layer takes next
-        self._order: list[str] = []
-        self._order_hooks = HookGroup()
+        self._order: list[str] | None = None  # leaf modules in run order, while watched
 
     @classmethod
     def from_options(cls, options: Any) -> ParameterDynamics | None:
@@ -83,19 +82,18 @@ class ParameterDynamics(Measurement):
             self._order = order
             for n, m in ctx.model.named_modules():
                 if not list(m.children()):
-                    self._order_hooks.forward_pre(m, lambda mod, a, n=n: order.append(n))
+                    ctx.forward_hooks.forward_pre(m, lambda mod, a, n=n: order.append(n))
 
     def train_forward_end(self, ctx: Context) -> None:
-        if not self._order_hooks:
+        order, self._order = self._order, None
+        if not order:
             return
-        self._order_hooks.remove()
-        for this, nxt in zip(self._order, self._order[1:], strict=False):
+        for this, nxt in itertools.pairwise(order):
             module = ctx.modules[this]
             if isinstance(getattr(module, "weight", None), nn.Parameter) and isinstance(
                 ctx.modules[nxt], _NORMS
             ):
                 self._normalized.add(f"{this}.weight" if this else "weight")
-        self._order = []
 
     # the update ------------------------------------------------------------------------------
     def before_update(self, ctx: Context) -> None:

@@ -52,7 +52,7 @@ class SiteGradients(Measurement):
     def site(self, ctx: Context, name: str, x: torch.Tensor, source: str) -> None:
         if source == "train" and x.requires_grad:
             # dL/dx of this very tensor (its value here, before any in-place op after the site)
-            ctx.hooks.tensor(x, self._hook(name, ctx.units.unit_dims[name]))
+            ctx.record_hooks.tensor(x, self._hook(name, ctx.units.unit_dims[name]))
 
     def _hook(self, name: str, unit_dim: int) -> Callable[[torch.Tensor], None]:
         def hook(g: torch.Tensor) -> None:
