@@ -443,6 +443,8 @@ def test_no_side_effects_anywhere():
     with torch.no_grad():  # as from an optimizer-step hook: gradients still computed
         r = landscape_probe(model, ce, x, y, lr=0.1, grad={n: None for n in before})
         ics = gradient_ics(model, ce, x, y, after)
+        parameter_layers(model, x)
+        assert not torch.is_grad_enabled()  # the caller's grad mode is back
     assert np.all(np.isfinite(r.losses)) and np.all(ics.grad_norm > 0)
     assert_unchanged(model, snap)
     assert torch.equal(torch.rand(3), expected_next)  # the caller's random stream goes on

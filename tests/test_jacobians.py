@@ -448,11 +448,18 @@ def _state(model: nn.Module) -> dict:
             n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
         },
         "rng": torch.get_rng_state(),
+        "hooks": _hooks(model),
     }
+
+
+def _hooks(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Forward pre-hooks and forward hooks per module."""
+    return {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
 
 
 def _assert_same_state(before: dict, after: dict) -> None:
     assert before["modes"] == after["modes"]
+    assert before["hooks"] == after["hooks"]
     assert torch.equal(before["rng"], after["rng"])
     for key in ("params", "buffers"):
         assert before[key].keys() == after[key].keys()
@@ -575,6 +582,88 @@ def test_segment_equals_the_sequential_slice(bn_mode: str) -> None:
     seg3 = segment(model, "1:input", "6:output", x)
     ref3 = jacobian_spectrum(model[1:], h, bn=bn_mode).sv
     torch.testing.assert_close(jacobian_spectrum(seg3, seg3.inputs, bn=bn_mode).sv, ref3)
+
+
+def _inplace_cnn() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(4, 3, 1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(3, 5),
+    ).double()
+
+
+@pytest.mark.parametrize("bn_mode", ["fixed", "full"])
+def test_segment_from_the_input_of_an_inplace_module(bn_mode: str) -> None:
+    """From '2:input' (the input of ReLU(inplace=True)) to the output: the tensor at the site
+    is the BN output (not overwritten by the ReLU), and the spectrum is that of a hand-written
+    copy of the maths (dense autograd Jacobian, numpy SVD); the caller's tensor is untouched."""
+    gen = seeded(25)
+    model = _inplace_cnn().train()
+    x = torch.randn(4, 2, 5, 5, dtype=D64, generator=gen)
+    seg = segment(model, "2:input", "8:output", x)
+    c0, bn1, c3, bn4, lin = model[0], model[1], model[3], model[4], model[8]
+    with torch.no_grad():
+        h0 = F.batch_norm(c0(x), None, None, bn1.weight, bn1.bias, True, 0.0, bn1.eps)
+    torch.testing.assert_close(seg.inputs, h0)
+    assert bool((h0 < 0).any())  # the ReLU has something to overwrite
+
+    def rest(h: torch.Tensor, stats=None) -> torch.Tensor:  # [B, 4, 5, 5] -> [B, 5]
+        z = c3(F.relu(h))
+        mean, var = batch_stats(z) if stats is None else stats
+        y = (z - mean[:, None, None]) / torch.sqrt(var[:, None, None] + bn4.eps)
+        y = y * bn4.weight[:, None, None] + bn4.bias[:, None, None]
+        return lin(F.relu(y).mean(dim=(2, 3)))
+
+    if bn_mode == "fixed":
+        with torch.no_grad():
+            stats = batch_stats(c3(F.relu(h0)))
+        ref = dense_sv(lambda hi: rest(hi[None], stats)[0], h0)
+    else:
+        J = torch.autograd.functional.jacobian(rest, h0).reshape(4, 5, 4, 100)
+        ref = np.stack([np.linalg.svd(J[i, :, i].numpy(), compute_uv=False) for i in range(4)])
+    inputs = seg.inputs
+    kept = inputs.clone()
+    assert_sv_close(jacobian_spectrum(seg, inputs, bn=bn_mode).sv, ref)
+    res = jacobian_spectrum(seg, inputs, k=2, method="matrix_free", bn=bn_mode, tol=1e-10)
+    assert_sv_close(res.sv, ref[:, :2], rtol=1e-8)
+    assert torch.equal(inputs, kept)
+
+
+def test_segment_leaves_no_hook_behind_also_when_its_forward_raises() -> None:
+    gen = seeded(26)
+
+    class Fail(nn.Module):
+        armed = False
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.armed:
+                raise KeyError("fail")
+            return x
+
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), Fail(), nn.Linear(7, 2))
+    model = model.double().train()
+    x = torch.randn(6, 5, dtype=D64, generator=gen)
+    none = _hooks(model)
+    assert set(none.values()) == {(0, 0)}
+    seg = segment(model, "1:input", "4:input", x)
+    assert _hooks(model) == none  # the forward was stopped at to_site by a hook's exception
+    with pytest.raises(ValueError, match=r"has shape"):  # raised inside the substitution hook
+        seg(torch.zeros(6, 3, dtype=D64))
+    assert _hooks(model) == none
+    model[3].armed = True  # the model raises after the substitution
+    before = _state(model)
+    with pytest.raises(KeyError, match="fail"):
+        segment(model, "1:input", "4:input", x)
+    _assert_same_state(before, _state(model))
+    with pytest.raises(KeyError, match="fail"):
+        jacobian_spectrum(seg, seg.inputs)  # with the BN hooks of bn="fixed"
+    _assert_same_state(before, _state(model))
 
 
 def test_segment_takes_other_inputs_from_the_example() -> None:

@@ -29,8 +29,10 @@ Every function evaluates the model with :func:`torch.func.functional_call` on pa
 (the model's parameters and their ``.grad`` are never touched) and on fresh clones of its
 buffers (BatchNorm running statistics and ``num_batches_tracked`` are not updated). Every
 forward starts from the same random-number state, the caller's, so Dropout draws the same masks
-in each of them, and the caller's RNG state is restored at the end (CPU, and the CUDA devices the
-model and inputs live on). Module modes are restored when ``train=True`` switched them. Hooks
+in each of them, and the caller's RNG state is restored at the end (CPU, and every initialised
+CUDA device). Module modes are restored when ``train=True`` switched them. The restoring is
+done by the project's one side-effect guard, :func:`icstools.recording.isolation.isolated`, the
+replayed random state is an :class:`icstools.recording.isolation.RngState`. Hooks
 registered on the model *do* fire during these forwards: a recorder calling these functions
 must ignore what its hooks see meanwhile.
 
@@ -40,8 +42,7 @@ Non-finite values are results, not errors: a diverged model yields ``inf``/``NaN
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,8 @@ from torch import nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
+
+from icstools.recording.isolation import RngState, isolated
 
 __all__ = [
     "GradientICS",
@@ -304,39 +307,20 @@ class _FirstUse(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _devices(model: nn.Module, args: tuple, kwargs: dict) -> list[int]:
-    """CUDA device indices of the model's tensors and of the inputs (for RNG states)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    tensors += [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-
-
 class _Runner:
     """Runs ``loss_fn(functional_call(model, params + fresh buffer clones, inputs), target)``
-    from one fixed RNG state."""
+    from one fixed RNG state: the state when the runner is made."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        loss_fn: LossFn,
-        args: tuple,
-        kwargs: dict,
-        target: Any,
-        devices: list[int],
+        self, model: nn.Module, loss_fn: LossFn, args: tuple, kwargs: dict, target: Any
     ) -> None:
         self.model, self.loss_fn, self.args, self.kwargs = model, loss_fn, args, kwargs
-        self.target, self.devices = target, devices
+        self.target = target
         self.buffers = {n: b.detach() for n, b in model.named_buffers()}
-        self.cpu_state = torch.get_rng_state()
-        self.cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
-
-    def reset_rng(self) -> None:
-        torch.set_rng_state(self.cpu_state)
-        for d, s in zip(self.devices, self.cuda_states, strict=True):
-            torch.cuda.set_rng_state(s, d)
+        self.rng = RngState.capture()
 
     def loss(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        self.reset_rng()
+        self.rng.restore()  # every forward draws the same random numbers (dropout masks)
         tensors = {**params, **{n: b.clone() for n, b in self.buffers.items()}}
         out = functional_call(self.model, tensors, self.args, self.kwargs)
         return _scalar_loss(self.loss_fn(out, self.target))
@@ -355,22 +339,6 @@ class _Runner:
             for gi, t in zip(g, leaves.values(), strict=True)
         ]
         return loss.detach(), grads
-
-
-@contextmanager
-def _isolated(model: nn.Module, args: tuple, kwargs: dict, train: bool | None) -> Iterator[list]:
-    """Forked RNG (restored at exit), modes set to train (if asked) and restored, grad on."""
-    devices = _devices(model, args, kwargs)
-    modes = [(m, m.training) for m in model.modules()]
-    with torch.random.fork_rng(devices=devices):
-        try:
-            if train:
-                model.train()
-            with torch.enable_grad():
-                yield devices
-        finally:
-            for m, mode in modes:
-                m.training = mode
 
 
 def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -411,9 +379,9 @@ def _layers(model: nn.Module, args: tuple, kwargs: dict) -> list[Layer]:
 def parameter_layers(model: nn.Module, inputs: Inputs) -> list[Layer]:
     """The layers of ``model`` (modules owning trainable parameters), in execution order.
 
-    Runs one forward pass on ``inputs`` (no gradient, on clones of the buffers, from a forked
-    RNG, in the modules' current modes) and orders the layers by the first use of any of their
-    parameters. See the module docstring for the precise definition.
+    Runs one forward pass on ``inputs`` (no gradient, on clones of the buffers, in the modules'
+    current modes; the caller's RNG state is restored after) and orders the layers by the first
+    use of any of their parameters. See the module docstring for the precise definition.
 
     Parameters
     ----------
@@ -441,7 +409,7 @@ def parameter_layers(model: nn.Module, inputs: Inputs) -> list[Layer]:
     """
     _check_model(model)
     args, kwargs = _as_call(inputs)
-    with torch.random.fork_rng(devices=_devices(model, args, kwargs)):
+    with isolated(model, buffers=False):  # the caller's RNG and modes stay as they are
         return _layers(model, args, kwargs)
 
 
@@ -555,8 +523,9 @@ def gradient_ics(
     if not isinstance(train, bool):
         raise TypeError(f"train must be a bool, got {type(train).__name__}")
     base = _current(model, current)
-    with _isolated(model, args, kwargs, train) as devices:
-        run = _Runner(model, loss_fn, args, kwargs, target, devices)  # saves the caller's RNG
+    # RNGs, modes and grad mode restored at exit; no buffer to copy back (forwards use clones)
+    with isolated(model, mode="train" if train else None, grad=True, buffers=False):
+        run = _Runner(model, loss_fn, args, kwargs, target)  # saves the caller's RNG
         found = _resolve_layers(model, layers, args, kwargs)
         needed = [n for layer in found[:-1] for n in layer.params]
         new = _tensor_map(model, updated, "updated", needed)
@@ -683,8 +652,8 @@ def landscape_probe(
     if not names:
         raise ValueError("the model has no trainable parameter (requires_grad=True)")
     given = None if grad is None else _tensor_map(model, grad, "grad", names, allow_none=True)
-    with _isolated(model, args, kwargs, train) as devices:
-        run = _Runner(model, loss_fn, args, kwargs, target, devices)
+    with isolated(model, mode="train" if train else None, grad=True, buffers=False):
+        run = _Runner(model, loss_fn, args, kwargs, target)
         if given is None:
             loss, g_list = run.grads(base, names)
         else:

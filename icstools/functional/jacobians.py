@@ -95,6 +95,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
 
+from icstools.recording.hooks import HookGroup
+from icstools.recording.isolation import isolated
 from icstools.sites import ACTIVATION_TYPES, Site, SiteSelectionError, find_tensor, select_sites
 
 __all__ = [
@@ -628,17 +630,18 @@ class _BNHooks:
     ``"stats"``: like ``"full"``, recording each call's (differentiable) statistics;
     ``"given"``: BN with per-example statistics ``given [B, D_s]`` (the layout of
     :meth:`stats_vector`). Calls are counted per forward, so a module called twice per forward
-    keeps two sets of statistics.
+    keeps two sets of statistics. The hooks belong to ``hooks``, whose owner removes them.
     """
 
-    def __init__(self, modules: list[nn.Module]) -> None:
+    def __init__(self, modules: list[nn.Module], hooks: HookGroup) -> None:
         self.mode = "full"
         self.call = 0
         self.fixed: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.given: torch.Tensor | None = None
         self.offsets: list[int] = []
-        self.handles = [m.register_forward_hook(self._hook) for m in modules]
+        for m in modules:
+            hooks.forward(m, self._hook)
 
     def begin(self, mode: str) -> None:
         self.mode, self.call, self.recorded = mode, 0, []
@@ -678,10 +681,6 @@ class _BNHooks:
     def stats_vector(self) -> torch.Tensor:
         """The statistics recorded by the last forward, ``[D_s]``: (mean, var) per call."""
         return torch.cat([t.reshape(-1) for pair in self.recorded for t in pair])
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
 
 
 class _Runner:
@@ -736,38 +735,25 @@ class _Runner:
 def _isolated(block: Callable[..., Any], x: torch.Tensor | None, bn: str) -> Iterator[_Runner]:
     """Run ``block`` without side effects; yields a :class:`_Runner`.
 
-    Modes, buffers and the RNG state are restored on exit. BN modules that use batch statistics
-    and stochastic modules are switched to eval for the duration; the BN hooks implement the
-    BN modes. With ``bn="fixed"`` the batch statistics of ``x`` are captured first.
+    :func:`~icstools.recording.isolation.isolated` restores modes, buffers, the RNGs and the grad
+    mode on exit (gradients off inside: ``torch.func`` transforms need none). On top of it, BN
+    modules that use batch statistics and stochastic modules are switched to eval for the
+    duration, and the BN hooks (one :class:`~icstools.recording.hooks.HookGroup`, removed on exit)
+    implement the BN modes. With ``bn="fixed"`` the batch statistics of ``x`` are captured first.
     """
     module = block if isinstance(block, nn.Module) else None
     modules = list(module.modules()) if module is not None else []
-    modes = [(m, m.training) for m in modules]
-    buffers = [(b, b.detach().clone()) for b in module.buffers()] if module is not None else []
-    device = x.device if x is not None else None
-    devices = []
-    if device is not None and device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     runner = _Runner(block, x.dtype if x is not None else None)
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            bns = [m for m in modules if _uses_batch_stats(m)]
-            for m in modules:
-                if isinstance(m, _STOCHASTIC) or m in bns:
-                    m.training = False
-            runner.hooks = _BNHooks(bns) if bns else None
-            if runner.hooks is not None and x is not None:
-                runner.call(x, "capture")
-                runner.hooks.freeze()
-            yield runner
-    finally:
-        if runner.hooks is not None:
-            runner.hooks.remove()
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-        for m, training in modes:
-            m.training = training
+    with isolated(module, grad=False), HookGroup() as hooks:
+        bns = [m for m in modules if _uses_batch_stats(m)]
+        for m in modules:
+            if isinstance(m, _STOCHASTIC) or m in bns:
+                m.train(False)  # (torch's BN, dropout and RReLU modules have no children)
+        runner.hooks = _BNHooks(bns, hooks) if bns else None
+        if runner.hooks is not None and x is not None:
+            runner.call(x, "capture")
+            runner.hooks.freeze()
+        yield runner
 
 
 # ============================================================================= the operator
@@ -1271,8 +1257,8 @@ class Segment(nn.Module):
             if found is None:
                 raise ValueError(f"site {self.src.name!r} has no floating-point tensor {where}")
             state["substituted"] = True
-            if x is None:
-                state["src"] = found
+            if x is None:  # a copy: an in-place module at or after the site would overwrite it
+                state["src"] = found.detach().clone()
                 return value
             if tuple(x.shape) != tuple(found.shape):
                 raise ValueError(
@@ -1280,7 +1266,10 @@ class Segment(nn.Module):
                     f"{self.src.name!r} for the segment's example batch has shape "
                     f"{tuple(found.shape)}"
                 )
-            return _replace_first_tensor(value, x)[0]
+            # a clone, not x: an in-place module at or after the site (ReLU(inplace=True))
+            # then writes into the clone (recorded by autograd), never into x, which may be a
+            # leaf of the Jacobian's graph or the caller's tensor
+            return _replace_first_tensor(value, x.clone())[0]
 
         def capture(value: Any) -> None:
             if not state["substituted"]:
@@ -1315,21 +1304,17 @@ class Segment(nn.Module):
             if self.dst.role == "output":
                 capture(output)
 
-        # order: substitution hooks first, so "m:input" -> "m:output" of one module works
-        handles = [
-            src_mod.register_forward_pre_hook(src_pre, with_kwargs=True, prepend=True),
-            dst_mod.register_forward_pre_hook(dst_pre, with_kwargs=True),
-            src_mod.register_forward_hook(src_post, prepend=True),
-            dst_mod.register_forward_hook(dst_post),
-        ]
         args, kwargs = self._example_as(x.dtype) if x is not None else self._example
-        try:
-            self.model(*args, **kwargs)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
+        with HookGroup() as hooks:  # removed on exit, also when a hook or the model raises
+            # order: substitution hooks first, so "m:input" -> "m:output" of one module works
+            hooks.forward_pre(src_mod, src_pre, with_kwargs=True, prepend=True)
+            hooks.forward_pre(dst_mod, dst_pre, with_kwargs=True)
+            hooks.forward(src_mod, src_post, prepend=True)
+            hooks.forward(dst_mod, dst_post)
+            try:
+                self.model(*args, **kwargs)
+            except _StopForward:  # raised by capture() at to_site: the forward is done
+                pass
         if not state["substituted"]:
             raise ValueError(
                 f"from_site {self.src.name!r} was not reached in the model's forward on the example"
@@ -1345,7 +1330,7 @@ class Segment(nn.Module):
 
     def capture_inputs(self) -> None:
         """Store the tensor at ``from_site`` for the example batch as ``inputs``."""
-        self.inputs = self._run(None).detach().clone()
+        self.inputs = self._run(None)  # a detached copy, taken when the forward reached the site
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x)
