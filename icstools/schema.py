@@ -164,24 +164,20 @@ def coordinates() -> dict[str, Coordinate]:
     return out
 
 
+def _lookup(table: dict[str, Any], name: str, what: str) -> Any:
+    if name not in table:
+        raise KeyError(f"{name!r} is not a {what} of the run schema; declared: {sorted(table)}")
+    return table[name]
+
+
 def variable(name: str) -> Variable:
     """The declaration of variable ``name`` (a ``KeyError`` lists the declared names)."""
-    try:
-        return variables()[name]
-    except KeyError:
-        raise KeyError(
-            f"{name!r} is not a variable of the run schema; declared: {sorted(variables())}"
-        ) from None
+    return _lookup(variables(), name, "variable")
 
 
 def coordinate(name: str) -> Coordinate:
-    """The declaration of coordinate ``name``."""
-    try:
-        return coordinates()[name]
-    except KeyError:
-        raise KeyError(
-            f"{name!r} is not a coordinate of the run schema; declared: {sorted(coordinates())}"
-        ) from None
+    """The declaration of coordinate ``name`` (a ``KeyError`` lists the declared names)."""
+    return _lookup(coordinates(), name, "coordinate")
 
 
 #: Scalars that are not measured but logged by convention (``rec.log(test_acc=...)``).

@@ -125,16 +125,8 @@ class Activations(Measurement):
 
     @classmethod
     def from_options(cls, options: Any) -> Activations:
-        return cls(
-            options.sites,
-            options.modules,
-            quantiles=options.quantiles,
-            bins=options.bins,
-            hist_range=options.hist_range,
-            saturation=options.saturation,
-            quantile_sample=options.quantile_sample,
-            seed=options.seed,
-        )
+        keywords = ("quantiles", "bins", "hist_range", "saturation", "quantile_sample", "seed")
+        return cls(options.sites, options.modules, **{k: getattr(options, k) for k in keywords})
 
     def _saturation_of(self, site: Site, module: Any) -> float | None:
         value = site_option(self.saturation, site.name, "saturation", float)
