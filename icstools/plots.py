@@ -47,11 +47,12 @@ from matplotlib.figure import Figure
 import icstools.analysis  # noqa: F401  (registers ds.ics)
 from icstools.analysis.drift import METRICS as DRIFT_METRICS
 from icstools.analysis.drift import site_aggregate
+from icstools.analysis.metrics import diverged_step, last_hidden_site
+from icstools.schema import how_to_record
 
 __all__ = [
     "NOTE_GID",
     "figure_notes",
-    "last_hidden_site",
     "plot_accuracy",
     "plot_dead_units",
     "plot_drift_heatmap",
@@ -69,23 +70,6 @@ __all__ = [
 #: ``gid`` of the text artists that say why a panel is empty (see :func:`figure_notes`).
 NOTE_GID = "icstools-note"
 
-#: How each optional variable is recorded (said when it is absent).
-_HOW_TO_RECORD = {
-    "test_acc": "log it with rec.log(test_acc=...)",
-    "grad_norm": "Recorder(gradients=True)",
-    "param_grad_norm": "Recorder(gradients=True, optimizer=...)",
-    "param_norm": "Recorder(gradients=True, optimizer=...)",
-    "update_ratio": "Recorder(gradients=True, optimizer=...)",
-    "eff_lr": "Recorder(gradients=True, optimizer=...)",
-    "ics_l2": "Recorder(ics=..., loss_fn=..., optimizer=...)",
-    "ics_cos": "Recorder(ics=..., loss_fn=..., optimizer=...)",
-    "loss_variation": "Recorder(landscape=..., loss_fn=..., optimizer=...)",
-    "beta_smoothness": "Recorder(landscape=..., loss_fn=..., optimizer=...)",
-    "jac_sv": "Recorder(jacobian=..., probe=...)",
-    "sat_frac": "the default Recorder statistics",
-    "zero_frac": "the default Recorder statistics",
-    "quantile_value": "the default Recorder statistics",
-}
 _SEGMENT_EXCLUDE = ("input->output",)  # the whole network's block, not a segment
 _MAX_LEGEND = 12
 
@@ -173,7 +157,7 @@ def _note(ax: Axes, message: str) -> None:
 
 
 def _absent(ax: Axes, var: str, where: str = "the run") -> Figure:
-    how = _HOW_TO_RECORD.get(var, "")
+    how = how_to_record(var)
     _note(ax, f"'{var}' is not in {where}" + (f" (recorded by {how})" if how else ""))
     ax.set_xticks([])
     ax.set_yticks([])
@@ -206,18 +190,10 @@ def _palette(n: int) -> list[Any]:
     return list(sns.color_palette("colorblind", max(n, 1)))
 
 
-def _diverged_step(ds: xr.Dataset) -> int | None:
-    value = ds.attrs.get("diverged_step")
-    try:
-        return None if value is None else int(value)
-    except (TypeError, ValueError):
-        return None
-
-
 def _mark_divergence(ax: Axes, runs: Sequence[xr.Dataset], color: Any = "0.3") -> bool:
     marked = False
     for ds in runs:
-        step = _diverged_step(ds)
+        step = diverged_step(ds)
         if step is not None:
             ax.axvline(step, color=color, ls=":", lw=1.2)
             marked = True
@@ -279,29 +255,6 @@ def _seed_band(runs: Sequence[xr.Dataset], var: str) -> tuple[np.ndarray, ...]:
     sd = np.where(count >= 2, sd, np.nan)
     keep = count > 0
     return steps[keep], mean[keep], sd[keep], count[keep]
-
-
-def last_hidden_site(ds: xr.Dataset) -> str:
-    """The last site that is a sigmoid/tanh input (has a saturation threshold), else the last
-    site: the input of the last hidden nonlinearity, Fig. 1(b, c)'s site.
-
-    Examples
-    --------
-    >>> import xarray as xr
-    >>> run = xr.Dataset(coords={"step": [0], "site": ["1:input", "3:input", "5:input"],
-    ...                          "sat_threshold": ("site", [4.585, 4.585, float("nan")])})
-    >>> last_hidden_site(run)
-    '3:input'
-    """
-    sites = _check_ds(ds).ics.sites
-    if not sites:
-        raise ValueError("the run has no site")
-    if "sat_threshold" in ds.coords or "sat_threshold" in ds.data_vars:
-        thr = np.asarray(ds["sat_threshold"].values, dtype=np.float64)
-        hidden = [s for s, t in zip(sites, thr, strict=True) if np.isfinite(t)]
-        if hidden:
-            return hidden[-1]
-    return sites[-1]
 
 
 def _site_finite_steps(ds: xr.Dataset, site: str, source: str | None) -> np.ndarray:
@@ -453,7 +406,8 @@ def plot_percentiles(
     ds : xarray.Dataset
         One run.
     site : str, optional
-        Default :func:`last_hidden_site` (the input of the last hidden sigmoid).
+        Default :func:`~icstools.analysis.metrics.last_hidden_site` (the input of the last
+        hidden sigmoid).
     unit : int, optional
         Index of the unit in its site; default :func:`typical_unit`.
     q : three floats
@@ -527,7 +481,8 @@ def plot_fig1(
     var : str
         The accuracy variable.
     site : str or mapping {condition: site}, optional
-        The site per condition; default :func:`last_hidden_site` of each.
+        The site per condition; default
+        :func:`~icstools.analysis.metrics.last_hidden_site` of each.
     source : str, optional
     axes : sequence of Axes, optional
         ``1 + len(runs)`` axes.

@@ -22,13 +22,13 @@ from hypothesis import strategies as st
 
 import icstools
 from icstools.analysis.compare import (
-    METRICS,
     RUN_LEVEL,
     _bh,
     benjamini_hochberg,
     compare,
     metric_table,
 )
+from icstools.analysis.metrics import METRICS
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -594,12 +594,15 @@ def test_callable_and_registered_metrics():
 
     direct = compare(runs, spread, n_resamples=100)
     assert list(direct.site) == ["a", "b"] and direct.metric[0] == "spread"
-    METRICS["spread_test"] = spread
+    METRICS.register("spread_test", spread, "spread of the probe means over steps", scale=3.0)
     try:
         named = compare(runs, "spread_test", metric_kwargs={"scale": 2.0}, n_resamples=100)
+        default = compare(runs, "spread_test", n_resamples=100)  # the registered default
     finally:
-        del METRICS["spread_test"]
+        METRICS.unregister("spread_test")
+    assert "spread_test" not in METRICS
     np.testing.assert_allclose(named.mean_cond, 2 * direct.mean_cond, rtol=1e-12)
+    np.testing.assert_allclose(default.mean_cond, 3 * direct.mean_cond, rtol=1e-12)
     scalar = compare(runs, lambda run: float(run["loss"].values[-1]), n_resamples=100)
     assert list(scalar.site) == [RUN_LEVEL]
     with pytest.raises(ValueError, match="apply to variable metrics only"):
@@ -759,7 +762,6 @@ def test_bad_runs():
 
 def test_drift_metrics_are_registered_and_compare_recovers_more_drift():
     import icstools.analysis.drift as D
-    from icstools.analysis.compare import METRICS, compare
 
     assert set(D.METRICS) <= set(METRICS)
     rng = np.random.default_rng(11)

@@ -16,6 +16,7 @@ from torch import nn
 import icstools
 from icstools import plots
 from icstools.analysis.drift import site_aggregate
+from icstools.analysis.metrics import last_hidden_site
 
 STEPS, EVERY = 24, 2
 
@@ -187,10 +188,8 @@ def test_typical_unit_is_the_unit_of_median_drift_and_last_hidden_site():
     ds2 = synthetic_run(
         np.concatenate([samples] * 2, axis=2), ["h:input", "out:input"], [4.585, np.nan]
     )
-    assert plots.last_hidden_site(ds2) == "h:input"
-    assert plots.last_hidden_site(ds2.assign_coords(sat_threshold=("site", [np.nan] * 2))) == (
-        "out:input"
-    )
+    assert last_hidden_site(ds2) == "h:input"
+    assert last_hidden_site(ds2.assign_coords(sat_threshold=("site", [np.nan] * 2))) == "out:input"
 
 
 # --------------------------------------------------------------------------------------------

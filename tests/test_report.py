@@ -21,7 +21,10 @@ from torch import nn
 
 import icstools
 from icstools import report
+from icstools.analysis.metrics import METRICS
 from icstools.report import CLAIMS, REPORT_SCHEMA, VERDICTS, assess, diagnose_run, write_report
+from icstools.report.formatting import fmt
+from icstools.report.verdicts import _decide
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema validates the report's JSON")
 
@@ -297,7 +300,7 @@ def test_drift_claim_compares_drift_against_the_previous_record():
 )
 def test_decision_rules(statistic, expect, lo, hi, verdict):
     margin = 0.1
-    assert report._decide(statistic, expect, margin, lo, hi)[0] == verdict
+    assert _decide(statistic, expect, margin, lo, hi)[0] == verdict
 
 
 def test_few_seeds_add_welch_interval_and_the_share_of_resamples_without_spread():
@@ -312,7 +315,7 @@ def test_few_seeds_add_welch_interval_and_the_share_of_resamples_without_spread(
     share = 1 - (1 - single) ** 2
     assert f"with 3 vs 3 seeds, {share:.0%} of bootstrap resamples" in note
     ci = scipy.stats.ttest_ind(c, r, equal_var=False).confidence_interval(0.95)
-    assert f"[{report._fmt(ci.low)}, {report._fmt(ci.high)}]" in note
+    assert f"[{fmt(ci.low)}, {fmt(ci.high)}]" in note
     assert 0.0 < ci.low < np.mean(c) - np.mean(r) < ci.high
     # 4 vs 4: 3.1% of resamples > 2.5%; 4 vs 5 and 5 vs 5: below, no note
     assert "with 4 vs 4 seeds, 3% " in report.small_sample_note([1, 2, 3, 4], [2, 3, 4, 6])
@@ -340,6 +343,33 @@ def test_every_claim_states_metric_comparison_and_rule():
         assert "supported" in text and "inconclusive" in text, c.id
         if c.statistic in ("ratio", "diff"):
             assert c.metric in report.METRIC_DESCRIPTIONS and all(c.comparison), c.id
+        if c.metric:  # a name of the run-level registry, with keywords it takes
+            assert set(c.metric_kwargs) <= set(METRICS[c.metric].defaults), c.id
+    drift = [c for c in CLAIMS if c.metric == "drift"]
+    assert len(drift) == 3  # fig1, noisy-bn, cnn: W1/σ vs the previous record, mean over units
+    assert all(dict(c.metric_kwargs) == {"reference": "previous", "how": "mean"} for c in drift)
+    with pytest.raises(ValueError, match="takes no"):
+        report.Claim("x/y", "x", "", "", "drift", ("a", "b"), "diff", "higher", 0.0,
+                     metric_kwargs={"refrence": "previous"})  # fmt: skip
+    with pytest.raises(KeyError, match="registered metrics"):
+        report.Claim("x/y", "x", "", "", "no-such-metric", ("a", "b"), "diff", "higher", 0.0)
+
+
+def test_verdict_code_does_not_import_presentation_code():
+    import ast
+
+    root = Path(report.__file__).parent
+    for name in ("claims", "verdicts", "json_schema", "formatting", "inputs"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {
+            f"{node.module}.{alias.name}" if isinstance(node, ast.ImportFrom) else alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import | ast.ImportFrom)
+            for alias in node.names
+        }
+        presentation = ("icstools.plots", "matplotlib", "seaborn", "icstools.report.figures")
+        bad = {m for m in imported if m.startswith(presentation)}
+        assert not bad, (name, bad)
 
 
 def test_lr_sweep_counts_runs_that_train():

@@ -86,19 +86,21 @@ p-values, a ``warning`` text and a ``UserWarning``.
 Metrics
 -------
 ``metric`` is either the name of a variable of the runs, reduced by the documented reductions
-(see :func:`compare`), the name of an entry of :data:`METRICS`, or any callable
-``run -> float | xarray.DataArray`` (a DataArray with one ``site`` dimension gives one number per
-site). :data:`METRICS` is the extension point for derived metrics. It holds every drift metric
-of :mod:`icstools.analysis.drift` (``"w1"``, ``"w1_std"``, ``"ks"``, ``"psi"``, …): per record
-against
-``reference`` (default ``"first"``), the median over each site's units (``how``), averaged over
-the records::
+(see :func:`compare`), the name of an entry of the run-level metric registry
+:data:`icstools.analysis.metrics.METRICS`, or any callable ``run -> float | xarray.DataArray``
+(a DataArray with one ``site`` dimension gives one number per site). The registry holds every
+drift metric of :mod:`icstools.analysis.drift` (``"w1"``, ``"w1_std"``, ``"ks"``, ``"psi"``,
+…: per record against ``reference`` (default ``"first"``), the median over each site's units
+(``how``), averaged over the records) and the report's one-number-per-run metrics
+(``"drift"``, ``"final_acc"``, ``"sat_frac_mean"``, …); ``metric_kwargs`` override an entry's
+keyword defaults::
 
-    compare(runs, "w1_std", metric_kwargs={"reference": "first", "how": "median"})
+    compare(runs, "w1_std", metric_kwargs={"reference": "previous", "how": "mean"})
 
-Add your own as ``METRICS["name"] = func`` with ``func(run, **metric_kwargs)``.
+Add your own with ``METRICS.register("name", func, "description", **defaults)``, ``func(run,
+**metric_kwargs)``.
 
-A string is looked up among the run's variables first, then in :data:`METRICS`.
+A string is looked up among the run's variables first, then in the registry.
 """
 
 from __future__ import annotations
@@ -116,12 +118,12 @@ import scipy.stats
 import xarray as xr
 from scipy.special import ndtr, ndtri
 
+from icstools.analysis import metrics as _registry
 from icstools.store import open_run
 
 __all__ = [
     "CI_METHODS",
     "CORRECTIONS",
-    "METRICS",
     "REDUCTIONS",
     "RUN_LEVEL",
     "MetricFunc",
@@ -135,44 +137,6 @@ __all__ = [
 RunLike = xr.Dataset | str | os.PathLike
 #: A metric callable: ``func(run, **metric_kwargs) -> float | xarray.DataArray (site,)``.
 MetricFunc = Callable[..., Any]
-
-#: Registry of named metric callables (the extension point for derived metrics such as drift).
-#: Each takes ``(run: xarray.Dataset, **metric_kwargs)`` and returns a float (one number per
-#: run) or an :class:`xarray.DataArray` with a single ``site`` dimension (one number per site).
-METRICS: dict[str, MetricFunc] = {}
-
-
-def _drift_metric(
-    name: str,
-    run: xr.Dataset,
-    *,
-    reference: Any = "first",
-    source: str | None = None,
-    method: str = "auto",
-    how: str = "median",
-) -> xr.DataArray:
-    """One drift metric of :mod:`icstools.analysis.drift` per site: per record against
-    ``reference``,
-    reduced over the site's units by ``how`` and then averaged over the records (the
-    reference's own NaN records are skipped)."""
-    from icstools.analysis.drift import drift, site_aggregate
-
-    if source is None:
-        sources = [str(s) for s in run["source"].values] if "source" in run.dims else ["probe"]
-        source = "probe" if "probe" in sources else sources[0]
-    per_unit = drift(run, reference, [name], source=source, method=method)
-    per_site = site_aggregate(per_unit[[name]], how)[name]  # (step, site)
-    return per_site.mean("step", skipna=True)
-
-
-def _register_drift_metrics() -> None:
-    from icstools.analysis.drift import METRICS as DRIFT_METRICS
-
-    for name in DRIFT_METRICS:
-        METRICS.setdefault(name, functools.partial(_drift_metric, name))
-
-
-_register_drift_metrics()
 
 #: Reductions of a variable over steps (and, by default, over the units of a site).
 REDUCTIONS: tuple[str, ...] = ("mean", "median", "max", "min", "last")
@@ -444,9 +408,8 @@ def _collect(
         metric_name = getattr(metric, "__name__", type(metric).__name__)
     else:
         raise TypeError(
-            "metric must be a variable name, a name in icstools.analysis.compare.METRICS, or a "
-            "callable "
-            f"run -> float | DataArray(site); got {type(metric).__name__}"
+            "metric must be a variable name, a name in icstools.analysis.metrics.METRICS, or a "
+            f"callable run -> float | DataArray(site); got {type(metric).__name__}"
         )
     if reduce is not None and reduce not in REDUCTIONS:
         raise ValueError(f"reduce={reduce!r} is not valid. Expected one of {list(REDUCTIONS)}")
@@ -517,14 +480,15 @@ def _collect(
                 if used_source is not None:
                     sources.add(used_source)
                 kind = "variable"
-            elif metric in METRICS:
-                site_values = _from_callable(METRICS[metric], ds, where)
+            elif metric in _registry.METRICS:
+                site_values = _from_callable(_registry.METRICS[metric], ds, where)
                 kind = "registered"
             else:
                 raise ValueError(
                     f"Variable {metric!r} does not exist. Expected one of "
                     f"{sorted(map(str, ds.data_vars))} (the variables of {where}) or a metric "
-                    f"registered in icstools.analysis.compare.METRICS {sorted(METRICS)}"
+                    "registered in icstools.analysis.metrics.METRICS "
+                    f"{sorted(_registry.METRICS)}"
                 )
             mapping = (rename_sites or {}).get(cond)
             if mapping:
@@ -1008,7 +972,7 @@ def compare(
         with :func:`icstools.open_run`.
     metric : str or callable
         The name of a variable of the runs (reduced as described under ``reduce``), the name of
-        a registered metric in :data:`METRICS`, or a callable
+        a metric of :data:`icstools.analysis.metrics.METRICS`, or a callable
         ``run -> float | xarray.DataArray`` (a DataArray with one ``site`` dimension, labelled,
         gives one number per site; a float is one number per run, site label ``"(run)"``).
     site : str, list of str or None
@@ -1051,7 +1015,8 @@ def compare(
         Variable metrics only: values of other dimensions, e.g. ``{"quantile": 0.85}`` for
         ``quantile_value``, ``{"param": "0.weight"}``.
     metric_kwargs : mapping, optional
-        Keyword arguments for a callable or registered metric.
+        Keyword arguments for a callable or registered metric (over a registered metric's
+        defaults, :attr:`icstools.analysis.metrics.Metric.defaults`).
     rename_sites : mapping, optional
         ``{condition: {site: common name}}``, applied to the metric's sites before sites are
         matched across conditions (e.g. a BN model's ``"2:input"`` is the baseline's

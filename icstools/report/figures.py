@@ -1,0 +1,173 @@
+"""The report's figures, drawn with :mod:`icstools.plots`: those of a preset (by preset name,
+:func:`preset_figures`) and those of any run (:func:`run_figures`). A figure that cannot be
+drawn becomes a note; the messages that panels show instead of data
+(:func:`icstools.plots.figure_notes`) are repeated as notes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from icstools import plots
+from icstools.analysis import AnalysisError
+from icstools.analysis.metrics import identity_variables
+
+__all__ = ["preset_figures", "run_figures"]
+
+#: Errors of a figure that cannot be drawn (said in a note instead).
+_FIGURE_ERRORS = (AnalysisError, ValueError, KeyError, IndexError)
+
+
+def preset_figures(
+    preset: str, conds: dict[str, list[xr.Dataset]], known: bool, notes: list[str]
+) -> list[tuple[str, Any]]:
+    """The figures of a preset's runs ``{condition: [datasets]}``: those of a known preset, or
+    the test accuracy of an unknown one; each figure's notes (or why it was not drawn) are
+    appended to ``notes``."""
+    makers = _preset_makers(preset, conds) if conds and known else []
+    if conds and not known and any("test_acc" in d.data_vars for v in conds.values() for d in v):
+        makers = [("Test accuracy (mean ± sd over seeds)", lambda c=conds: plots.plot_accuracy(c))]
+    figs: list[tuple[str, Any]] = []
+    for title, make in makers:
+        try:
+            fig = make()
+        except _FIGURE_ERRORS as exc:
+            notes.append(f"figure '{title}' not drawn: {exc}")
+            continue
+        figs.append((title, fig))
+        notes += [f"{title}: {n}" for n in plots.figure_notes(fig)]
+    return figs
+
+
+def _preset_makers(
+    preset: str, conds: dict[str, list[xr.Dataset]]
+) -> list[tuple[str, Callable[[], Any]]]:
+    """(title, make) of each figure of a known preset's runs."""
+
+    def pick(*names: str) -> dict[str, list[xr.Dataset]]:
+        return {n: conds[n] for n in names if n in conds}
+
+    has = lambda var: any(var in ds.data_vars for v in conds.values() for ds in v)  # noqa: E731
+    out: list[tuple[str, Callable[[], Any]]] = []
+    main = {n: v for n, v in conds.items() if not n.startswith("init-")}
+    if preset == "fig1" and pick("baseline", "bn"):
+        out.append(
+            (
+                "Fig. 1: (a) test accuracy; (b, c) 15/50/85th percentiles of a typical "
+                "unit of the last hidden sigmoid input",
+                lambda: plots.plot_fig1(pick("baseline", "bn")),
+            )
+        )
+    elif has("test_acc") and main:
+        out.append(("Test accuracy (mean ± sd over seeds)", lambda: plots.plot_accuracy(main)))
+    if has("loss") and main:
+        out.append(("Training loss", lambda: plots.plot_scalar(main, "loss", log=True)))
+    for cond, items in main.items():
+        if "quantile_value" in items[0].data_vars:
+            out.append(
+                (
+                    f"Drift per site, {cond} (first seed)",
+                    lambda items=items: plots.plot_drift_heatmap(items[0]),
+                )
+            )
+    if preset == "saturating":
+        for cond, items in main.items():
+            out.append(
+                (
+                    f"Saturation, {cond} (first seed)",
+                    lambda items=items: plots.plot_saturation(items[0], source="train"),
+                )
+            )
+    if has("ics_cos"):
+        for cond, items in main.items():
+            if "ics_cos" in items[0].data_vars:
+                out.append(
+                    (
+                        f"Gradient ICS cos(G, G'), {cond} (first seed)",
+                        lambda items=items: plots.plot_ics(items[0]),
+                    )
+                )
+    if has("beta_smoothness"):
+        out.append(("Effective β-smoothness", lambda: plots.plot_landscape(main)))
+        out.append(
+            (
+                "Loss variation along the gradient",
+                lambda: plots.plot_landscape(main, "loss_variation"),
+            )
+        )
+    if has("jac_sv"):
+        trained = {n: v for n, v in main.items() if any("jac_sv" in d.data_vars for d in v)}
+        if trained:
+            out.append(
+                (
+                    "Jacobian spectra of the segments (last record with spectra)",
+                    lambda: plots.plot_jacobian_spectra(trained),
+                )
+            )
+    scalars = sorted({str(n) for v in main.values() for ds in v for n in identity_variables(ds)})
+    for name in scalars:
+        out.append(
+            (
+                f"Logged {name}",
+                lambda name=name: plots.plot_scalar(
+                    {k: v for k, v in main.items() if any(name in d for d in v)}, name, log=True
+                ),
+            )
+        )
+    return out  # fmt: skip
+
+
+def run_figures(
+    ds: xr.Dataset, drift: xr.Dataset | None, notes: list[str]
+) -> list[tuple[str, Any]]:
+    """The diagnostic figures of one run (``drift``: its W1/σ against the previous record, when
+    computed); why a figure is absent or not drawn, and each figure's notes, go to ``notes``."""
+    figures: list[tuple[str, Any]] = []
+
+    def add(title: str, make: Callable[[], Any]) -> None:
+        try:
+            fig = make()
+        except _FIGURE_ERRORS as exc:
+            notes.append(f"figure '{title}' not drawn: {exc}")
+            return
+        figures.append((title, fig))
+
+    add(
+        "Drift per site (median W1/σ vs previous record)",
+        lambda: (
+            plots.plot_drift_heatmap(ds, drift=drift)
+            if drift is not None
+            else plots.plot_drift_heatmap(ds)
+        ),
+    )
+    if "loss" in ds.data_vars:
+        add("Training loss", lambda: plots.plot_scalar(ds, "loss", log=True))
+    if "test_acc" in ds.data_vars:
+        add("Test accuracy", lambda: plots.plot_accuracy(ds))
+    has_thr = (
+        "sat_threshold" in ds.coords
+        and np.isfinite(np.asarray(ds["sat_threshold"].values, dtype=np.float64)).any()
+    )
+    if "sat_frac" in ds.data_vars and has_thr:
+        add("Saturation per site", lambda: plots.plot_saturation(ds))
+    else:
+        notes.append("saturation: no site has a threshold (sigmoid/tanh inputs only)")
+    if "zero_frac" in ds.data_vars:
+        add("Dead units per site", lambda: plots.plot_dead_units(ds))
+    if "grad_norm" in ds.data_vars:
+        add("Activation-gradient norm per site", lambda: plots.plot_grad_norms(ds))
+    if "param_grad_norm" in ds.data_vars:
+        add("Gradient norm per parameter", lambda: plots.plot_grad_norms(ds, "param_grad_norm"))
+    if "ics_cos" in ds.data_vars:
+        add("Gradient ICS: cos(G, G') per layer", lambda: plots.plot_ics(ds, "ics_cos"))
+        add("Gradient ICS: ‖G − G'‖ per layer", lambda: plots.plot_ics(ds, "ics_l2"))
+    if "beta_smoothness" in ds.data_vars:
+        add("Landscape: effective β-smoothness", lambda: plots.plot_landscape(ds))
+    if "jac_sv" in ds.data_vars:
+        add("Jacobian spectra per block", lambda: plots.plot_jacobian_spectra(ds))
+    for title, fig in figures:
+        notes += [f"{title}: {n}" for n in plots.figure_notes(fig)]
+    return figures
