@@ -181,7 +181,7 @@ def coordinate(name: str) -> Coordinate:
 
 
 #: Scalars that are not measured but logged by convention (``rec.log(test_acc=...)``).
-CONVENTIONAL_LOGS = {"test_acc": "log it: rec.log(test_acc=...)"}
+CONVENTIONAL_LOGS = {"test_acc": "rec.log(test_acc=...)"}
 
 
 def how_to_record(name: str) -> str:
@@ -190,7 +190,7 @@ def how_to_record(name: str) -> str:
     Examples
     --------
     >>> how_to_record("test_acc"), how_to_record("grad_norm")
-    ('log it: rec.log(test_acc=...)', 'Recorder(gradients=True)')
+    ('rec.log(test_acc=...)', 'Recorder(gradients=True)')
     """
     if name in CONVENTIONAL_LOGS:
         return CONVENTIONAL_LOGS[name]
