@@ -380,7 +380,7 @@ def _callable_result(result: Any, name: str, where: str) -> dict[str, float]:
     )
 
 
-def _collect(
+def _metric_values(
     runs: Any,
     metric: str | MetricFunc,
     *,
@@ -591,7 +591,7 @@ def metric_table(
     0        BN    0    a    1.0    True
     1        BN    0    b    2.0    True
     """
-    values, sites, info, notes = _collect(
+    values, sites, info, notes = _metric_values(
         runs,
         metric,
         site=site,
@@ -1111,7 +1111,7 @@ def compare(
             raise ValueError(
                 f"paired=True needs the same number of runs in every condition, got {sizes}"
             )
-    values, sites, info, site_notes = _collect(
+    values, sites, info, site_notes = _metric_values(
         checked,
         metric,
         site=site,

@@ -17,7 +17,7 @@ import xarray as xr
 
 from icstools.store import StoreError, open_run
 
-__all__ = ["Inputs", "as_paths", "collect", "open_store", "preset_runs"]
+__all__ = ["Inputs", "as_paths", "find_inputs", "open_store", "preset_runs"]
 
 
 def as_paths(inputs: Any) -> list[Path]:
@@ -87,7 +87,7 @@ def _discover(path: Path, found: Inputs, depth: int = 0) -> None:
             _discover(child, found, depth + 1)
 
 
-def collect(inputs: Sequence[Path]) -> Inputs:
+def find_inputs(inputs: Sequence[Path]) -> Inputs:
     """The preset directories and run stores in ``inputs`` (each must be a directory)."""
     found = Inputs()
     for p in inputs:

@@ -20,7 +20,7 @@ from icstools.report.diagnostics import diagnose_run
 from icstools.report.figures import preset_figures
 from icstools.report.formatting import num
 from icstools.report.html import page, preset_section, run_section
-from icstools.report.inputs import as_paths, collect, open_store, preset_runs
+from icstools.report.inputs import as_paths, find_inputs, open_store, preset_runs
 from icstools.report.json_schema import SCHEMA_ID
 from icstools.report.verdicts import assess
 
@@ -94,7 +94,7 @@ def write_report(
         raise TypeError(f"json must be a path or None, got {type(json).__name__}")
     html_path = Path(html)
     json_path = Path(json) if json is not None else None
-    found = collect(paths)
+    found = find_inputs(paths)
     notes = list(found.notes)
     verdicts: list[dict[str, Any]] = []
     preset_entries: list[dict[str, Any]] = []

@@ -137,19 +137,29 @@ class Context:
         The AMP loss scale of the latest recorded forward.
     """
 
-    def __init__(self, model: nn.Module, sites: list[Site], units: SiteTable, **options: Any):
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: list[Site],
+        units: SiteTable,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        probe: Any = None,
+        probe_mode: str = "train",
+        loss_fn: Callable[..., Any] | None = None,
+        scaler: Any = None,
+        seed: int = 0,
+    ) -> None:
         self.model = model
         self.modules = dict(model.named_modules())
         self.sites = sites
         self.units = units
-        self.optimizer: torch.optim.Optimizer | None = options.pop("optimizer", None)
-        self.probe: Any = options.pop("probe", None)
-        self.probe_mode: str = options.pop("probe_mode", "train")
-        self.loss_fn: Callable[..., Any] | None = options.pop("loss_fn", None)
-        self.scaler: Any = options.pop("scaler", None)
-        self.seed: int = options.pop("seed", 0)
-        if options:
-            raise TypeError(f"unknown context options: {sorted(options)}")
+        self.optimizer = optimizer
+        self.probe = probe
+        self.probe_mode = probe_mode
+        self.loss_fn = loss_fn
+        self.scaler = scaler
+        self.seed = seed
         self.layout: Layout | None = None
         self.step = 0
         self.batch: StepBatch | None = None
