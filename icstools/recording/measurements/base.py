@@ -65,7 +65,14 @@ from icstools.sites import Site
 if TYPE_CHECKING:
     from icstools.recording.layout import Layout, SiteTable
 
-__all__ = ["REQUIREMENTS", "Context", "Declaration", "Measurement", "StepBatch"]
+__all__ = [
+    "REQUIREMENTS",
+    "Context",
+    "Declaration",
+    "Measurement",
+    "StepBatch",
+    "StepLossMeasurement",
+]
 
 #: What a measurement can require of the recorder.
 REQUIREMENTS = ("optimizer", "loss_fn", "probe", "target")
@@ -203,15 +210,6 @@ class Context:
             m.discard_train(self)
 
 
-def need_loss_fn(options: Any) -> None:
-    """The error of ``ics=``/``landscape=`` without ``loss_fn=``."""
-    if options.loss_fn is None:
-        raise RecorderError(
-            "ics= and landscape= need loss_fn= (loss_fn(output, target) -> scalar, to "
-            "recompute the loss) and optimizer= (their hooks see the step's update)"
-        )
-
-
 class Measurement:
     """Base class of the recorder's measurements (see the module docstring for the events).
 
@@ -302,3 +300,30 @@ class Measurement:
     def collect(self, ctx: Context) -> dict[str, np.ndarray]:
         """This record's host arrays of its variables (missing ones keep their fill value)."""
         return {}
+
+
+class StepLossMeasurement(Measurement):
+    """Base of the measurements that recompute the training loss on the step's own batch
+    (gradient-based ICS, landscape probes): they need the optimizer (its step hooks see the
+    update), ``loss_fn(output, target)`` and the step's target (``rec.set_target``).
+    Their ``Recorder`` keyword is their ``name`` and holds their schedule."""
+
+    requires = frozenset({"optimizer", "loss_fn", "target"})
+
+    def __init__(self, every: Any, loss_fn: Callable[..., Any]) -> None:
+        super().__init__(every)
+        self.loss_fn = loss_fn
+
+    @classmethod
+    def scheduled(cls, options: Any) -> Any:
+        """The schedule given as the keyword ``cls.name`` (``None``: off); ``loss_fn`` checked."""
+        every = getattr(options, cls.name)
+        if every is not None and options.loss_fn is None:
+            raise RecorderError(
+                "ics= and landscape= need loss_fn= (loss_fn(output, target) -> scalar, to "
+                "recompute the loss) and optimizer= (their hooks see the step's update)"
+            )
+        return every
+
+    def config(self) -> dict[str, Any]:
+        return {self.name: repr(self.schedule)}

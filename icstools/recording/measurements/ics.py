@@ -18,8 +18,7 @@ from icstools.recording.errors import RecorderError
 from icstools.recording.measurements.base import (
     Context,
     Declaration,
-    Measurement,
-    need_loss_fn,
+    StepLossMeasurement,
 )
 from icstools.schema import Coordinate, Variable
 
@@ -35,30 +34,23 @@ VARIABLES = (
 COORDINATES = (Coordinate("layer", ("layer",), "modules with trainable weights, in run order"),)
 
 
-class GradientICS(Measurement):
+class GradientICS(StepLossMeasurement):
     """Gradient-based ICS per layer at the recorded steps its schedule selects."""
 
     name = "ics"
     variables = VARIABLES
     coordinates = COORDINATES
-    requires = frozenset({"optimizer", "loss_fn", "target"})
 
     def __init__(self, every: Any, loss_fn: Any) -> None:
-        super().__init__(every)
-        self.loss_fn = loss_fn
+        super().__init__(every, loss_fn)
         self.layers: list | None = None  # fixed at the first record
         self._before: dict[str, torch.Tensor] | None = None
         self._out: dict[str, np.ndarray] = {}
 
     @classmethod
     def from_options(cls, options: Any) -> GradientICS | None:
-        if options.ics is None:
-            return None
-        need_loss_fn(options)
-        return cls(options.ics, options.loss_fn)
-
-    def config(self) -> dict[str, Any]:
-        return {"ics": repr(self.schedule)}
+        every = cls.scheduled(options)
+        return None if every is None else cls(every, options.loss_fn)
 
     def wants_batch(self, ctx: Context) -> bool:
         return self.layers is None or self.due(ctx.step)

@@ -17,8 +17,7 @@ import numpy as np
 from icstools.recording.measurements.base import (
     Context,
     Declaration,
-    Measurement,
-    need_loss_fn,
+    StepLossMeasurement,
 )
 from icstools.schema import Coordinate, Variable
 
@@ -46,39 +45,32 @@ VARIABLES = (
 COORDINATES = (Coordinate("eta", ("eta",), "step sizes in units of the learning rate"),)
 
 
-class LandscapeProbe(Measurement):
+class LandscapeProbe(StepLossMeasurement):
     """Loss and gradient along the gradient direction, at several step sizes."""
 
     name = "landscape"
     variables = VARIABLES
     coordinates = COORDINATES
-    requires = frozenset({"optimizer", "loss_fn", "target"})
 
     def __init__(self, every: Any, loss_fn: Any, multipliers: Sequence[float]) -> None:
-        super().__init__(every)
+        super().__init__(every, loss_fn)
         m = np.asarray(multipliers, dtype=np.float64).reshape(-1)
         if m.size == 0 or not (np.isfinite(m) & (m > 0)).all():
             raise ValueError(
                 f"landscape_multipliers must be finite numbers > 0, got {list(multipliers)!r}"
             )
-        self.loss_fn = loss_fn
         self.multipliers = m
         self._out: dict[str, Any] = {}
 
     @classmethod
     def from_options(cls, options: Any) -> LandscapeProbe | None:
-        if options.landscape is None:
-            # still validated, as the keyword always was
-            cls(1, options.loss_fn, options.landscape_multipliers)
-            return None
-        need_loss_fn(options)
-        return cls(options.landscape, options.loss_fn, options.landscape_multipliers)
+        every = cls.scheduled(options)
+        # the multipliers are checked even when the probes are off, as they always were
+        probe = cls(1 if every is None else every, options.loss_fn, options.landscape_multipliers)
+        return None if every is None else probe
 
     def config(self) -> dict[str, Any]:
-        return {
-            "landscape": repr(self.schedule),
-            "landscape_multipliers": self.multipliers.tolist(),
-        }
+        return {**super().config(), "landscape_multipliers": self.multipliers.tolist()}
 
     def wants_batch(self, ctx: Context) -> bool:
         return self.due(ctx.step)
