@@ -198,6 +198,7 @@ def how_to_record(name: str) -> str:
     return v.how if v is not None else ""
 
 
+@functools.cache
 def reserved_names() -> frozenset[str]:
     """Names a logged scalar cannot take: every variable (but the logged ``loss``), coordinate
     and dimension of the schema."""

@@ -56,8 +56,8 @@ class RecorderCore:
         self._ctx = ctx
         self.schedule = schedule
         self._sink = sink
-        # the hot path calls only the measurements that take site tensors
-        self._site_takers = [m for m in ctx.measurements if hasattr(m, "site")]
+        # each event goes only to the measurements that handle it (hooks are the hot path)
+        self._to = {event: [m for m in ctx.measurements if _defines(m, event)] for event in _EVENTS}
         self.diverged_step: int | None = None
         self._hooks = HookGroup()  # the model's and the optimizer's, while attached
         self._pending: int | None = None  # step of the open record
@@ -105,7 +105,7 @@ class RecorderCore:
             self._hooks.forward_pre(ctx.model, self._on_forward_start, with_kwargs=True)
             self._hooks.forward(ctx.model, self._on_forward_end, always_call=True)
             if ctx.optimizer is not None:
-                if any(_defines(m, "before_update") for m in ctx.measurements):
+                if self._to["before_update"]:
                     self._hooks.optimizer_step_pre(ctx.optimizer, self._before_update)
                 self._hooks.optimizer_step_post(ctx.optimizer, self._after_update)
         except BaseException:
@@ -144,7 +144,7 @@ class RecorderCore:
             return
         name = ctx.units.record_name(site, ctx.source, x)
         if name is not None:
-            for m in self._site_takers:
+            for m in self._to["site"]:
                 m.site(ctx, name, x, ctx.source)
 
     # ------------------------------------------------------------------------ events
@@ -172,12 +172,12 @@ class RecorderCore:
                 self._run_probe()
         ctx.units.new_forward()
         ctx.source = "train"
-        if any(m.wants_batch(ctx) for m in ctx.measurements):
+        if any(m.wants_batch(ctx) for m in self._to["wants_batch"]):
             # references (no copies) to the step's batch, and the RNG state the forward
             # starts from: recomputations use the same dropout masks
             ctx.batch = StepBatch(args, dict(kwargs), RngState.capture())
         self._in_train_forward = True
-        for m in ctx.measurements:
+        for m in self._to["train_forward"]:
             m.train_forward(ctx, first)
 
     def _on_forward_end(self, module: nn.Module, args: tuple, output: object) -> None:
@@ -188,7 +188,7 @@ class RecorderCore:
         ctx.forward_hooks.remove()
         if self._in_train_forward:
             self._in_train_forward = False
-            for m in ctx.measurements:
+            for m in self._to["train_forward_end"]:
                 m.train_forward_end(ctx)
 
     def _run_probe(self) -> None:
@@ -202,19 +202,19 @@ class RecorderCore:
                 ctx.model(*ctx.probe)
             else:
                 ctx.model(ctx.probe)
-        for m in ctx.measurements:
+        for m in self._to["after_probe"]:
             m.after_probe(ctx)
 
     def _before_update(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         ctx = self._ctx
         if self._pending == ctx.step and not ctx.silent:  # a recorded step
-            for m in ctx.measurements:
+            for m in self._to["before_update"]:
                 m.before_update(ctx)
 
     def _after_update(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         ctx = self._ctx
         if self._pending == ctx.step and not ctx.silent:
-            for m in ctx.measurements:
+            for m in self._to["after_update"]:
                 m.after_update(ctx)
         ctx.step += 1
 
@@ -364,6 +364,17 @@ class RecorderCore:
         return ds
 
 
+_EVENTS = (
+    "site",
+    "wants_batch",
+    "train_forward",
+    "train_forward_end",
+    "after_probe",
+    "before_update",
+    "after_update",
+)
+
+
 def _defines(measurement: Measurement, event: str) -> bool:
-    """Whether a measurement overrides the no-op of ``event``."""
-    return getattr(type(measurement), event) is not getattr(Measurement, event)
+    """Whether a measurement handles ``event`` (overrides the base class's no-op)."""
+    return getattr(type(measurement), event, None) is not getattr(Measurement, event, None)

@@ -136,6 +136,7 @@ class Layout:
         }
         self.sizes: dict[str, int] = {}
         self.variables: dict[str, Variable] = {}
+        self._shapes: dict[str, tuple[tuple[int, ...], np.dtype, Any]] = {}
         self._size_from_coords()
 
     def _size_from_coords(self) -> None:
@@ -155,9 +156,12 @@ class Layout:
             self.variables[v.name] = v
 
     def check_dims(self) -> None:
-        """Raise if a variable has a dimension that no coordinate defines."""
-        for v in self.variables.values():
-            v.shape(self.sizes)
+        """Raise if a variable has a dimension that no coordinate defines (and keep each
+        variable's record shape and dtype)."""
+        self._shapes = {
+            name: (v.shape(self.sizes), np.dtype(v.dtype), v.fill)
+            for name, v in self.variables.items()
+        }
 
     @classmethod
     def fix(cls, ctx: Context) -> Layout:
@@ -194,6 +198,15 @@ class Layout:
         """``[site]`` array from a dict record site -> value (missing: ``fill``)."""
         return np.array([values.get(s, fill) for s in self.sites], dtype=np.float64)
 
+    def empty(self, name: str) -> np.ndarray:
+        """One record of variable ``name`` filled with its fill value."""
+        shape, dtype, fill = self._shapes[name]
+        return np.full(shape, fill, dtype)
+
+    def empty_all(self, variables: Iterable[Variable]) -> dict[str, np.ndarray]:
+        """:meth:`empty` of each of ``variables``, by name."""
+        return {v.name: self.empty(v.name) for v in variables}
+
     def record(self, step: int, results: Iterable[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         """One record from the measurements' ``(name, collected arrays)``: each array checked
         against its declaration and cast to its dtype; variables not returned are filled."""
@@ -201,25 +214,26 @@ class Layout:
         for measurement, arrays in results:
             for name, value in arrays.items():
                 rec[name] = self._checked(name, value, measurement)
-        for name, v in self.variables.items():
+        for name in self.variables:
             if name not in rec:
-                rec[name] = v.empty(self.sizes)
+                rec[name] = self.empty(name)
         return rec
 
     def _checked(self, name: str, value: Any, measurement: str) -> np.ndarray:
-        v = self.variables.get(name)
-        if v is None:
+        known = self._shapes.get(name)
+        if known is None:
             raise ValueError(
                 f"measurement {measurement!r} returned {name!r}, which it did not declare "
                 f"(declared in this run: {sorted(self.variables)})"
             )
-        with np.errstate(over="ignore"):  # float32 holds a diverging value as ±inf
-            value = np.asarray(value, dtype=v.dtype)
-        shape = v.shape(self.sizes)
+        shape, dtype, _ = known
+        if not (isinstance(value, np.ndarray) and value.dtype == dtype):
+            with np.errstate(over="ignore"):  # float32 holds a diverging value as ±inf
+                value = np.asarray(value, dtype=dtype)
         if value.shape != shape:
             raise ValueError(
                 f"measurement {measurement!r} returned {name!r} of shape {value.shape}; one "
-                f"record of {v.dims} has shape {shape}"
+                f"record of {self.variables[name].dims} has shape {shape}"
             )
         return value
 

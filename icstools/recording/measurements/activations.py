@@ -207,7 +207,7 @@ class Activations(Measurement):
         layout = ctx.layout
         active = [(key, stats) for key, stats in self._stats.items() if stats.calls]
         outs = compute_many([stats for _, stats in active])  # one device -> host transfer
-        rec = {v.name: v.empty(layout.sizes) for v in self.variables}
+        rec = layout.empty_all(self.variables)
         for ((source, name), stats), out in zip(active, outs, strict=True):
             calls = stats.calls
             stats.reset()

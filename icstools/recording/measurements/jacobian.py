@@ -201,7 +201,7 @@ class JacobianSpectra(Measurement):
         spectra, self._out = self._out, None
         if not spectra:
             return {}
-        out = {v.name: v.empty(ctx.layout.sizes) for v in VARIABLES}
+        out = ctx.layout.empty_all(VARIABLES)
         blocks = ctx.layout.coords["block"][1].tolist()
         for name, sv in spectra.items():
             if name not in blocks:

@@ -140,7 +140,7 @@ class ParameterDynamics(Measurement):
         self._before = None
         if "param" not in ctx.layout.coords:
             return {}
-        out = {v.name: v.empty(ctx.layout.sizes) for v in VARIABLES}
+        out = ctx.layout.empty_all(VARIABLES)
         if not params:
             return out
         for name in ("param_grad_norm", "param_norm", "update_norm"):

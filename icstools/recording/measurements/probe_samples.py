@@ -91,7 +91,7 @@ class ProbeSamples(Measurement):
 
     def collect(self, ctx: Context) -> dict[str, np.ndarray]:
         values, self._values = to_host(self._values), {}  # one transfer for all sites
-        out = VARIABLES[0].empty(ctx.layout.sizes)
+        out = ctx.layout.empty("probe_sample")
         m = out.shape[0]
         for name, v in values.items():
             if name in ctx.layout.widths:

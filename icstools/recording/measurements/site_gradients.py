@@ -75,7 +75,7 @@ class SiteGradients(Measurement):
                     grads[(name, field)] = t
             stats.reset()
         layout = ctx.layout
-        out = {v.name: v.empty(layout.sizes) for v in VARIABLES}
+        out = layout.empty_all(VARIABLES)
         # AMP: gradients of a scaled loss are scaled; divide by this step's scale
         scale = ctx.loss_scale if ctx.scaler is not None and ctx.loss_scale else 1.0
         for (name, field), value in to_host(grads).items():
