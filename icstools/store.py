@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -341,10 +342,22 @@ def _remove_abandoned(store: _AtomicLocalStore) -> None:
     logger.warning("could not remove the abandoned store directory %s", store.root)
 
 
+_VALID_TARGETS = (
+    "a run is created at a path where nothing exists, or replaces an icstools run store or an"
+    " empty directory with overwrite=True"
+)
+
+
 def _check_replaceable(path: Path) -> None:
-    """Raise unless ``path`` (existing) may be deleted by ``overwrite=True``."""
+    """Raise unless ``path`` (existing) is an icstools store or an empty directory.
+
+    Only those may be replaced with ``overwrite=True``; anything else is refused with or without.
+    """
     if not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory; refusing to overwrite it")
+        raise FileExistsError(
+            f"{path} exists and is not an icstools run store (it is not a directory); refusing"
+            f" to touch it: {_VALID_TARGETS}"
+        )
     if not any(path.iterdir()):
         return
     for name in (_MARKER, ".zattrs"):
@@ -357,9 +370,75 @@ def _check_replaceable(path: Path) -> None:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     raise FileExistsError(
-        f"{path} exists and is not an icstools run store; refusing to delete it (overwrite=True"
-        " only replaces icstools stores and empty directories)"
+        f"{path} exists and is not an icstools run store; refusing to touch it: {_VALID_TARGETS}"
     )
+
+
+_NEW_TAG = ".icstools-new-"  # hidden sibling of the first commit: .<name>.icstools-new-<12 hex>
+_PROBE_TAG = ".icstools-probe-"  # same length with 10 hex digits
+
+
+def _check_writable_location(path: Path) -> None:
+    """Raise :class:`StoreError` unless a store can be created at ``path``.
+
+    Really tries what the first commit will do, rather than predicting it from permission bits
+    (which root ignores and read-only filesystems override): creates the missing parent
+    directories and, in the parent, a directory named as long as the hidden sibling the first
+    commit builds, with a small file in it; then removes all that again.
+    """
+    parent = path.parent
+    probe = parent / f".{path.name}{_PROBE_TAG}{uuid.uuid4().hex[:10]}"
+    created: list[Path] = []
+    made_probe = made_file = False
+    action = f"creating a test directory {probe.name!r} in {parent}"
+    try:
+        missing = []
+        ancestor = parent
+        while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+            missing.append(ancestor)
+            ancestor = ancestor.parent
+        for directory in reversed(missing):
+            action = f"creating the parent directory {directory}"
+            try:
+                os.mkdir(directory)
+            except FileExistsError:  # created by someone else meanwhile
+                if not directory.is_dir():
+                    raise
+                continue
+            created.append(directory)
+        action = f"creating a test directory {probe.name!r} in {parent}"
+        os.mkdir(probe)
+        made_probe = True
+        action = f"creating a test file in {probe}"
+        fd = os.open(probe / "probe", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        made_file = True
+        try:
+            os.write(fd, b"icstools")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        reason = exc.strerror or repr(exc)
+        hint = ""
+        if exc.errno == errno.ENAMETOOLONG:
+            hint = (
+                f" (the name, {len(path.name)} characters, must leave room for the hidden"
+                f" sibling directory '.<name>{_NEW_TAG}<12 hex digits>' of the first commit,"
+                f" {len(_NEW_TAG) + 13} characters longer)"
+            )
+        raise StoreError(
+            f"cannot create a run store at {path}: {action} failed: {reason}{hint}. The parent"
+            " directory must be a writable directory that exists or can be created (the first"
+            " commit builds the store in a hidden directory next to the path and renames it)"
+        ) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            if made_file:
+                os.unlink(probe / "probe")
+            if made_probe:
+                os.rmdir(probe)
+        for directory in reversed(created):  # only if still empty: another writer may use it
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,13 +458,24 @@ class RunWriter:
     ----------
     path : str or os.PathLike
         Directory of the store. It is created by the first :meth:`append` (atomically, by renaming
-        a hidden sibling directory built next to it); until then it does not exist.
+        a hidden sibling directory built next to it); until then it does not exist. Its parent
+        directory must exist or be creatable, and be writable: the constructor tries that (it
+        creates and removes a test directory there) and raises at once if not.
     chunk_steps : int, default 64
         Chunk length along ``step`` (at least 2), fixed by the first append.
     overwrite : bool, default False
         If False, an existing ``path`` raises FileExistsError. If True, an existing icstools store
         (or empty directory) at ``path`` is replaced at the first commit; any other existing path
         still raises FileExistsError.
+
+    Raises
+    ------
+    FileExistsError
+        Something exists at ``path``: anything but an icstools store or an empty directory, or
+        anything at all without ``overwrite``.
+    StoreError
+        No store can be created at ``path``: its parent is not a directory or cannot be
+        created, is not writable (permissions, read-only filesystem), or the name is too long.
     max_chunk_bytes : int, default 4 MiB
         Upper bound on the uncompressed size of a chunk; the largest non-step dims are split
         (halved) until a chunk fits. It is exceeded only if ``chunk_steps`` times the item size
@@ -443,9 +533,10 @@ class RunWriter:
         self.overwrite = bool(overwrite)
         self.fsync = bool(fsync)
         if os.path.lexists(self.path):
+            _check_replaceable(self.path)  # anything but a store or an empty directory: refused
             if not overwrite:
                 raise FileExistsError(f"{self.path} already exists (pass overwrite=True?)")
-            _check_replaceable(self.path)
+        _check_writable_location(self.path)
         self._specs: dict[str, _VarSpec] | None = None
         self._arrays: dict[str, zarr.AsyncArray] = {}
         self._store: _AtomicLocalStore | None = None
@@ -680,7 +771,7 @@ class RunWriter:
         attrs.update(self._pending_attrs)
         attrs.update(icstools_store_format=STORE_FORMAT, n_committed=0)
         schema = xr.Dataset(data_vars, coords=coords, attrs=attrs)
-        tmp = self.path.parent / f".{self.path.name}.icstools-new-{uuid.uuid4().hex[:12]}"
+        tmp = self.path.parent / f".{self.path.name}{_NEW_TAG}{uuid.uuid4().hex[:12]}"
         store = _AtomicLocalStore(tmp, fsync=self.fsync)
         try:
             self._specs = specs
