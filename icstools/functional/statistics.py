@@ -12,9 +12,11 @@ BatchNorm pools them, Ioffe & Szegedy 2015 §3.2). For every unit the state hold
 - a sample of the values for quantiles (all of them up to ``quantile_sample`` per unit).
 
 Every statistic except ``nonfinite`` is taken over the *finite* values of a unit; ``nonfinite``
-is the share of NaN and ±inf among all its values. Values are reduced on the tensor's device in
-float32 (float64 for float64 inputs), deviations scaled by each unit's range, and the moment sums
-kept in float64; nothing leaves the device until :meth:`ActivationStatistics.compute`.
+is the share of NaN and ±inf among all its values (NaN when the unit got no value at all: a call
+on an empty tensor, e.g. an expert that received no token, adds a call and changes nothing
+else). Values are reduced on the tensor's device in float32 (float64 for float64 inputs),
+deviations scaled by each unit's range, and the moment sums kept in float64; nothing leaves the
+device until :meth:`ActivationStatistics.compute`.
 
 While a unit's pooled values number at most ``quantile_sample`` (exact mode), a call only copies
 them; the copies of all sites are reduced together when the record closes
@@ -632,11 +634,13 @@ class ActivationStatistics:
         self._rate = 1.0
         self._values: list[torch.Tensor] = []  # exact mode: copies as [positions, units]
         self._n_values = 0
+        self._empty_calls = 0  # calls without values, not in the state or the values
 
     @property
     def calls(self) -> int:
         """Number of tensors merged since the last reset."""
-        return (0 if self._state is None else self._state.calls) + len(self._values)
+        state_calls = 0 if self._state is None else self._state.calls
+        return state_calls + len(self._values) + self._empty_calls
 
     @property
     def state(self) -> StatisticsState | None:
@@ -659,6 +663,11 @@ class ActivationStatistics:
         n = x.numel() // max(x.shape[_unit_dim(x, self.unit_dim)], 1)
         cap = self.quantile_sample
         self._result = None
+        if n and self._values and not self._n_values:
+            # only calls without values so far: they count as calls, but must not decide the
+            # sampling rate (a call without values changes no statistic)
+            self._empty_calls += len(self._values)
+            self._values = []
         if self._state is None and (cap is None or self._n_values + n <= cap):
             rows = _as_rows(x, self.unit_dim)  # [n, units], a copy
             if self._values and rows.shape[1] != self._values[0].shape[1]:
@@ -702,6 +711,7 @@ class ActivationStatistics:
         """
         self._fold()
         other._fold()
+        self._empty_calls += other._empty_calls
         if other._state is None:
             return
         if not np.array_equal(other.hist_edges, self.hist_edges):
@@ -740,6 +750,7 @@ class ActivationStatistics:
         self._result = None
         self._rate = 1.0
         self._values, self._n_values = [], 0
+        self._empty_calls = 0
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Finish the statistics, as CPU tensors (one device-to-host transfer).
@@ -752,7 +763,8 @@ class ActivationStatistics:
             values, ``[units]``). Skewness is ``m3 / m2^1.5`` and kurtosis the excess
             ``m4 / m2² − 3`` (scipy's biased estimators); both NaN where the variance is zero
             or lost to rounding. Units without finite values are NaN everywhere but
-            ``nonfinite``. Moments are float64; min, max and quantiles keep the compute dtype.
+            ``count`` (0) and ``nonfinite`` (1 if they had values, all non-finite; NaN if
+            they had none). Moments are float64; min, max and quantiles keep the compute dtype.
         """
         return compute_many([self])[0]
 
@@ -961,7 +973,8 @@ def _finish(host: Mapping[str, np.ndarray], compute_dtype: torch.dtype) -> dict[
         "max": np.where(empty, np.nan, host["max"]).astype(cdt),
         "sat_frac": np.where(empty, np.nan, host["n_sat"] / safe),
         "zero_frac": np.where(empty, np.nan, host["n_zero"] / safe),
-        "nonfinite": 1 - n / np.maximum(host["total"], 1),
+        # no value at all: undefined (NaN), not "every value non-finite"
+        "nonfinite": np.where(host["total"] > 0, 1 - n / np.maximum(host["total"], 1), np.nan),
         "count": count.astype(np.int64),
         "hist": host["hist"].astype(np.int64),
         "quantile_value": host["sample"].astype(cdt),

@@ -150,24 +150,40 @@ class Activations(Measurement):
         stats = self._stats.get((source, name))
         if stats is None:
             stats = self._new_stats(ctx, name, x, source)
+        elif name not in self._edges and x.numel():
+            self._fix_edges(ctx, name, x)
         stats.update(x)
+
+    def _fix_edges(self, ctx: Context, name: str, x: torch.Tensor) -> np.ndarray:
+        """The site's histogram edges, from its first values (a call without values, e.g. an
+        expert that got no token, fixes none: its statistics objects hold no values yet)."""
+        rng = site_option(self.hist_range, ctx.units.base[name], "hist_range", tuple)
+        if rng is not None:
+            edges = np.linspace(float(rng[0]), float(rng[1]), self.bins + 1)
+        else:
+            edges = choose_hist_edges(x, self.bins)  # no values: a default range
+        if rng is not None or x.numel():
+            self._set_edges(name, edges)
+        return edges
+
+    def _set_edges(self, name: str, edges: np.ndarray) -> None:
+        self._edges[name] = edges
+        for source in ("train", "probe"):  # objects made before hold no values yet
+            if (source, name) in self._stats:
+                self._stats[(source, name)].hist_edges = edges
 
     def _new_stats(
         self, ctx: Context, name: str, x: torch.Tensor, source: str
     ) -> ActivationStatistics:
-        base = ctx.units.base[name]
-        if name not in self._edges:
-            rng = site_option(self.hist_range, base, "hist_range", tuple)
-            if rng is None:
-                self._edges[name] = choose_hist_edges(x, self.bins)
-            else:
-                self._edges[name] = np.linspace(float(rng[0]), float(rng[1]), self.bins + 1)
+        edges = self._edges.get(name)
+        if edges is None:
+            edges = self._fix_edges(ctx, name, x)
         seed = zlib.crc32(f"{self.seed}/{source}/{name}".encode())
         stats = ActivationStatistics(
-            self._edges[name],
+            edges,
             ctx.units.unit_dims[name],
             quantiles=self.quantiles,
-            sat_threshold=self.sat[base],
+            sat_threshold=self.sat[ctx.units.base[name]],
             quantile_sample=self.quantile_sample,
             generator=torch.Generator().manual_seed(seed),
         )
@@ -190,7 +206,7 @@ class Activations(Measurement):
         coords = {
             "quantile": ("quantile", self.quantiles.astype(np.float64)),
             "bin": ("bin", np.arange(self.bins + 2, dtype=np.int64)),
-            "hist_edges": (("site", "edge"), np.stack([self._edges[s] for s in layout_sites])),
+            "hist_edges": (("site", "edge"), np.stack([self._site_edges(s) for s in layout_sites])),
             "site_units": (
                 "site",
                 np.array([ctx.units.widths[s] for s in layout_sites], np.int64),
@@ -202,6 +218,13 @@ class Activations(Measurement):
             "sat_threshold": ("site", np.array([np.nan if t is None else t for t in sat])),
         }
         return Declaration(coords, self.variables)
+
+    def _site_edges(self, name: str) -> np.ndarray:
+        """The edges of a site, fixed at the first record (a default range for a site that
+        got no value in it)."""
+        if name not in self._edges:
+            self._set_edges(name, choose_hist_edges(torch.empty(0), self.bins))
+        return self._edges[name]
 
     def collect(self, ctx: Context) -> dict[str, np.ndarray]:
         layout = ctx.layout

@@ -1,0 +1,143 @@
+"""Hardening of the recorder: empty site tensors, logged names, the user's exception, meta
+tensors, sites that never get a floating-point tensor, a probe of the wrong shape."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import icstools
+from icstools import Recorder
+from icstools.functional.statistics import ActivationStatistics
+
+STATS = ("mean", "var", "skew", "kurt", "min", "max", "zero_frac", "nonfinite", "quantile_value")
+
+
+# --------------------------------------------------------------------------------------------
+# 1. a site that sees no values in a step (an expert without tokens, a zero-size batch)
+# --------------------------------------------------------------------------------------------
+
+
+class _Experts(nn.Module):
+    """Two experts: a token goes to expert 1 when its first feature is positive (a mixture of
+    experts with a hard router). ``empty_call``: expert 1 is first called on no tokens."""
+
+    def __init__(self, empty_call: bool = False) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.experts = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+        self.out = nn.Linear(8, 2)
+        self.empty_call = empty_call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.sigmoid(self.inp(x))
+        to_1 = x[:, 0] > 0
+        if self.empty_call:
+            self.experts[1](h[:0])  # a call with no tokens, pooled with the real one
+        y = torch.zeros_like(h)
+        y[~to_1] = self.experts[0](h[~to_1])
+        y[to_1] = self.experts[1](h[to_1])
+        return self.out(y)
+
+
+def _batches(steps: int, empty_at: set[int]) -> list[torch.Tensor]:
+    """Batches of 12 tokens; at ``empty_at`` steps no token goes to expert 1."""
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    for t in range(steps):
+        x = torch.randn(12, 4, generator=gen)
+        x[:, 0] = x[:, 0].abs() * (-1 if t in empty_at else 1)
+        if t not in empty_at:
+            x[::3, 0] *= -1  # both experts get tokens
+        out.append(x)
+    return out
+
+
+def _run_experts(model: nn.Module, batches: list[torch.Tensor], **kwargs) -> Recorder:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(model, ["experts.0", "experts.1"], optimizer=opt, **kwargs)
+    with rec:
+        for x in batches:
+            loss = model(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.log(loss=loss)
+    return rec
+
+
+def test_a_step_without_values_at_a_site_is_undefined_not_diverged(tmp_path):
+    torch.manual_seed(0)
+    model = _Experts()
+    batches = _batches(3, empty_at={1})
+    rec = _run_experts(model, batches, path=tmp_path / "run.zarr")
+    ds = icstools.open_run(tmp_path / "run.zarr")
+    assert np.isfinite(ds.loss.values).all()
+    assert "diverged_step" not in ds.attrs and rec.diverged_step is None
+    e1 = ds.sel(source="train", step=1).isel(unit=ds.unit_site.values == "experts.1:output")
+    assert (e1["count"].values == 0).all()
+    for k in STATS:  # undefined over no values (nonfinite too: not "all values non-finite")
+        assert np.isnan(e1[k].values).all(), (k, e1[k].values)
+    assert (e1["hist"].sel(site="experts.1:output").values == 0).all()
+    assert int(e1["calls"].sel(site="experts.1:output")) == 1
+    # the other expert, and the other steps, are unaffected: 12 tokens in all, all finite
+    e0 = ds.sel(source="train").isel(unit=ds.unit_site.values == "experts.0:output")
+    e1_all = ds.sel(source="train").isel(unit=ds.unit_site.values == "experts.1:output")
+    assert (e0["count"].sel(step=1).values == 12).all()
+    assert (e0["count"] + e1_all["count"] == 12).all()
+    assert (ds["nonfinite"].sel(step=[0, 2]).values == 0).all()
+
+
+def test_divergence_check_ignores_units_without_values():
+    # the core's check: any(nonfinite > 0); a NaN share (no values) must not count
+    nonfinite = np.array([np.nan, 0.0, np.nan], dtype=np.float32)
+    assert not bool(np.any(nonfinite > 0))
+
+
+@pytest.mark.parametrize("quantile_sample", [8192, 4])
+def test_an_empty_call_pooled_with_a_real_one_changes_nothing_but_calls(quantile_sample):
+    batches = _batches(3, empty_at=set())
+    runs = {}
+    for empty_call in (False, True):
+        torch.manual_seed(0)
+        model = _Experts(empty_call=empty_call)
+        runs[empty_call] = _run_experts(model, batches, quantile_sample=quantile_sample)
+    alone, pooled = (runs[k].to_dataset() for k in (False, True))
+    for k in (*STATS, "count", "hist", "hist_edges", "sat_frac", "loss"):
+        np.testing.assert_array_equal(pooled[k].values, alone[k].values, err_msg=k)
+    calls = pooled["calls"].sel(source="train")
+    np.testing.assert_array_equal(
+        calls.sel(site="experts.1:output").values,
+        alone["calls"].sel(source="train").sel(site="experts.1:output").values + 1,
+    )
+
+
+def test_statistics_of_no_values_are_nan_with_count_zero():
+    stats = ActivationStatistics(np.linspace(-2, 2, 5), 1)
+    stats.update(torch.empty(0, 3))
+    out = {k: v.numpy() for k, v in stats.compute().items()}
+    assert (out["count"] == 0).all() and (out["hist"] == 0).all()
+    for k in STATS:
+        assert np.isnan(out[k]).all(), (k, out[k])
+
+
+@pytest.mark.parametrize("quantile_sample", [None, 8192, 5])
+@pytest.mark.parametrize("empty_first", [True, False])
+def test_statistics_pooling_an_empty_call_equal_the_values_alone(quantile_sample, empty_first):
+    # three calls of 8 values per unit (beyond quantile_sample=5: sampled at a rate that the
+    # first call with values fixes), and a call without values before or after them
+    x = torch.randn(24, 3, generator=torch.Generator().manual_seed(1))
+    kw = {"quantile_sample": quantile_sample}
+    alone = ActivationStatistics(np.linspace(-2, 2, 5), 1, **kw)
+    for part in x.split(8):
+        alone.update(part)
+    pooled = ActivationStatistics(np.linspace(-2, 2, 5), 1, **kw)
+    empty = [torch.empty(0, 3)]
+    for t in (empty + list(x.split(8))) if empty_first else (list(x.split(8)) + empty):
+        pooled.update(t)
+    want, got = alone.compute(), pooled.compute()
+    for k in want:
+        np.testing.assert_array_equal(got[k].numpy(), want[k].numpy(), err_msg=k)
+    assert pooled.calls == 4
