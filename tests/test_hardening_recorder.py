@@ -141,3 +141,54 @@ def test_statistics_pooling_an_empty_call_equal_the_values_alone(quantile_sample
     for k in want:
         np.testing.assert_array_equal(got[k].numpy(), want[k].numpy(), err_msg=k)
     assert pooled.calls == 4
+
+
+# --------------------------------------------------------------------------------------------
+# 2. names given to rec.log() must be able to be variables of the stored run
+# --------------------------------------------------------------------------------------------
+
+
+def _train_logging(rec: Recorder, model: nn.Module, opt, steps: int, **extra: float) -> None:
+    gen = torch.Generator().manual_seed(3)
+    with rec:
+        for _ in range(steps):
+            loss = model(torch.randn(8, 4, generator=gen)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.log(loss=loss, **extra)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["acc/train", ".zattrs", "/abs", "a//b", "..", ".hidden", "", "a b", "x\\y", "é", "a" * 129],
+)
+def test_log_rejects_a_name_that_cannot_be_a_variable_at_once(tmp_path, name):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(model, optimizer=opt, path=tmp_path / "run.zarr", chunk_steps=2)
+    with rec:
+        loss = model(torch.randn(8, 4)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with pytest.raises(icstools.RecorderError, match="letters, digits") as info:
+            rec.log(loss=loss, **{name: 0.5})
+        assert repr(name) in str(info.value)
+        rec.log(loss=loss)  # the run goes on
+    ds = icstools.open_run(tmp_path / "run.zarr")  # and its store was written
+    assert ds.sizes["step"] == 1 and np.isfinite(ds.loss.values).all()
+
+
+def test_valid_logged_names_round_trip_through_the_store(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(model, optimizer=opt, path=tmp_path / "run.zarr", chunk_steps=2)
+    names = {"acc_train": 0.25, "test-acc": 0.5, "lr2": 0.75, "val.acc": 1.5, "Top1": 2.0}
+    names["n" * 128] = 3.0
+    _train_logging(rec, model, opt, 3, **names)
+    ds = icstools.open_run(tmp_path / "run.zarr")
+    assert ds.sizes["step"] == 3
+    for name, value in names.items():
+        assert ds[name].dims == ("step",), name
+        np.testing.assert_array_equal(ds[name].values, [value] * 3, err_msg=name)

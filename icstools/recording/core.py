@@ -261,7 +261,11 @@ class RecorderCore:
         """Attach scalars (``loss=...``) to the record of the latest training forward.
 
         Values logged at unscheduled steps are ignored; tensors are read once per record, not
-        per call. Names are fixed by the first record (``loss`` always exists).
+        per call. Names are fixed by the first record (``loss`` always exists). A name becomes
+        a variable of the run (a directory of its store): ASCII letters, digits, ``_``, ``.``
+        and ``-``, starting with a letter or a digit (no ``/``), at most 128 characters, and
+        not a name of the dataset (``mean``, ``step``, ...); another raises
+        :class:`RecorderError` at once.
 
         Examples
         --------

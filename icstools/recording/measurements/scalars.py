@@ -4,6 +4,7 @@ learning rate of the optimizer's first parameter group."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,16 @@ from icstools.recording.errors import RecorderError
 from icstools.recording.measurements.base import Context, Declaration, Measurement
 from icstools.schema import Variable, reserved_names
 
-__all__ = ["Scalars", "check_logged"]
+__all__ = ["LOGGED_NAME_RULE", "Scalars", "check_logged"]
+
+#: What a name given to ``rec.log`` may be: it becomes a variable of the run, and in a store a
+#: directory of that name (a ``/`` would nest a group, ``.zattrs`` or ``..`` would clash with
+#: the store's own keys).
+LOGGED_NAME_RULE = (
+    "ASCII letters, digits, '_', '.' and '-', starting with a letter or a digit (so no '/', "
+    "no leading '.' or '_'), at most 128 characters"
+)
+_LOGGED_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
 VARIABLES = (
     Variable("loss", ("step",), "float64", "the training loss, as logged", "rec.log(loss=...)"),
@@ -31,7 +41,12 @@ def check_logged(scalars: dict[str, Any]) -> None:
     """Raise if a logged name or value cannot be a scalar variable of the run."""
     reserved = reserved_names()
     for name, value in scalars.items():
-        if name in reserved or name.startswith("_"):
+        if not _LOGGED_NAME.fullmatch(name):
+            raise RecorderError(
+                f"cannot log {name!r}: a logged name becomes a variable of the run (a directory "
+                f"of its store); use {LOGGED_NAME_RULE}, e.g. 'acc_train' or 'test-acc'"
+            )
+        if name in reserved:
             raise RecorderError(
                 f"cannot log {name!r}: the name is used by the run dataset "
                 f"({sorted(reserved)}); choose another"
