@@ -3,12 +3,16 @@ tensors, sites that never get a floating-point tensor, a probe of the wrong shap
 
 from __future__ import annotations
 
+import shutil
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import icstools
+import icstools.store
 from icstools import Recorder
 from icstools.functional.statistics import ActivationStatistics
 
@@ -192,3 +196,58 @@ def test_valid_logged_names_round_trip_through_the_store(tmp_path):
     for name, value in names.items():
         assert ds[name].dims == ("step",), name
         np.testing.assert_array_equal(ds[name].values, [value] * 3, err_msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. the training loop's exception is never replaced by a failure of the store
+# --------------------------------------------------------------------------------------------
+
+
+def _train_until_store_breaks(tmp_path, fail: BaseException | None) -> Recorder:
+    """Two steps committed, then the store directory is replaced by a file (its disk is gone),
+    two more steps, then the loop raises ``fail`` (or ends normally)."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    path = tmp_path / "run.zarr"
+    rec = Recorder(model, optimizer=opt, path=path, chunk_steps=2)
+    with rec:
+        for step in range(4):
+            loss = model(torch.randn(8, 4)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.log(loss=loss)
+            if step == 1:
+                rec.flush()
+                assert rec.n_committed == 2
+                shutil.rmtree(path)
+                path.write_text("not a directory any more")
+        if fail is not None:
+            raise fail
+    return rec
+
+
+def test_the_loops_exception_propagates_when_the_store_failed_too(tmp_path):
+    bug = ValueError("the training loop's own bug")
+    with (
+        pytest.raises(ValueError, match="the training loop's own bug") as info,
+        pytest.warns(UserWarning, match=r"StoreError") as warned,
+    ):
+        _train_until_store_breaks(tmp_path, bug)
+    assert info.value is bug
+    notes = getattr(bug, "__notes__", [])
+    assert any("StoreError" in n and "run.zarr" in n for n in notes), notes
+    assert any("run.zarr" in str(w.message) for w in warned)
+
+
+def test_a_store_failure_still_raises_when_the_loop_did_not(tmp_path):
+    with pytest.raises(icstools.store.StoreError, match=r"run\.zarr"):
+        _train_until_store_breaks(tmp_path, None)
+
+
+def test_the_loops_exception_propagates_even_with_warnings_as_errors(tmp_path):
+    bug = KeyError("the loop's key")
+    with warnings.catch_warnings(), pytest.raises(KeyError) as info:
+        warnings.simplefilter("error")
+        _train_until_store_breaks(tmp_path, bug)
+    assert info.value is bug and any("StoreError" in n for n in bug.__notes__)

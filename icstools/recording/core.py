@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -124,11 +125,18 @@ class RecorderCore:
     def __enter__(self) -> RecorderCore:
         return self.attach()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        """Detach and close. If the ``with`` body raised, its exception propagates unchanged:
+        a failure to close (e.g. of the store) is added to it as a note and warned about."""
         try:
             self.detach()
         finally:
-            self.close()
+            try:
+                self.close()
+            except Exception as err:
+                if exc is None:
+                    raise
+                _report_beside(exc, err)
 
     def _arm(self) -> None:
         """Register the site hooks (for one scheduled forward, and the probe's)."""
@@ -368,17 +376,20 @@ class RecorderCore:
         return ds
 
 
-_EVENTS = (
-    "site",
-    "wants_batch",
-    "train_forward",
-    "train_forward_end",
-    "after_probe",
-    "before_update",
-    "after_update",
-)
+_EVENTS = ("site", "wants_batch", "train_forward", "train_forward_end", "after_probe")
+_EVENTS += ("before_update", "after_update")
 
 
 def _defines(measurement: Measurement, event: str) -> bool:
     """Whether a measurement handles ``event`` (overrides the base class's no-op)."""
     return getattr(type(measurement), event, None) is not getattr(Measurement, event, None)
+
+
+def _report_beside(exc: BaseException, err: Exception) -> None:
+    """Report ``err`` (closing the recorder failed) beside the exception ``exc`` in flight."""
+    note = f"icstools: closing the recorder failed as well: {type(err).__name__}: {err}"
+    exc.add_note(note)
+    try:
+        warnings.warn(note, UserWarning, stacklevel=3)
+    except Warning:  # warnings are errors here: the note carries it, ``exc`` must propagate
+        pass
