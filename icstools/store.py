@@ -35,6 +35,32 @@ both).
 
 Leftovers of a killed writer (hidden ``.*.tmp`` files, chunks past the committed length, a hidden
 ``.<name>.icstools-new-*`` directory if it died before its first commit) are ignored by readers.
+
+Leftover directories and their owners
+-------------------------------------
+A writer creates two kinds of hidden directories next to ``path``: the ``.<name>.icstools-new-<12
+hex digits>`` directory of the first commit, and a ``.<name>.icstools-probe-<10 hex digits>``
+directory that :class:`RunWriter` creates and removes at once to check that the location is
+writable. Right after creating either, the writer puts in it an *ownership record*, the JSON file
+``.icstools-owner``: ``{"pid", "host"`` (``socket.gethostname()``), ``"boot_id"`` (Linux's
+``/proc/sys/kernel/random/boot_id``), ``"pid_ns"`` (the ``/proc/self/ns/pid`` link: the PID
+namespace, i.e. the container), ``"start_ticks"`` (field 22 of ``/proc/<pid>/stat``: the
+process's start time in clock ticks after boot, against PID reuse), ``"created"}`` (a Unix time,
+for people); the Linux-only entries are ``null`` elsewhere. The first commit's rename carries the
+record into ``path``; the writer deletes it from there at once (a kill in between leaves it
+there, harmless: readers ignore it).
+
+Each new :class:`RunWriter` removes the leftover directories of its own path whose owner is
+known to be gone; readers (:func:`open_run`) never write. An owner is gone if the record names
+this host, boot and PID namespace, and no process has its pid, or the process with that pid
+started at another time (the pid was reused), or is a zombie; where ``/proc/<pid>`` is missing
+(no ``/proc``, or hidden by the ``hidepid`` mount option) ``os.kill(pid, 0)`` decides whether the
+pid exists. Leftovers of a live owner are kept. A leftover
+whose owner cannot be judged -- no record (written by an older icstools, or killed between the
+directory's creation and its record's), an unreadable record, or a record from another host,
+boot or PID namespace -- is left alone with a warning in the log: remove it by hand once no
+writer is using it. A removal deletes the record last, so a writer killed while removing a
+leftover leaves one that the next writer removes.
 """
 
 from __future__ import annotations
@@ -47,12 +73,14 @@ import logging
 import math
 import os
 import queue
+import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +101,7 @@ logger = logging.getLogger(__name__)
 #: Version of the on-disk layout, stored as the root attribute ``icstools_store_format``.
 STORE_FORMAT = 1
 _MARKER = ".zmetadata"  # zarr v2 consolidated metadata, our commit marker
+_OWNER_FILE = ".icstools-owner"  # ownership record in a hidden directory (module docstring)
 _RESERVED_ATTRS = frozenset({"icstools_store_format", "n_committed"})
 _STEP_KINDS = "biuf"  # bool, signed/unsigned int, float
 _STATIC_KINDS = "biufUS"
@@ -188,6 +217,24 @@ class _AtomicLocalStore(LocalStore):
         self._ensure_open_sync()
         self._check_writable()
         self._put(key, value)
+
+    # the ownership record in the directory of a first commit is no key of the store: zarr
+    # would refuse to create a group in a non-empty store otherwise
+
+    async def list(self) -> AsyncIterator[str]:
+        async for key in super().list():
+            if key != _OWNER_FILE:
+                yield key
+
+    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
+        async for key in super().list_prefix(prefix):
+            if key != _OWNER_FILE:
+                yield key
+
+    async def list_dir(self, prefix: str) -> AsyncIterator[str]:
+        async for key in super().list_dir(prefix):
+            if prefix.strip("/") or key != _OWNER_FILE:
+                yield key
 
 
 def _is_metadata_key(key: str) -> bool:
@@ -335,7 +382,7 @@ def _remove_abandoned(store: _AtomicLocalStore) -> None:
     """
     store.abandoned.set()
     for _ in range(20):
-        shutil.rmtree(store.root, ignore_errors=True)
+        _remove_owned_dir(store.root)
         if not os.path.lexists(store.root):
             return
         time.sleep(0.05)
@@ -376,6 +423,159 @@ def _check_replaceable(path: Path) -> None:
 
 _NEW_TAG = ".icstools-new-"  # hidden sibling of the first commit: .<name>.icstools-new-<12 hex>
 _PROBE_TAG = ".icstools-probe-"  # same length with 10 hex digits
+_LEFTOVER_SUFFIX = re.compile(r"\.icstools-(?:new-[0-9a-f]{12}|probe-[0-9a-f]{10})")
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time in clock ticks after boot) of process ``pid`` from /proc, or None."""
+    raw = _read_text(f"/proc/{pid}/stat")
+    if not raw:
+        return None
+    try:
+        fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold ")"
+        return fields[0], int(fields[19])  # fields 3 (state) and 22 (starttime) of proc(5)
+    except (ValueError, IndexError):
+        return None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _owner_record() -> dict[str, Any]:
+    """The ownership record of this process (see the module docstring)."""
+    pid = os.getpid()
+    stat = _proc_stat(pid)
+    return {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "boot_id": _read_text("/proc/sys/kernel/random/boot_id"),
+        "pid_ns": _pid_namespace(),
+        "start_ticks": None if stat is None else stat[1],
+        "created": time.time(),
+    }
+
+
+def _owner_alive(owner: Any) -> tuple[bool | None, str]:
+    """Whether the owner of a hidden directory lives (None: cannot tell), and a description."""
+    pid = owner.get("pid") if isinstance(owner, dict) else None
+    host = owner.get("host") if isinstance(owner, dict) else None
+    if type(pid) is not int or pid <= 0 or not isinstance(host, str):
+        return None, "unreadable ownership record (no valid pid and host)"
+    me = _owner_record()
+    who = f"process {pid} on host {host!r}"
+    if host != me["host"]:
+        return None, f"owned by {who}, another host"
+    for key, where in (
+        ("boot_id", "another boot of this host (or another machine of the same name)"),
+        ("pid_ns", "another PID namespace (container)"),
+    ):
+        if owner.get(key) is not None and me[key] is not None and owner.get(key) != me[key]:
+            return None, f"owned by {who} in {where}"
+    stat = _proc_stat(pid)
+    if stat is not None:
+        state, ticks = stat
+        if state in ("Z", "X"):
+            return False, f"its owner {who} is gone (a zombie)"
+        recorded = owner.get("start_ticks")
+        if type(recorded) is int and recorded != ticks:
+            return False, f"its owner {who} is gone (the pid now belongs to another process)"
+        return True, f"its owner {who} is running"
+    # no /proc here, or /proc/<pid> missing (or hidden: mount option hidepid): ask the kernel
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False, f"its owner {who} is gone"
+    except PermissionError:
+        return True, f"its owner {who} is running"
+    except OSError as exc:
+        return None, f"owned by {who}, whose state is unknown: {exc}"
+    return True, f"its owner {who} is running"
+
+
+def _remove_owned_dir(directory: Path) -> None:
+    """Delete ``directory``, its ownership record last (so a kill meanwhile leaves it judgeable)."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        entries = []
+    for entry in entries:
+        if entry.name == _OWNER_FILE:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+    with contextlib.suppress(OSError):
+        os.unlink(directory / _OWNER_FILE)
+    shutil.rmtree(directory, ignore_errors=True)  # with whatever appeared meanwhile
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove the hidden directories next to ``path`` left by writers that are gone.
+
+    See the module docstring; never raises (a failure is logged).
+    """
+    prefix = f".{path.name}"
+    try:
+        entries = [
+            e
+            for e in os.scandir(path.parent)
+            if e.name.startswith(prefix) and _LEFTOVER_SUFFIX.fullmatch(e.name[len(prefix) :])
+        ]
+    except OSError as exc:
+        logger.warning("cannot look for leftovers of killed writers of %s: %s", path, exc)
+        return
+    for entry in entries:
+        try:
+            _remove_leftover(path, entry)
+        except Exception:  # never let the clean-up stop a writer
+            logger.exception("looking at the leftover %s failed", entry.path)
+
+
+def _remove_leftover(path: Path, entry: os.DirEntry) -> None:
+    """Remove one hidden directory of a writer of ``path`` if its owner is gone (else log)."""
+    leftover = Path(entry.path)
+    if not entry.is_dir(follow_symlinks=False):
+        return
+    try:
+        owner = json.loads((leftover / _OWNER_FILE).read_bytes())
+    except FileNotFoundError:
+        if not leftover.is_dir():  # removed meanwhile (by its writer, or another cleaner)
+            return
+        alive, why = None, "no ownership record"
+    except (OSError, ValueError) as exc:
+        alive, why = None, f"unreadable ownership record ({exc})"
+    else:
+        alive, why = _owner_alive(owner)
+    if alive is False:
+        _remove_owned_dir(leftover)
+        if os.path.lexists(leftover):
+            logger.warning("could not remove the leftover %s (%s)", leftover, why)
+        else:
+            logger.info("removed the leftover %s of a writer of %s: %s", leftover, path, why)
+    elif alive:
+        logger.debug("kept %s: %s", leftover, why)
+    else:
+        logger.warning(
+            "left alone %s, a leftover of a writer of %s: %s; remove it by hand if no writer is"
+            " using it",
+            leftover,
+            path,
+            why,
+        )
 
 
 def _check_writable_location(path: Path) -> None:
@@ -410,10 +610,10 @@ def _check_writable_location(path: Path) -> None:
         os.mkdir(probe)
         made_probe = True
         action = f"creating a test file in {probe}"
-        fd = os.open(probe / "probe", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(probe / _OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         made_file = True
         try:
-            os.write(fd, b"icstools")
+            os.write(fd, json.dumps(_owner_record()).encode())
         finally:
             os.close(fd)
     except OSError as exc:
@@ -433,7 +633,7 @@ def _check_writable_location(path: Path) -> None:
     finally:
         with contextlib.suppress(OSError):
             if made_file:
-                os.unlink(probe / "probe")
+                os.unlink(probe / _OWNER_FILE)
             if made_probe:
                 os.rmdir(probe)
         for directory in reversed(created):  # only if still empty: another writer may use it
@@ -537,6 +737,7 @@ class RunWriter:
             if not overwrite:
                 raise FileExistsError(f"{self.path} already exists (pass overwrite=True?)")
         _check_writable_location(self.path)
+        _remove_leftovers(self.path)
         self._specs: dict[str, _VarSpec] | None = None
         self._arrays: dict[str, zarr.AsyncArray] = {}
         self._store: _AtomicLocalStore | None = None
@@ -777,6 +978,10 @@ class RunWriter:
             self._specs = specs
             data = self._validated_step_data(block, steps)
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            os.mkdir(tmp)
+            _atomic_write_bytes(
+                tmp / _OWNER_FILE, json.dumps(_owner_record()).encode(), mkdirs=False
+            )
             schema.to_zarr(
                 store,
                 mode="w-",
@@ -812,6 +1017,8 @@ class RunWriter:
             old = self.path.parent / f".{self.path.name}.icstools-old-{uuid.uuid4().hex[:12]}"
             os.rename(self.path, old)
         os.rename(tmp, self.path)
+        with contextlib.suppress(OSError):  # the ownership record is for the hidden directory only
+            os.unlink(self.path / _OWNER_FILE)
         if self.fsync:
             _fsync_dir(self.path.parent)
         if old is not None:

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import errno
+import json
+import logging
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -11,7 +19,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from icstools import store as store_mod
 from icstools.store import RunWriter, StoreError, open_run
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def block(start: int, k: int) -> xr.Dataset:
@@ -160,3 +171,231 @@ def test_recorder_with_an_unwritable_path_raises_at_construction(tmp_path):
     # no hooks were left on the model by the failed construction
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert torch.is_tensor(model(torch.randn(2, 4)))
+
+
+# ------------------------------------------------------------- 9: leftovers of killed writers
+
+# The child imports icstools.store without icstools/__init__ (which imports torch: seconds), as
+# in tests/test_store.py. It stops (sleeps) inside its first append, at ``where``: just before
+# the rename that publishes the first commit, or after a few file writes of the store's build.
+CHILD = f"""
+import sys, time, types
+_pkg = types.ModuleType("icstools")
+_pkg.__path__ = [{str(REPO / "icstools")!r}]
+sys.modules["icstools"] = _pkg
+import numpy as np
+import xarray as xr
+from icstools import store as store_mod
+from icstools.store import RunWriter
+
+path, where = sys.argv[1], sys.argv[2]
+
+def stop(*args, **kwargs):
+    print("ready", flush=True)
+    time.sleep(600)
+
+if where == "publish":
+    RunWriter._publish = stop
+else:
+    real_put = store_mod._AtomicLocalStore._put
+    n_puts = [0]
+
+    def put(self, *args, **kwargs):
+        n_puts[0] += 1
+        if n_puts[0] == 4:
+            stop()
+        return real_put(self, *args, **kwargs)
+
+    store_mod._AtomicLocalStore._put = put
+steps = np.arange(5, dtype=np.int64)
+block = xr.Dataset({{"loss": ("step", steps / 10.0)}}, coords={{"step": steps}})
+RunWriter(path, chunk_steps=4, overwrite=True).append(block)
+"""
+
+
+def start_writer(tmp_path: Path, path: Path, where: str) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(path), where],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=tmp_path,
+    )
+
+
+def wait_ready(proc: subprocess.Popen) -> None:
+    line = proc.stdout.readline()
+    assert line == b"ready\n", f"writer ended early: {proc.stderr.read().decode()}"
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def wait_zombie(pid: int) -> bool:
+    """Wait until the killed, unreaped child ``pid`` is a zombie; False without /proc."""
+    stat = Path(f"/proc/{pid}/stat")
+    for _ in range(3000):
+        try:
+            state = stat.read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        if state == "Z":
+            return True
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not die")
+
+
+def hidden(directory: Path, name: str = "run.zarr") -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(f".{name}.icstools-"))
+
+
+@pytest.mark.parametrize("existing_store", [False, True])
+def test_leftover_of_a_killed_writer_is_removed_by_the_next_writer(tmp_path, existing_store):
+    """Writers SIGKILLed before their first commit: while they live their hidden directories
+    are kept, once they are dead the next writer to the path removes them; readers never do."""
+    path = tmp_path / "run.zarr"
+    if existing_store:  # the killed writers were replacing it (overwrite=True)
+        with RunWriter(path, chunk_steps=4) as w:
+            w.append(block(0, 3))
+    procs = [start_writer(tmp_path, path, where) for where in ("publish", "build")]
+    try:
+        for proc in procs:
+            wait_ready(proc)
+        leftovers = hidden(tmp_path)
+        assert len(leftovers) == 2 and all(".icstools-new-" in n for n in leftovers)
+        # their owners are alive: a new writer leaves them alone
+        RunWriter(path, chunk_steps=4, overwrite=True)
+        assert hidden(tmp_path) == leftovers
+        for proc in procs:
+            proc.send_signal(signal.SIGKILL)
+        procs[1].wait(timeout=30)
+        assert procs[1].returncode == -signal.SIGKILL
+        # the first one stays a zombie (not reaped) until the clean-up ran, where /proc shows it
+        if not wait_zombie(procs[0].pid):
+            procs[0].wait(timeout=30)
+        assert hidden(tmp_path) == leftovers  # nothing removes them by itself
+        if existing_store:  # a reader does not write: it leaves them too
+            assert open_run(path)["step"].values.tolist() == [0, 1, 2]
+        else:
+            with pytest.raises(FileNotFoundError):
+                open_run(path)
+        assert hidden(tmp_path) == leftovers
+        w = RunWriter(path, chunk_steps=4, overwrite=True)
+        assert hidden(tmp_path) == [], "the leftovers of dead writers were not removed"
+        w.append(block(10, 2))
+        w.close()
+        assert open_run(path)["step"].values.tolist() == [10, 11]
+        assert listing(tmp_path) == ["run.zarr"]
+        procs[0].wait(timeout=30)
+        assert procs[0].returncode == -signal.SIGKILL
+    finally:
+        stop_all(procs)
+
+
+@pytest.fixture
+def live_leftover(tmp_path, monkeypatch):
+    """A writer of this process (a thread) stopped just before publishing its first commit:
+    yields its hidden directory, then lets it finish."""
+    path = tmp_path / "run.zarr"
+    ready, go = threading.Event(), threading.Event()
+    real_publish = RunWriter._publish
+    errors = []
+
+    def publish(self, tmp):
+        ready.set()
+        assert go.wait(60)
+        return real_publish(self, tmp)
+
+    def write():
+        try:
+            with RunWriter(path, chunk_steps=4) as w:
+                w.append(block(0, 3))
+        except BaseException as exc:  # reported by the fixture
+            errors.append(exc)
+
+    monkeypatch.setattr(RunWriter, "_publish", publish)
+    thread = threading.Thread(target=write)
+    thread.start()
+    try:
+        assert ready.wait(60), errors
+        (leftover,) = [tmp_path / n for n in hidden(tmp_path)]
+        yield leftover
+    finally:
+        go.set()
+        thread.join(60)
+    assert not errors, errors
+
+
+def test_leftover_of_a_live_writer_of_this_process_is_kept(tmp_path, live_leftover):
+    before = listing(live_leftover)
+    RunWriter(tmp_path / "run.zarr", chunk_steps=4)  # would clean up dead writers' leftovers
+    assert live_leftover.is_dir() and listing(live_leftover) == before
+
+
+def test_published_store_holds_no_ownership_record(tmp_path):
+    """The ownership record lives only in the hidden directory: the layout does not change."""
+    with RunWriter(tmp_path / "run.zarr", chunk_steps=4) as w:
+        w.append(block(0, 3))
+    reference = tmp_path / "reference.zarr"
+    block(0, 3).to_zarr(reference, zarr_format=2, consolidated=True)
+    assert listing(tmp_path / "run.zarr") == listing(reference)
+
+
+def _fake_leftover(
+    tmp_path: Path, template: Path, owner: dict | str | None, name: str | None = None
+) -> Path:
+    fake = tmp_path / (name or f".run.zarr.icstools-new-{uuid.uuid4().hex[:12]}")
+    shutil.copytree(template, fake)
+    record = fake / store_mod._OWNER_FILE
+    if owner is None:
+        record.unlink()
+    else:
+        record.write_text(owner if isinstance(owner, str) else json.dumps(owner))
+    return fake
+
+
+def test_ownership_decides_what_is_removed(tmp_path, live_leftover, caplog):
+    """Ownership record: pid, host, boot, pid namespace and start ticks of the owner process."""
+    owner = json.loads((live_leftover / store_mod._OWNER_FILE).read_text())
+    assert owner["pid"] == os.getpid()
+    assert isinstance(owner["host"], str) and owner["host"]
+    removed, kept = [], {}
+    # pid reused: the pid is alive, but it is another process (other start time)
+    if owner.get("start_ticks") is not None:
+        removed.append(_fake_leftover(tmp_path, live_leftover, {**owner, "start_ticks": 1}))
+    # a pid that is free (no process has it)
+    free_pid = 2**22 + 12345  # above Linux's largest pid_max: no process has it
+    dead = {**owner, "pid": free_pid}
+    removed.append(_fake_leftover(tmp_path, live_leftover, dead))
+    # the test directory of a writer killed while its constructor checked the location
+    probe = f".run.zarr.icstools-probe-{uuid.uuid4().hex[:10]}"
+    removed.append(_fake_leftover(tmp_path, live_leftover, dead, name=probe))
+    # dead writers' leftovers of other paths are not this writer's business
+    others = [
+        _fake_leftover(tmp_path, live_leftover, dead, name=f".run.zarr2.icstools-new-{'a' * 12}"),
+        _fake_leftover(tmp_path, live_leftover, dead, name=".run.zarr.icstools-new-mine"),
+    ]
+    other = {**owner, "pid": free_pid, "host": "elsewhere.invalid"}
+    kept["another host"] = _fake_leftover(tmp_path, live_leftover, other)
+    kept["unreadable"] = _fake_leftover(tmp_path, live_leftover, "{not json")
+    kept["no ownership record"] = _fake_leftover(tmp_path, live_leftover, None)
+    with caplog.at_level(logging.INFO, logger="icstools.store"):
+        RunWriter(tmp_path / "run.zarr", chunk_steps=4)
+    assert live_leftover.is_dir()
+    for fake in removed:
+        assert not fake.exists(), fake
+    for why, fake in kept.items():
+        assert fake.is_dir() and (fake / ".zmetadata").is_file(), why
+        (message,) = [r.getMessage() for r in caplog.records if fake.name in r.getMessage()]
+        assert "left alone" in message and why in message, message
+    assert len(removed) >= 2
+    for fake in others:
+        assert fake.is_dir() and not any(fake.name in r.getMessage() for r in caplog.records)
