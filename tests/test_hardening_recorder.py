@@ -251,3 +251,59 @@ def test_the_loops_exception_propagates_even_with_warnings_as_errors(tmp_path):
         warnings.simplefilter("error")
         _train_until_store_breaks(tmp_path, bug)
     assert info.value is bug and any("StoreError" in n for n in bug.__notes__)
+
+
+# --------------------------------------------------------------------------------------------
+# 5. tensors on the meta device have no data: refused at attach, naming the tensor
+# --------------------------------------------------------------------------------------------
+
+
+class _MetaBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("scale", torch.ones(3, device="meta"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc(x)) * self.scale
+
+
+@pytest.mark.parametrize(
+    ("make", "offender"),
+    [
+        (lambda: nn.Sequential(nn.Linear(4, 3), nn.Sigmoid()).to("meta"), "parameter '0.weight'"),
+        (_MetaBuffer, "buffer 'scale'"),
+    ],
+)
+@pytest.mark.parametrize("how", ["with", "attach"])
+def test_a_model_on_the_meta_device_is_refused_at_attach(make, offender, how):
+    model = make()
+    rec = Recorder(model, "*", role="output", probe=(torch.randn(2, 4),))
+    with pytest.raises(icstools.RecorderError) as info:
+        if how == "with":
+            with rec:
+                model(torch.randn(2, 4, device="meta"))
+        else:
+            rec.attach()
+    msg = str(info.value)
+    assert offender in msg and "meta" in msg and "CPU" in msg, msg
+    assert not rec.attached and not model._forward_hooks and not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize(
+    ("probe", "offender"),
+    [
+        (torch.randn(2, 4, device="meta"), "the probe is"),
+        ((torch.randn(2, 4, device="meta"),), "the probe[0] is"),
+        ({"input": torch.randn(2, 4, device="meta")}, "the probe['input'] is"),
+    ],
+)
+def test_a_probe_on_the_meta_device_is_refused_at_attach(probe, offender):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Sigmoid())
+    rec = Recorder(model, probe=probe)
+    with pytest.raises(icstools.RecorderError, match="meta") as info, rec:
+        pass
+    assert offender in str(info.value) and "CPU" in str(info.value)
+    # the same probe on the CPU is fine
+    with Recorder(model, probe=torch.randn(2, 4)):
+        pass

@@ -34,7 +34,9 @@ class Recorder(RecorderCore):
     Parameters
     ----------
     model : torch.nn.Module
-        The model; it is not modified (hooks only).
+        The model; it is not modified (hooks only). Its parameters and buffers (and the probe)
+        must hold data: CPU or CUDA (accelerator) tensors; ``meta`` tensors are refused when
+        the recorder attaches.
     sites : selector, optional
         Which tensors to record (:func:`icstools.sites.select_sites`): a module type, a name or
         glob (``"fc3"``, ``"features.*"``, ``"fc3:input"``), a predicate ``(name, module) ->

@@ -136,6 +136,27 @@ class Activations(Measurement):
             raise ValueError(f"saturation threshold for {site.name} must be > 0, got {value!r}")
         return float(value)
 
+    def check(self, ctx: Context) -> None:
+        """At attach: also raise if a tensor of the model or the probe has no data (meta)."""
+        super().check(ctx)
+        tensors = [(f"parameter {n!r}", t) for n, t in ctx.model.named_parameters()]
+        tensors += [(f"buffer {n!r}", t) for n, t in ctx.model.named_buffers()]
+        probe = ctx.probe
+        if isinstance(probe, torch.Tensor):
+            tensors.append(("probe", probe))
+        elif isinstance(probe, (dict, tuple, list)):
+            items = probe.items() if isinstance(probe, dict) else enumerate(probe)
+            tensors += [(f"probe[{k!r}]", t) for k, t in items if isinstance(t, torch.Tensor)]
+        for what, t in tensors:
+            if t.is_meta:
+                raise RecorderError(
+                    f"the {what} is on the meta device: meta tensors have a shape but "
+                    "no data, so there are no activations to record. The recorder takes tensors "
+                    "with data, on the CPU or on CUDA (or another accelerator); materialize the "
+                    "model first (e.g. model.to_empty(device='cpu'), then initialize or load "
+                    "its weights)"
+                )
+
     def config(self) -> dict[str, Any]:
         return {
             "quantiles": self.quantiles.tolist(),
