@@ -3,6 +3,7 @@ tensors, sites that never get a floating-point tensor, a probe of the wrong shap
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 
@@ -307,3 +308,52 @@ def test_a_probe_on_the_meta_device_is_refused_at_attach(probe, offender):
     # the same probe on the CPU is fine
     with Recorder(model, probe=torch.randn(2, 4)):
         pass
+
+
+# --------------------------------------------------------------------------------------------
+# 6. a selected site that never gets a floating-point tensor is named in a warning
+# --------------------------------------------------------------------------------------------
+
+
+class _Branchy(nn.Module):
+    """An embedding (integer input) and a branch that never runs in training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 3)
+        self.unused = nn.Linear(3, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(self.emb(tokens)))
+
+
+def test_sites_without_a_floating_point_tensor_are_warned_about_once():
+    model = _Branchy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sites = ["emb:input", "emb:output", "fc:input", "unused:input"]
+    rec = Recorder(model, sites, optimizer=opt)
+    gen = torch.Generator().manual_seed(0)
+    with pytest.warns(UserWarning, match="emb:input") as warned, rec:
+        for _ in range(4):
+            loss = model(torch.randint(0, 10, (8,), generator=gen)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.log(loss=loss)
+    ours = [w for w in warned if "not recorded" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in warned]  # at the first record only
+    msg = str(ours[0].message)
+    assert "'emb:input'" in msg and "'unused:input'" in msg and "fc:input" not in msg
+    assert "floating-point" in msg and "output" in msg  # why, and what to do
+    ds = rec.to_dataset()
+    assert json.loads(ds.attrs["sites_not_recorded"]) == ["emb:input", "unused:input"]
+    assert list(ds.site.values) == ["emb:output", "fc:input"] and ds.sizes["step"] == 4
+
+
+def test_no_warning_when_every_selected_site_is_recorded():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh())
+    rec = Recorder(model)
+    with rec:  # pytest turns any warning into an error
+        model(torch.randn(5, 4))
+    assert json.loads(rec.to_dataset().attrs["sites_not_recorded"]) == []

@@ -9,6 +9,7 @@ declarations of the measurements; it makes empty records and turns a list of rec
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,12 @@ from icstools.sites import Site, default_unit_dim, layout_module
 if TYPE_CHECKING:
     from icstools.recording.measurements.base import Context
 
-__all__ = ["Layout", "SiteTable", "site_option", "to_host"]
+__all__ = ["Layout", "SiteTable", "SitesNotRecordedWarning", "site_option", "to_host"]
+
+
+class SitesNotRecordedWarning(UserWarning):
+    """Selected sites that got no floating-point tensor in the first recorded step: they are
+    not part of the run (listed in its ``sites_not_recorded`` attribute)."""
 
 
 def site_option(option: Any, site: str, what: str, kind: type) -> Any:
@@ -173,6 +179,17 @@ class Layout:
                 "no selected site received a floating-point tensor during the first recorded "
                 f"step; selected: {[s.name for s in ctx.sites][:10]}. Check the sites (e.g. an "
                 "embedding's input is integer: record its output instead)"
+            )
+        seen = set(ctx.units.base.values())
+        missing = [s.name for s in ctx.sites if s.name not in seen]
+        if missing:
+            warnings.warn(
+                f"selected sites not recorded: {missing}: no floating-point tensor reached them "
+                "in the first recorded step (their module did not run, or its inputs/outputs "
+                "hold none, e.g. an embedding's integer input: record its output instead); the "
+                "run leaves them out (attribute sites_not_recorded)",
+                SitesNotRecordedWarning,
+                stacklevel=2,
             )
         sources = SOURCES if ctx.probe is not None else SOURCES[:1]
         ctx.layout = layout = cls(sources, sites, ctx.units)
