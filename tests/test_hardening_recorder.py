@@ -357,3 +357,83 @@ def test_no_warning_when_every_selected_site_is_recorded():
     with rec:  # pytest turns any warning into an error
         model(torch.randn(5, 4))
     assert json.loads(rec.to_dataset().attrs["sites_not_recorded"]) == []
+
+
+# --------------------------------------------------------------------------------------------
+# 7. a probe the model cannot take: an error naming the probe, nothing recorded lost
+# --------------------------------------------------------------------------------------------
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2))
+
+
+def _steps(rec: Recorder, model: nn.Module, opt, steps: range) -> None:
+    for t in steps:
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(t))
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        rec.log(loss=loss)
+
+
+SITES = ["0:input", "1:input", "2:input"]
+GOOD = torch.randn(6, 4, generator=torch.Generator().manual_seed(9))
+BAD = torch.randn(6, 3, generator=torch.Generator().manual_seed(9))
+
+
+def _reference(steps: int, **kwargs) -> object:
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = Recorder(model, SITES, optimizer=opt, probe=GOOD, probe_sample=4, **kwargs)
+    with rec:
+        _steps(rec, model, opt, range(steps))
+    return rec.to_dataset()
+
+
+def _assert_same_records(got, want) -> None:
+    assert got.sizes == want.sizes
+    for k in want.data_vars:
+        np.testing.assert_array_equal(got[k].values, want[k].values, err_msg=k)
+    for k in ("hist_edges", "site_units"):
+        np.testing.assert_array_equal(got[k].values, want[k].values, err_msg=k)
+
+
+def test_a_probe_of_the_wrong_shape_is_named_and_the_run_can_go_on():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = [BAD]  # positional arguments, fixed by the user after the error
+    rec = Recorder(model, SITES, optimizer=opt, probe=probe, probe_sample=4)
+    with rec:
+        with pytest.raises(icstools.RecorderError, match="probe") as info:
+            _steps(rec, model, opt, range(1))
+        msg = str(info.value)
+        assert "(6, 3)" in msg and "mat1 and mat2" in msg, msg
+        assert isinstance(info.value.__cause__, RuntimeError)  # the model's own error
+        assert rec.step == 0 and rec.n_records == 0
+        probe[0] = GOOD
+        _steps(rec, model, opt, range(3))
+    _assert_same_records(rec.to_dataset(), _reference(3))
+
+
+def test_a_probe_failing_later_loses_no_record(tmp_path):
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = {"input": GOOD}  # keyword arguments of nn.Sequential.forward
+    rec = Recorder(model, SITES, optimizer=opt, probe=probe, probe_sample=4, path=tmp_path / "r")
+    with rec:
+        _steps(rec, model, opt, range(2))
+        probe["input"] = BAD
+        with pytest.raises(icstools.RecorderError, match=r"probe.*'input': \(6, 3\)"):
+            _steps(rec, model, opt, range(2, 3))
+        _assert_same_records(rec.to_dataset(), _reference(2))  # the earlier records
+        probe["input"] = GOOD
+        _steps(rec, model, opt, range(2, 4))
+    _assert_same_records(
+        icstools.open_run(tmp_path / "r").drop_vars(
+            ["icstools_store_format", "n_committed"], errors="ignore"
+        ),
+        _reference(4),
+    )

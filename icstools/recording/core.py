@@ -37,6 +37,7 @@ from icstools.recording.isolation import RngState, isolated
 from icstools.recording.layout import Layout
 from icstools.recording.measurements import Context, Measurement, StepBatch
 from icstools.recording.measurements.scalars import check_logged
+from icstools.recording.options import call_with_probe
 from icstools.recording.sink import RecordSink
 from icstools.schedules import Schedule
 from icstools.schema import SCHEMA_VERSION
@@ -203,13 +204,16 @@ class RecorderCore:
         ctx = self._ctx
         ctx.units.new_forward()
         mode = "eval" if ctx.probe_mode == "eval" else None
-        with ctx.own_forwards("probe"), isolated(ctx.model, mode=mode, grad=False):
-            if isinstance(ctx.probe, dict):
-                ctx.model(**ctx.probe)
-            elif isinstance(ctx.probe, (tuple, list)):
-                ctx.model(*ctx.probe)
-            else:
-                ctx.model(ctx.probe)
+        try:
+            with ctx.own_forwards("probe"), isolated(ctx.model, mode=mode, grad=False):
+                call_with_probe(ctx.model, ctx.probe)
+        except RecorderError:  # the record is not opened: forget what the probe left
+            self._pending = None
+            ctx.forward_hooks.remove()
+            for m in ctx.measurements:
+                m.reset(ctx)
+            ctx.units.forget_unfixed()
+            raise
         for m in self._to["after_probe"]:
             m.after_probe(ctx)
 

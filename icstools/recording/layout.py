@@ -103,6 +103,14 @@ class SiteTable:
             self.base[name] = site.name
         return name
 
+    def forget_unfixed(self) -> None:
+        """Forget the sites seen so far unless the run's layout fixed them (a failed probe
+        forward must not fix widths)."""
+        if self.fixed is None:
+            self.unit_dims.clear()
+            self.widths.clear()
+            self.base.clear()
+
     def ordered(self, sites: Iterable[Site]) -> list[str]:
         """The record sites seen so far, in selection order, calls in call order."""
 

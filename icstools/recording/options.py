@@ -15,10 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from icstools.recording.errors import RecorderError
 from icstools.recording.measurements import Measurement
 from icstools.sites import find_tensor
 
-__all__ = ["check_options", "recorder_config"]
+__all__ = ["call_with_probe", "check_options", "describe_probe", "recorder_config"]
 
 
 def check_options(model: Any, o: SimpleNamespace) -> None:
@@ -83,3 +84,38 @@ def recorder_config(
     if o.measurements:  # user-defined ones
         config["measurements"] = [m.name for m in o.measurements]
     return config
+
+
+def describe_probe(probe: Any) -> str:
+    """The probe's structure and shapes, for messages: ``a tensor of shape (6, 3)``,
+    ``positional arguments [(6, 3)]``, ``keyword arguments {'x': (6, 3)}``."""
+
+    def shape(v: Any) -> Any:
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+
+    if isinstance(probe, torch.Tensor):
+        return f"a tensor of shape {shape(probe)}"
+    if isinstance(probe, dict):
+        return f"keyword arguments {dict((k, shape(v)) for k, v in probe.items())}"
+    if isinstance(probe, (tuple, list)):
+        return f"positional arguments {[shape(v) for v in probe]}"
+    return type(probe).__name__
+
+
+def call_with_probe(model: nn.Module, probe: Any) -> None:
+    """``model(probe)``, ``model(*probe)`` or ``model(**probe)``; if the model raises, a
+    :class:`RecorderError` naming the probe and its shapes, the model's error chained."""
+    try:
+        if isinstance(probe, dict):
+            model(**probe)
+        elif isinstance(probe, (tuple, list)):
+            model(*probe)
+        else:
+            model(probe)
+    except Exception as exc:
+        raise RecorderError(
+            f"the probe batch failed in the model's forward ({type(exc).__name__}: {exc}); the "
+            f"probe, {describe_probe(probe)}, is passed to the model at every recorded step "
+            "like a training batch (a tensor: model(probe); a tuple: model(*probe); a dict: "
+            "model(**probe)), so it must have the shapes a training batch has"
+        ) from exc

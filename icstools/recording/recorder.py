@@ -51,7 +51,9 @@ class Recorder(RecorderCore):
         rate is recorded as ``lr``. Without one, call :meth:`step_done` after each update.
     probe : tensor, tuple of positional args, or dict of keyword args, optional
         A fixed batch evaluated at each recorded step (source ``probe``), with no effect on
-        training (no gradient; buffers, RNG state and module modes restored).
+        training (no gradient; buffers, RNG state and module modes restored). A probe the
+        model cannot take raises :class:`RecorderError` naming its shapes (the model's error
+        chained) from the training forward that opens a record; earlier records are kept.
     probe_mode : {"train", "eval"}
         BN normalizes the probe with its own batch statistics, or with the running ones.
     probe_sample : int, optional

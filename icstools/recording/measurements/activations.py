@@ -219,6 +219,9 @@ class Activations(Measurement):
     def reset(self, ctx: Context) -> None:
         for stats in self._stats.values():
             stats.reset()
+        if ctx.layout is None:  # the first record: no edges are fixed yet
+            self._stats.clear()
+            self._edges.clear()
 
     # the record --------------------------------------------------------------------------
     def declare(self, ctx: Context) -> Declaration:

@@ -83,6 +83,8 @@ class ProbeSamples(Measurement):
 
     def reset(self, ctx: Context) -> None:
         self._values = {}
+        if ctx.layout is None:  # the first record: no positions are fixed yet
+            self._positions = {}
 
     def declare(self, ctx: Context) -> Declaration:
         kept = [self._values[n].shape[0] for n in ctx.layout.sites if n in self._values]
