@@ -11,9 +11,22 @@ Subcommands (``icstools <command> --help`` explains each):
 * ``report INPUT...`` — the drift report (HTML + JSON) of runs;
 * ``demo`` — ``run fig1`` at a reduced scale (3 seeds × 6,000 steps), then ``report``.
 
-Exit codes: 0 success; 2 a user mistake (unknown preset, missing or corrupt store, bad option,
-missing MNIST data), reported as one line on stderr; 1 anything else (``--debug`` shows the
-traceback).
+Exit codes (every error is one line on stderr, ``icstools: error: ...``, naming what was wrong,
+the value given and what is valid):
+
+=====  =========================================================================================
+0      success
+1      an unexpected error, i.e. a bug or a failure outside the user's input (``--debug`` shows
+       the traceback)
+2      a user mistake: a bad option or argument, an unknown preset or model, a missing file, a
+       directory that is not a run store, a corrupt store (a damaged chunk included), an output
+       path that cannot be written (checked before any work), missing MNIST data. ``report``
+       also exits 2 when it wrote the report without some runs it could not read (one line
+       each)
+130    interrupted (Ctrl-C)
+141    stdout was closed early (``icstools info RUN | head -1``): the output stops quietly, no
+       message, the status of a command ended by SIGPIPE (128 + 13)
+=====  =========================================================================================
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +48,9 @@ import xarray as xr
 __all__ = ["main"]
 
 PROG = "icstools"
+
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
 
 
 class UsageError(Exception):
@@ -58,6 +75,40 @@ def _print_table(rows: list[dict[str, object]]) -> None:
     print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
     for r in rows:
         print("  ".join(_fmt(r[c]).ljust(widths[c]) for c in cols).rstrip())
+
+
+def _check_output(option: str, value: str, *, file: bool, sub: str | None = None) -> None:
+    """Refuse an output path that cannot be written (:class:`UsageError`), before any work.
+
+    ``file``: ``value`` is a file to write, its missing folders created; else a folder, created
+    if missing, in which the command creates ``sub``. Nothing is left behind by the check.
+    """
+    target = Path(value, sub) if sub else Path(value)
+    valid = (
+        "give the path of a file in a writable folder (missing folders are created)"
+        if file
+        else "give a writable folder (created if missing)"
+    )
+    if file and target.is_dir():
+        raise UsageError(
+            f"{option} {value!r} is a folder; give the path of a file, e.g. "
+            f"{target / ('report.' + option.lstrip('-'))}"
+        )
+    base = target.parent if file else target
+    while not os.path.lexists(base) and base != base.parent:
+        base = base.parent  # the folder nearest to the target that exists
+    if not base.is_dir():
+        what = "is a file, not a folder" if base.is_file() else "is not a folder"
+        raise UsageError(f"{option} {value!r}: {base} {what}; {valid}")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"{option} {value!r}: cannot write in {base} ({exc.strerror or exc}); {valid}"
+        ) from None
+    if file and target.is_file() and not os.access(target, os.W_OK):
+        raise UsageError(f"{option} {value!r}: the file exists and is read-only; {valid}")
 
 
 # ============================================================================================
@@ -148,6 +199,7 @@ def _run(args: argparse.Namespace) -> int:
     from icstools.experiments import get_preset, run_preset
 
     preset = get_preset(args.preset)  # PresetError (exit 2) before anything is written
+    _check_output("--out", args.out, file=False, sub=preset.name)
     manifest = run_preset(
         preset,
         steps=args.steps,
@@ -456,26 +508,57 @@ def _info(args: argparse.Namespace) -> int:
     except StoreError as exc:
         raise UsageError(str(exc)) from None
     try:
-        _print_info(path, ds)
+        if args.at:
+            raise UsageError(
+                f"--at applies to a preset folder (with manifest.json), not to the run store "
+                f"{path}; give the preset's folder, e.g. data/runs/fig1, or leave out --at"
+            )
+        _load_shown(path, ds)
+        lines = _info_lines(path, ds)  # all of it before printing: no partial output
     finally:
         ds.close()
+    print("\n".join(lines))
     return 0
+
+
+def _load_shown(path: Path, ds: xr.Dataset) -> None:
+    """Read the values ``info`` shows (coordinates, loss, test_acc) into ``ds``.
+
+    A damaged chunk becomes a :class:`~icstools.store.StoreError` naming the variable, as in
+    :func:`~icstools.store.open_run`; the other variables are not read, so their damage goes
+    unnoticed here (``report`` reads them).
+    """
+    from icstools.store import StoreError
+
+    for name in [*ds.coords, *(n for n in ("loss", "test_acc") if n in ds.data_vars)]:
+        try:
+            ds.variables[name].load()  # in place
+        except Exception as exc:  # zarr/numcodecs/xarray errors on damaged chunks
+            raise StoreError(
+                f"{path.absolute()} is corrupt: cannot decode its variable {name!r} "
+                f"({type(exc).__name__}: {exc}); a file of the store was truncated or "
+                "overwritten after it was written: restore the store from a copy or record the "
+                "run again"
+            ) from None
 
 
 def _short(text: str, width: int = 90) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _print_info(path: Path, ds: xr.Dataset) -> None:
+def _info_lines(path: Path, ds: xr.Dataset) -> list[str]:
+    """What ``info`` prints about the run store at ``path``, one string a line."""
+    lines: list[str] = []
+    add = lines.append
     steps = ds["step"].values
     attrs = ds.attrs
-    print(f"run        {path.resolve()} ({_human(_disk_size(path))} on disk)")
+    add(f"run        {path.resolve()} ({_human(_disk_size(path))} on disk)")
     if len(steps):
-        print(f"steps      {int(steps[0])} … {int(steps[-1])}, {len(steps)} records")
+        add(f"steps      {int(steps[0])} … {int(steps[-1])}, {len(steps)} records")
     else:
-        print("steps      none recorded")
+        add("steps      none recorded")
     if "source" in ds.coords:
-        print(f"sources    {', '.join(map(str, ds['source'].values))}")
+        add(f"sources    {', '.join(map(str, ds['source'].values))}")
     if "site" in ds.coords:
         sites = [str(s) for s in ds["site"].values]
         units = [int(u) for u in ds["site_units"].values] if "site_units" in ds.coords else None
@@ -485,29 +568,29 @@ def _print_info(path: Path, ds: xr.Dataset) -> None:
             else ", ".join(sites)
         )
         n_units = ds.sizes.get("unit", 0)
-        print(f"sites      {len(sites)}, {n_units} units: {per}")
+        add(f"sites      {len(sites)}, {n_units} units: {per}")
     for dim, label in (("param", "params"), ("layer", "layers"), ("block", "blocks")):
         if dim in ds.coords:
             names = [str(v) for v in ds[dim].values]
-            print(f"{label:<10} {len(names)}: {', '.join(names)}")
+            add(f"{label:<10} {len(names)}: {', '.join(names)}")
     groups: dict[tuple[str, ...], list[str]] = {}
     for name, var in ds.data_vars.items():
         groups.setdefault(tuple(var.dims), []).append(str(name))
-    print("variables")
+    add("variables")
     for dims, names in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[0])):
-        print(f"  ({', '.join(dims)})".ljust(36) + ", ".join(sorted(names)))
+        add(f"  ({', '.join(dims)})".ljust(36) + ", ".join(sorted(names)))
     if "loss" in ds and len(steps):
         loss = ds["loss"].values
-        print(f"loss       first {loss[0]:.4g}, last {loss[-1]:.4g}")
+        add(f"loss       first {loss[0]:.4g}, last {loss[-1]:.4g}")
     if "test_acc" in ds and len(steps):
         acc = ds["test_acc"].values
         finite = acc[~(acc != acc)]
         if finite.size:
-            print(f"test_acc   last measured {finite[-1]:.4f}, best {finite.max():.4f}")
+            add(f"test_acc   last measured {finite[-1]:.4f}, best {finite.max():.4f}")
     diverged = attrs.get("diverged_step")
-    print(f"diverged   {'no' if diverged is None else f'at recorded step {diverged}'}")
+    add(f"diverged   {'no' if diverged is None else f'at recorded step {diverged}'}")
     shown = ("icstools_version", "schema_version", "seed", "model_class", "n_committed")
-    print("attrs      " + ", ".join(f"{k}={attrs[k]}" for k in shown if k in attrs))
+    add("attrs      " + ", ".join(f"{k}={attrs[k]}" for k in shown if k in attrs))
     config = attrs.get("recorder_config")
     if isinstance(config, str):
         try:
@@ -526,7 +609,8 @@ def _print_info(path: Path, ds: xr.Dataset) -> None:
                 "jacobian",
             )
             parts = [_short(f"{k}={cfg[k]}") for k in keys if cfg.get(k) not in (None, False)]
-            print("recorder   " + "; ".join(parts))
+            add("recorder   " + "; ".join(parts))
+    return lines
 
 
 # ============================================================================================
@@ -546,6 +630,13 @@ def _report(args: argparse.Namespace) -> int:
         return 1
     from icstools.store import StoreError
 
+    _check_output("--html", args.html, file=True)
+    if args.json is not None:
+        _check_output("--json", args.json, file=True)
+        if Path(args.json).absolute() == Path(args.html).absolute():
+            raise UsageError(
+                f"--html and --json are the same file ({args.html}); give two different paths"
+            )
     try:
         result = write_report(
             inputs, Path(args.html), None if args.json is None else Path(args.json)
@@ -563,7 +654,22 @@ def _report(args: argparse.Namespace) -> int:
     if rows:
         _print_table(rows)
     print(f"\nreport: {args.html}" + (f", {args.json}" if args.json else ""))
-    return 0
+    skipped = _unreadable_runs(getattr(result, "data", {}))
+    for note in skipped:
+        print(
+            f"{PROG}: error: {' '.join(note.split())}; it is left out of the report",
+            file=sys.stderr,
+        )
+    return EXIT_USAGE if skipped else EXIT_OK
+
+
+def _unreadable_runs(data: dict[str, Any]) -> list[str]:
+    """The report's notes on runs it found but could not read (damaged or not a store)."""
+    notes = [
+        *data.get("notes", []),
+        *(n for p in data.get("presets", []) for n in p.get("notes", [])),
+    ]
+    return [n for n in notes if isinstance(n, str) and n.startswith("cannot open the run ")]
 
 
 # ============================================================================================
@@ -594,18 +700,35 @@ dimension, statistics are pooled over the others (batch, and locations for convo
 """
 
 
-def _parser() -> argparse.ArgumentParser:
-    from icstools.experiments import PRESETS
+_EPILOG = """\
+Run 'icstools <command> --help' for a command's options.
 
+Exit codes: 0 success; 1 an unexpected error (--debug shows the traceback); 2 a user mistake
+(bad option or argument, missing file, not a run store, corrupt store, output path that cannot
+be written, missing MNIST data; report: runs it could not read); 130 interrupted; 141 stdout
+closed early (e.g. piped into head). Errors are one line on stderr.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
         description="Measure internal covariate shift in PyTorch training.",
-        epilog="Run 'icstools <command> --help' for a command's options.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
-    fmt = argparse.RawDescriptionHelpFormatter
+    for add in (_add_run, _add_list, _add_sites, _add_info, _add_report, _add_demo):
+        add(sub)
+    return p
 
+
+def _add_run(sub: Any) -> None:
+    """The ``run`` subcommand's options."""
+    from icstools.experiments import PRESETS
+
+    fmt = argparse.RawDescriptionHelpFormatter
     r = sub.add_parser(
         "run",
         help="run an experiment preset (see 'icstools list')",
@@ -645,6 +768,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(func=_run)
 
+
+def _add_list(sub: Any) -> None:
+    """The ``list`` subcommand's options."""
     ls = sub.add_parser(
         "list",
         help="list the experiment presets",
@@ -655,6 +781,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     ls.set_defaults(func=_list)
 
+
+def _add_sites(sub: Any) -> None:
+    """The ``sites`` subcommand's options."""
+    fmt = argparse.RawDescriptionHelpFormatter
     s = sub.add_parser(
         "sites",
         help="list the hookable sites of a model or a preset's models",
@@ -675,6 +805,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=_sites)
 
+
+def _add_info(sub: Any) -> None:
+    """The ``info`` subcommand's options."""
     i = sub.add_parser(
         "info",
         help="describe a run store (or a preset's output folder)",
@@ -691,6 +824,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     i.set_defaults(func=_info)
 
+
+def _add_report(sub: Any) -> None:
+    """The ``report`` subcommand's options."""
     rp = sub.add_parser(
         "report",
         help="write the drift report (HTML + JSON) of runs",
@@ -701,6 +837,9 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--json", metavar="PATH", help="path of the JSON report (optional)")
     rp.set_defaults(func=_report)
 
+
+def _add_demo(sub: Any) -> None:
+    """The ``demo`` subcommand's options."""
     d = sub.add_parser(
         "demo",
         help="the paper's Fig. 1 experiment at a reduced scale, then its drift report",
@@ -720,22 +859,46 @@ def _parser() -> argparse.ArgumentParser:
         "--quiet", action="store_true", help="no progress bars (shown on terminals only)"
     )
     d.set_defaults(func=_demo)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``icstools`` command; returns the exit code.
+    """Entry point of the ``icstools`` command; returns the exit code (module docstring).
 
     Examples
     --------
     >>> main(["list"])  # doctest: +SKIP
     0
     """
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a closed pipe must fail where it is caught
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        return EXIT_PIPE
+    return code
+
+
+def _stdout_to_devnull() -> None:
+    """After the reader of stdout went away (``| head``): send the rest to ``os.devnull``, so
+    that the interpreter's last flush at exit does not fail again (Python's documented recipe).
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (e.g. captured in a test)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a bad option (2, message already printed)
-        return exc.code if isinstance(exc.code, int) else 2
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     args.argv = argv
     from icstools.data import MNISTError
     from icstools.experiments import PresetError
@@ -743,14 +906,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except BrokenPipeError:
+        raise  # stdout closed by its reader: main() ends quietly
     except (UsageError, PresetError, MNISTError, StoreError, FileNotFoundError) as exc:
         if args.debug:
             raise
         print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if args.debug:
             raise
@@ -759,7 +924,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(run with --debug for the traceback)",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":
