@@ -95,12 +95,6 @@ def test_a_step_without_values_at_a_site_is_undefined_not_diverged(tmp_path):
     assert (ds["nonfinite"].sel(step=[0, 2]).values == 0).all()
 
 
-def test_divergence_check_ignores_units_without_values():
-    # the core's check: any(nonfinite > 0); a NaN share (no values) must not count
-    nonfinite = np.array([np.nan, 0.0, np.nan], dtype=np.float32)
-    assert not bool(np.any(nonfinite > 0))
-
-
 @pytest.mark.parametrize("quantile_sample", [8192, 4])
 def test_an_empty_call_pooled_with_a_real_one_changes_nothing_but_calls(quantile_sample):
     batches = _batches(3, empty_at=set())
