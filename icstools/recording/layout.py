@@ -19,19 +19,14 @@ import torch
 import xarray as xr
 from torch import nn
 
-from icstools.recording.errors import RecorderError
+from icstools.recording.errors import RecorderError, SitesNotRecordedWarning
 from icstools.schema import SOURCES, STEP, Variable
 from icstools.sites import Site, default_unit_dim, layout_module
 
 if TYPE_CHECKING:
     from icstools.recording.measurements.base import Context
 
-__all__ = ["Layout", "SiteTable", "SitesNotRecordedWarning", "site_option", "to_host"]
-
-
-class SitesNotRecordedWarning(UserWarning):
-    """Selected sites that got no floating-point tensor in the first recorded step: they are
-    not part of the run (listed in its ``sites_not_recorded`` attribute)."""
+__all__ = ["Layout", "SiteTable", "site_option", "to_host"]
 
 
 def site_option(option: Any, site: str, what: str, kind: type) -> Any:
