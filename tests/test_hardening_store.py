@@ -20,6 +20,7 @@ import pytest
 import xarray as xr
 
 from icstools import store as store_mod
+from icstools.store import owners as store_owners
 from icstools.store import RunWriter, StoreError, open_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,7 +151,10 @@ def test_existing_stores_keep_todays_behaviour(tmp_path):
 def test_missing_parents_are_checked_and_not_left_behind(tmp_path):
     path = tmp_path / "a" / "b" / "run.zarr"
     w = RunWriter(path, chunk_steps=4)
-    assert listing(tmp_path) == []  # created for the check, removed again
+    assert listing(path.parent) == [".run.zarr.icstools-lock"]  # parents made for the lock
+    w.close()
+    assert listing(tmp_path) == []  # closed without a commit: lock and parents removed again
+    w = RunWriter(path, chunk_steps=4)
     w.append(block(0, 3))
     w.close()
     assert listing(path.parent) == ["run.zarr"]
@@ -254,42 +258,48 @@ def wait_zombie(pid: int) -> bool:
 
 
 def hidden(directory: Path, name: str = "run.zarr") -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.startswith(f".{name}.icstools-"))
+    """The hidden directories of writers of ``name`` (not its lock file)."""
+    return sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.name.startswith(f".{name}.icstools-") and p.is_dir()
+    )
 
 
+@pytest.mark.parametrize("where", ["publish", "build"])
 @pytest.mark.parametrize("existing_store", [False, True])
-def test_leftover_of_a_killed_writer_is_removed_by_the_next_writer(tmp_path, existing_store):
-    """Writers SIGKILLed before their first commit: while they live their hidden directories
-    are kept, once they are dead the next writer to the path removes them; readers never do."""
+def test_leftover_of_a_killed_writer_is_removed_by_the_next_writer(tmp_path, existing_store, where):
+    """A writer SIGKILLed before its first commit: while it lives its hidden directory is kept
+    and its lock refuses other writers; once it is dead the next writer takes over its lock
+    (with a warning) and removes the directory; readers never do."""
     path = tmp_path / "run.zarr"
-    if existing_store:  # the killed writers were replacing it (overwrite=True)
+    if existing_store:  # the killed writer was replacing it (overwrite=True)
         with RunWriter(path, chunk_steps=4) as w:
             w.append(block(0, 3))
-    procs = [start_writer(tmp_path, path, where) for where in ("publish", "build")]
+    procs = [start_writer(tmp_path, path, where)]
     try:
-        for proc in procs:
-            wait_ready(proc)
+        wait_ready(procs[0])
         leftovers = hidden(tmp_path)
-        assert len(leftovers) == 2 and all(".icstools-new-" in n for n in leftovers)
-        # their owners are alive: a new writer leaves them alone
-        RunWriter(path, chunk_steps=4, overwrite=True)
+        assert len(leftovers) == 1 and ".icstools-new-" in leftovers[0], leftovers
+        assert (tmp_path / ".run.zarr.icstools-lock").is_file()
+        # its owner is alive: a new writer is refused, also with overwrite=True
+        with pytest.raises(StoreError, match=f"locked by another writer: .*{procs[0].pid}"):
+            RunWriter(path, chunk_steps=4, overwrite=True)
         assert hidden(tmp_path) == leftovers
-        for proc in procs:
-            proc.send_signal(signal.SIGKILL)
-        procs[1].wait(timeout=30)
-        assert procs[1].returncode == -signal.SIGKILL
-        # the first one stays a zombie (not reaped) until the clean-up ran, where /proc shows it
+        procs[0].send_signal(signal.SIGKILL)
+        # it stays a zombie (not reaped) until the clean-up ran, where /proc shows it
         if not wait_zombie(procs[0].pid):
             procs[0].wait(timeout=30)
-        assert hidden(tmp_path) == leftovers  # nothing removes them by itself
-        if existing_store:  # a reader does not write: it leaves them too
+        assert hidden(tmp_path) == leftovers  # nothing removes it by itself
+        if existing_store:  # a reader does not write: it leaves it too
             assert open_run(path)["step"].values.tolist() == [0, 1, 2]
         else:
             with pytest.raises(FileNotFoundError):
                 open_run(path)
         assert hidden(tmp_path) == leftovers
-        w = RunWriter(path, chunk_steps=4, overwrite=True)
-        assert hidden(tmp_path) == [], "the leftovers of dead writers were not removed"
+        with pytest.warns(store_mod.StoreLockWarning, match="took over the lock .* gone"):
+            w = RunWriter(path, chunk_steps=4, overwrite=True)
+        assert hidden(tmp_path) == [], "the leftover of the dead writer was not removed"
         w.append(block(10, 2))
         w.close()
         assert open_run(path)["step"].values.tolist() == [10, 11]
@@ -336,7 +346,9 @@ def live_leftover(tmp_path, monkeypatch):
 
 def test_leftover_of_a_live_writer_of_this_process_is_kept(tmp_path, live_leftover):
     before = listing(live_leftover)
-    RunWriter(tmp_path / "run.zarr", chunk_steps=4)  # would clean up dead writers' leftovers
+    with pytest.raises(StoreError, match="another writer of this process"):
+        RunWriter(tmp_path / "run.zarr", chunk_steps=4)  # its lock is held
+    store_owners._remove_leftovers(tmp_path / "run.zarr")  # what a writer with the lock does
     assert live_leftover.is_dir() and listing(live_leftover) == before
 
 
@@ -388,7 +400,7 @@ def test_ownership_decides_what_is_removed(tmp_path, live_leftover, caplog):
     kept["unreadable"] = _fake_leftover(tmp_path, live_leftover, "{not json")
     kept["no ownership record"] = _fake_leftover(tmp_path, live_leftover, None)
     with caplog.at_level(logging.INFO, logger="icstools.store"):
-        RunWriter(tmp_path / "run.zarr", chunk_steps=4)
+        store_owners._remove_leftovers(tmp_path / "run.zarr")  # as a writer with the lock does
     assert live_leftover.is_dir()
     for fake in removed:
         assert not fake.exists(), fake
