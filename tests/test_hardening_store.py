@@ -20,8 +20,8 @@ import pytest
 import xarray as xr
 
 from icstools import store as store_mod
-from icstools.store import owners as store_owners
 from icstools.store import RunWriter, StoreError, open_run
+from icstools.store import owners as store_owners
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from icstools import store as store_mod
+from icstools.store import BackgroundWriter, RunWriter, StoreError, open_run
 from icstools.store import files as store_files
 from icstools.store import writer as store_writer
-from icstools.store import BackgroundWriter, RunWriter, StoreError, open_run
 
 REPO = Path(__file__).resolve().parents[1]
 STORE_ATTRS = ("icstools_store_format", "n_committed")

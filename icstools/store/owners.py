@@ -15,7 +15,7 @@ Lock (one writer per store)
     another open writer in this process) is a :class:`StoreError`, with or without
     ``overwrite``; an owner that cannot be judged is a :class:`StoreError` that says how to
     remove the lock by hand; a gone owner's lock (a killed writer) is taken over with a
-    :class:`StoreLockWarning`: renamed aside (only if it is still the file judged: same inode),
+    :class:`StoreLockWarning`: renamed aside (only if it is still the file judged: same content),
     then created anew. The writer checks at every commit that the lock is still its own and
     releases it (deletes the file) when it is closed, fails, or is garbage-collected.
 """
@@ -334,8 +334,8 @@ class StoreLock:
     >>> lock.release()  # doctest: +SKIP
     """
 
-    def __init__(self, path: Path, file: Path, token: str, ident: tuple[int, int]) -> None:
-        self.path, self.file, self.token, self._ident = path, file, token, ident
+    def __init__(self, path: Path, file: Path, token: str, data: bytes) -> None:
+        self.path, self.file, self.token, self._data = path, file, token, data
         self._created_parents: list[Path] = []
         self.released = False
 
@@ -349,10 +349,9 @@ class StoreLock:
         try:
             for _ in range(5):
                 if _create_exclusive(file, data):
-                    st = os.stat(file)
                     with _HELD_GUARD:
                         _HELD.add(token)
-                    lock = cls(path, file, token, (st.st_dev, st.st_ino))
+                    lock = cls(path, file, token, data)
                     lock._created_parents = created
                     return lock
                 _take_over_if_stale(path, file)
@@ -367,11 +366,7 @@ class StoreLock:
 
     def check(self) -> None:
         """Raise :class:`StoreError` unless the lock file is still this writer's."""
-        try:
-            st = os.stat(self.file)
-            ours = (st.st_dev, st.st_ino) == self._ident
-        except OSError:
-            ours = False
+        ours = self._is_ours()
         if not ours or self.released:
             raise StoreError(
                 f"the writer of {self.path} lost its lock {self.file}: another writer removed"
@@ -386,11 +381,18 @@ class StoreLock:
         self.released = True
         with _HELD_GUARD:
             _HELD.discard(self.token)
-        with contextlib.suppress(OSError):
-            st = os.stat(self.file)
-            if (st.st_dev, st.st_ino) == self._ident:
+        if self._is_ours():
+            with contextlib.suppress(OSError):
                 os.unlink(self.file)
         _remove_empty(self._created_parents)
+
+    def _is_ours(self) -> bool:
+        # by content (its random token), not by inode: a new file may reuse a freed inode
+        try:
+            with open(self.file, "rb") as f:
+                return f.read() == self._data
+        except OSError:
+            return False
 
 
 def _make_parents(directory: Path) -> list[Path]:
@@ -424,7 +426,6 @@ def _take_over_if_stale(path: Path, file: Path) -> None:
     aside (if it is still the file judged) with a :class:`StoreLockWarning`."""
     try:
         with open(file, "rb") as f:
-            ident = os.fstat(f.fileno())
             raw = f.read()
     except FileNotFoundError:
         return  # released meanwhile: try again
@@ -453,8 +454,9 @@ def _take_over_if_stale(path: Path, file: Path) -> None:
     except FileNotFoundError:
         return  # taken over or released by someone else meanwhile: try again
     try:
-        st = os.stat(aside)
-        if (st.st_dev, st.st_ino) != (ident.st_dev, ident.st_ino):
+        with open(aside, "rb") as f:
+            moved = f.read()
+        if moved != raw:
             # another writer took it over between our judgement and the rename: put it back
             with contextlib.suppress(OSError):
                 os.link(aside, file)
