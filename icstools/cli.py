@@ -9,6 +9,7 @@ Subcommands (``icstools <command> --help`` explains each):
   module type, tensor shape and unit layout;
 * ``info RUN`` — what a run store (or a preset's output folder) holds;
 * ``report INPUT...`` — the drift report (HTML + JSON) of runs;
+* ``verify RUN...`` — check every chunk and the commit marker of run stores (checksums);
 * ``demo`` — ``run fig1`` at a reduced scale (3 seeds × 6,000 steps), then ``report``.
 
 Exit codes (every error is one line on stderr, ``icstools: error: ...``, naming what was wrong,
@@ -614,6 +615,53 @@ def _info_lines(path: Path, ds: xr.Dataset) -> list[str]:
 
 
 # ============================================================================================
+# verify
+# ============================================================================================
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Check run stores byte for byte; exit 2 if any is damaged or not a run store."""
+    from icstools.experiments import load_manifest
+    from icstools.store import StoreError, verify_run
+
+    targets: list[Path] = []
+    for given in args.runs:
+        p = Path(given)
+        if not os.path.lexists(p):
+            raise UsageError(f"no such run store or preset folder: {given}")
+        if p.is_dir() and (p / "manifest.json").is_file() and not (p / ".zmetadata").exists():
+            try:
+                manifest = load_manifest(p)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+            if not manifest.runs:
+                print(f"{p}: its manifest lists no finished run")
+            targets += [manifest.run_path(r) for r in manifest.runs]
+        else:
+            targets.append(p)
+    bad = 0
+    for target in targets:
+        try:
+            result = verify_run(target)
+        except (StoreError, FileNotFoundError) as exc:
+            print(f"DAMAGED: {target}: {' '.join(str(exc).split())}")
+            bad += 1
+            continue
+        print(result.summary())
+        for problem in result.problems:
+            print(f"  {problem}")
+        bad += not result.ok
+    if bad:
+        print(
+            f"{PROG}: error: {bad} of {len(targets)} run stores are damaged or not run stores "
+            "(listed above); restore them from a copy or record those runs again",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+# ============================================================================================
 # report
 # ============================================================================================
 
@@ -719,7 +767,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
-    for add in (_add_run, _add_list, _add_sites, _add_info, _add_report, _add_demo):
+    for add in (_add_run, _add_list, _add_sites, _add_info, _add_report, _add_verify, _add_demo):
         add(sub)
     return p
 
@@ -836,6 +884,21 @@ def _add_report(sub: Any) -> None:
     rp.add_argument("--html", required=True, metavar="PATH", help="path of the HTML report")
     rp.add_argument("--json", metavar="PATH", help="path of the JSON report (optional)")
     rp.set_defaults(func=_report)
+
+
+def _add_verify(sub: Any) -> None:
+    """The ``verify`` subcommand's options."""
+    v = sub.add_parser(
+        "verify",
+        help="check run stores for damage (checksums of every chunk and the commit marker)",
+        description="Read every chunk of each run store and check it against its checksum, and "
+        "the commit marker against its own; list every damaged or missing chunk by variable and "
+        "records. A preset folder (with manifest.json) checks the runs its manifest lists. "
+        "Exit 0 if all are sound, 2 if any is damaged or not a run store. Stores of format 1 "
+        "(written before checksums) are checked for missing and undecodable chunks only.",
+    )
+    v.add_argument("runs", nargs="+", metavar="RUN", help="run stores or preset folders")
+    v.set_defaults(func=_verify)
 
 
 def _add_demo(sub: Any) -> None:
