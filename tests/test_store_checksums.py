@@ -180,7 +180,7 @@ def test_edited_commit_marker_raises(run):
     zmeta = json.loads(raw)
     zmeta["metadata"][".zattrs"]["recorder_config"] = json.dumps({"every": 2, "bins": 64})
     (run / ".zmetadata").write_bytes(json.dumps(zmeta).encode())
-    with pytest.raises(StoreError, match="commit marker .zmetadata is damaged: its checksum"):
+    with pytest.raises(StoreError, match=r"commit marker \.zmetadata is damaged: its checksum"):
         open_run(run)
     # without its checksum member at all: a format 2 marker must have one
     del zmeta["icstools_checksum"]
@@ -260,7 +260,7 @@ def test_format1_store_written_by_the_old_code_is_still_read(tmp_path):
     assert main(["verify", str(old)]) == 0
     # without checksums a missing chunk is still detected (every committed chunk is written)
     (old / "step" / "1").unlink()
-    with pytest.raises(StoreError, match="variable 'step', chunk 1 .* missing"):
+    with pytest.raises(StoreError, match=r"variable .step., chunk 1 .* missing"):
         open_run(old)
     assert not verify_run(old).ok
 
