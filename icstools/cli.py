@@ -134,6 +134,9 @@ def _demo(args: argparse.Namespace) -> int:
         threads=args.threads,
         conditions=None,
         argv=args.argv,
+        # an earlier demo's finished runs are kept (same options), its others run again
+        resume=not args.force,
+        force=args.force,
     )
     code = _run(run_args)
     if code:
@@ -212,6 +215,9 @@ def _run(args: argparse.Namespace) -> int:
         threads=args.threads,
         conditions=args.conditions or None,
         command=[PROG, *args.argv],
+        resume=args.resume,
+        force=args.force,
+        log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
     )
     print(manifest.summary())
     diverged = sum(r.diverged for r in manifest.runs)
@@ -702,7 +708,10 @@ def _report(args: argparse.Namespace) -> int:
     if rows:
         _print_table(rows)
     print(f"\nreport: {args.html}" + (f", {args.json}" if args.json else ""))
-    skipped = _unreadable_runs(getattr(result, "data", {}))
+    data = getattr(result, "data", {})
+    for note in _notes(data, "skipped the run "):
+        print(f"{PROG}: note: {' '.join(note.split())}", file=sys.stderr)
+    skipped = _unreadable_runs(data)
     for note in skipped:
         print(
             f"{PROG}: error: {' '.join(note.split())}; it is left out of the report",
@@ -713,11 +722,16 @@ def _report(args: argparse.Namespace) -> int:
 
 def _unreadable_runs(data: dict[str, Any]) -> list[str]:
     """The report's notes on runs it found but could not read (damaged or not a store)."""
+    return _notes(data, "cannot open the run ")
+
+
+def _notes(data: dict[str, Any], prefix: str) -> list[str]:
+    """The report's notes (its own and its presets') that start with ``prefix``."""
     notes = [
         *data.get("notes", []),
         *(n for p in data.get("presets", []) for n in p.get("notes", [])),
     ]
-    return [n for n in notes if isinstance(n, str) and n.startswith("cannot open the run ")]
+    return [n for n in notes if isinstance(n, str) and n.startswith(prefix)]
 
 
 # ============================================================================================
@@ -729,12 +743,18 @@ Examples:
   icstools run fig1                      the full experiment (3 seeds × 50,000 steps)
   icstools run fig1 --quick              reduced end to end: a few hundred steps, 1 seed
   icstools run lr-sweep --steps 2000 --seeds 0,1 --out /tmp/runs
+  icstools run fig1 --resume             finish the runs of an interrupted 'icstools run fig1'
+  icstools run fig1 --quick --force      replace the runs already in data/runs/fig1
 
 Presets: {presets}.
 
 Runs land in DIR/PRESET/CONDITION/seed-N.zarr, with DIR/PRESET/manifest.json (settings,
 accuracy over training, divergence, wall time per run). A diverged run is a result: it is
 reported as diverged, not as an error. MNIST is read from $ICSTOOLS_DATA (or --data-dir).
+
+A DIR/PRESET that already holds runs is refused (exit 2, the runs listed): --resume keeps the
+finished runs and runs the others again from scratch (the same options are required);
+--force removes all runs there first.
 """
 
 _EPILOG_SITES = """\
@@ -813,6 +833,17 @@ def _add_run(sub: Any) -> None:
     )
     r.add_argument(
         "--quiet", action="store_true", help="no progress bars (shown on terminals only)"
+    )
+    again = r.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="DIR/PRESET holds runs: keep the finished ones, run the others (same options)",
+    )
+    again.add_argument(
+        "--force",
+        action="store_true",
+        help="DIR/PRESET holds runs: remove them all first, then run",
     )
     r.set_defaults(func=_run)
 
@@ -920,6 +951,12 @@ def _add_demo(sub: Any) -> None:
     )
     d.add_argument(
         "--quiet", action="store_true", help="no progress bars (shown on terminals only)"
+    )
+    d.add_argument(
+        "--force",
+        action="store_true",
+        help="remove the runs of an earlier demo in DIR/fig1 first (default: keep its finished "
+        "runs if the options are the same, else stop)",
     )
     d.set_defaults(func=_demo)
 

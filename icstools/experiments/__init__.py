@@ -34,6 +34,7 @@ from icstools.experiments.presets import (
     PresetError,
     get_preset,
 )
+from icstools.experiments.rerun import RunsExistError
 from icstools.experiments.runner import (
     Manifest,
     RunInfo,
@@ -56,6 +57,7 @@ __all__ = [
     "Preset",
     "PresetError",
     "RunInfo",
+    "RunsExistError",
     "TrainResult",
     "fig1_lr_sweep",
     "get_preset",

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import os
 import sys
@@ -55,11 +56,14 @@ from torch import nn
 from icstools import __version__
 from icstools.experiments.measures import _MEASURES
 from icstools.experiments.presets import Condition, Preset, PresetError, _jsonable, get_preset
+from icstools.experiments.rerun import plan_rerun
 from icstools.experiments.training import TrainResult, record_steps, train
 from icstools.recording.isolation import isolated
 from icstools.recording.recorder import Recorder
 from icstools.schedules import at_steps
 from icstools.store import open_run
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Manifest",
@@ -363,6 +367,9 @@ def run_preset(
     threads: int | None = None,
     conditions: Sequence[str] | None = None,
     command: Sequence[str] | None = None,
+    resume: bool = False,
+    force: bool = False,
+    log: Callable[[str], Any] | None = None,
 ) -> Manifest:
     """Run every condition and seed of a preset; write the stores and ``manifest.json``.
 
@@ -375,8 +382,10 @@ def run_preset(
     seeds : int or sequence of int, optional
         A number ``N`` of seeds (0 … N−1) or the seeds themselves; default the preset's.
     out : str or Path
-        Base folder: runs go to ``<out>/<preset>/<condition>/seed-<n>.zarr`` (replaced if
-        present) and the manifest to ``<out>/<preset>/manifest.json``.
+        Base folder: runs go to ``<out>/<preset>/<condition>/seed-<n>.zarr`` and the manifest
+        to ``<out>/<preset>/manifest.json``. A folder that already holds runs of the preset is
+        refused (:class:`~icstools.experiments.rerun.RunsExistError`, listing them) unless
+        ``resume`` or ``force`` says what to do with them.
     quick : bool
         A reduced end-to-end version: ``preset.quick_steps`` steps (a few hundred) and the first
         seed, unless ``steps``/``seeds`` say otherwise.
@@ -391,6 +400,13 @@ def run_preset(
         Run only these conditions (default: all of the preset's).
     command : sequence of str, optional
         The command line that asked for the run, kept in the manifest.
+    resume : bool
+        Keep the finished runs already in the folder and run the others (from scratch); the
+        configuration must be the earlier call's (:mod:`icstools.experiments.rerun`).
+    force : bool
+        Remove every run store already in the folder first, then run all.
+    log : callable, optional
+        Receives one line per run kept, run again or removed (default: the logger).
 
     Returns
     -------
@@ -400,7 +416,11 @@ def run_preset(
     Raises
     ------
     PresetError
-        Unknown preset, or bad ``steps``/``seeds``.
+        Unknown preset, bad ``steps``/``seeds``, runs already in the folder
+        (:class:`~icstools.experiments.rerun.RunsExistError`), or ``resume`` with another
+        configuration.
+    icstools.store.StoreError
+        A run store of the folder is being written by another process.
     icstools.data.MNISTError
         MNIST is not found (or invalid).
 
@@ -438,9 +458,16 @@ def run_preset(
         quick=quick,
         threads=threads,
         conditions=conditions,
+        **({"resume": True} if resume else {}),
+        **({"force": True} if force else {}),
     )
     manifest = _new_manifest(
         preset, chosen, seed_list, total, quick=quick, command=command, call=call
+    )
+    planned = [f"{c.name}/seed-{s}.zarr" for c in chosen for s in seed_list]
+    say = log if log is not None else logger.info
+    keep = plan_rerun(
+        folder, manifest.to_dict(), planned, resume=bool(resume), force=bool(force), log=say
     )
     manifest.path = folder / "manifest.json"
     manifest.write()
@@ -452,6 +479,10 @@ def run_preset(
             n = total if cond.steps is None else min(cond.steps, total)
             for seed in seed_list:
                 rel = Path(cond.name) / f"seed-{seed}.zarr"
+                if rel.as_posix() in keep:  # resume: finished before
+                    manifest.runs.append(keep[rel.as_posix()])
+                    manifest.write()
+                    continue
                 with tqdm(
                     total=n,
                     desc=f"{preset.name}/{cond.name}/seed-{seed}",

@@ -114,16 +114,40 @@ def open_store(path: Path, notes: list[str]) -> xr.Dataset | None:
         return None
 
 
+def _listed_runs(directory: Path) -> set[Path] | None:
+    """The run stores ``directory``'s manifest lists (absolute), or None if it lists none."""
+    try:
+        runs = json.loads((directory / "manifest.json").read_text()).get("runs")
+        listed = {(directory / r["path"]).absolute() for r in runs}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return listed
+
+
 def preset_runs(
     directory: Path, notes: list[str]
 ) -> dict[str, list[tuple[str, int | None, xr.Dataset]]]:
-    """The runs of a preset directory: ``{condition: [(path, seed, dataset)]}``, by seed."""
+    """The runs of a preset directory: ``{condition: [(path, seed, dataset)]}``, by seed.
+
+    Only the runs its ``manifest.json`` lists are used: a store it does not list (left by an
+    earlier or interrupted run of the preset) is skipped, with a note saying so.
+    """
+    listed = _listed_runs(directory)
     out: dict[str, list[tuple[str, int | None, xr.Dataset]]] = {}
     for cond_dir in sorted(p for p in directory.iterdir() if p.is_dir()):
         stores = [p for p in cond_dir.iterdir() if p.suffix == ".zarr" and _is_store(p)]
         stores.sort(key=lambda p: (_seed_of(p) is None, _seed_of(p) or 0, p.name))
         for store in stores:
+            if listed is not None and store.absolute() not in listed:
+                notes.append(
+                    f"skipped the run {store}: {directory / 'manifest.json'} does not list it "
+                    "(left by an earlier or unfinished run of the preset)"
+                )
+                continue
             ds = open_store(store, notes)
             if ds is not None:
                 out.setdefault(cond_dir.name, []).append((str(store), _seed_of(store), ds))
+    for path in sorted(listed or ()):
+        if not _is_store(path):
+            notes.append(f"cannot open the run {path}: the manifest lists it but it is missing")
     return out

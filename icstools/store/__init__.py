@@ -93,7 +93,7 @@ from icstools.store.files import (
     _atomic_write_bytes,
     _AtomicLocalStore,
 )
-from icstools.store.owners import StoreLock, lock_file
+from icstools.store.owners import StoreLock, live_writer, lock_file
 from icstools.store.reader import Verification, open_run, verify_run
 from icstools.store.writer import RunWriter
 
@@ -107,6 +107,7 @@ __all__ = [
     "StoreLockWarning",
     "Verification",
     "crc32c",
+    "live_writer",
     "lock_file",
     "open_run",
     "verify_run",

@@ -470,3 +470,28 @@ def _take_over_if_stale(path: Path, file: Path) -> None:
     )
     logger.warning(message)
     warnings.warn(message, StoreLockWarning, stacklevel=4)
+
+
+def live_writer(path: Path) -> str | None:
+    """Who holds the lock of the store at ``path``, if a writer that may still run holds it.
+
+    None if there is no lock or its owner is gone (a stale lock, which the next writer takes
+    over); else a description of the owner (alive, or cannot be judged from here).
+
+    Examples
+    --------
+    >>> live_writer(Path("runs/fig1/bn/seed-0.zarr")) is None  # doctest: +SKIP
+    True
+    """
+    file = lock_file(Path(path))
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"its lock {file} cannot be read: {exc}"
+    try:
+        alive, why = _judge_lock(json.loads(raw))
+    except ValueError:
+        alive, why = None, f"its lock {file} is unreadable"
+    return None if alive is False else why
