@@ -180,7 +180,7 @@ def test_edited_commit_marker_raises(run):
     zmeta = json.loads(raw)
     zmeta["metadata"][".zattrs"]["recorder_config"] = json.dumps({"every": 2, "bins": 64})
     (run / ".zmetadata").write_bytes(json.dumps(zmeta).encode())
-    with pytest.raises(StoreError, match=r"commit marker \.zmetadata is damaged: its checksum"):
+    with pytest.raises(StoreError, match=r"commit marker \.zmetadata is corrupt: its checksum"):
         open_run(run)
     # without its checksum member at all: a format 2 marker must have one
     del zmeta["icstools_checksum"]

@@ -73,19 +73,19 @@ def unseal_marker(raw: bytes, where: str) -> tuple[dict[str, Any], bool]:
         stored, computed = int(m.group(1), 16), crc32c(body)
         if stored != computed:
             raise StoreError(
-                f"{where}: the commit marker .zmetadata is damaged: its checksum does not match"
+                f"{where}: the commit marker .zmetadata is corrupt: its checksum does not match"
                 f" (stored crc32c {stored:08x}, computed {computed:08x}); the store cannot be"
                 " trusted: restore it from a copy or record the run again"
             )
     try:
         parsed = json.loads(raw)
     except ValueError as exc:
-        raise StoreError(f"{where}: the commit marker .zmetadata is damaged: {exc}") from None
+        raise StoreError(f"{where}: the commit marker .zmetadata is corrupt: {exc}") from None
     if not isinstance(parsed, dict):
-        raise StoreError(f"{where}: the commit marker .zmetadata is damaged: not a JSON object")
+        raise StoreError(f"{where}: the commit marker .zmetadata is corrupt: not a JSON object")
     if m is None and MARKER_CHECKSUM_KEY in parsed:
         raise StoreError(
-            f"{where}: the commit marker .zmetadata is damaged: its checksum member is not the"
+            f"{where}: the commit marker .zmetadata is corrupt: its checksum member is not the"
             " last one or is malformed"
         )
     return parsed, m is not None
@@ -152,7 +152,7 @@ class ChunkChecker:
         problem = self.problem(key, data)
         if problem is not None:
             raise StoreError(
-                f"{self.where} is damaged: {self.describe(key)} {problem}; restore the store from"
+                f"{self.where} is corrupt: {self.describe(key)} {problem}; restore the store from"
                 f" a copy or record the run again ('icstools verify {self.where}' checks all of"
                 " it)"
             )

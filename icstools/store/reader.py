@@ -133,7 +133,7 @@ def _open_commit(p: Path) -> tuple[_SnapshotStore, dict[str, Any]]:
         )
     if fmt >= 2 and not sealed:
         raise StoreError(
-            f"{p}: the commit marker {_MARKER} is damaged: a format {fmt} store's marker ends"
+            f"{p}: the commit marker {_MARKER} is corrupt: a format {fmt} store's marker ends"
             f" with its checksum member {MARKER_CHECKSUM_KEY!r}, this one does not"
         )
     schema = attrs.get("schema_version", SCHEMA_VERSION)
