@@ -104,8 +104,9 @@ class OptimizerSteps:
         hooks.optimizer_step_post(optimizer, self._post)
 
     def _pre(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if args and callable(args[0]):
-            return (self._wrap(args[0]), *args[1:]), kwargs
+        # args are step()'s: (optimizer, closure?, ...)
+        if len(args) > 1 and callable(args[1]):
+            return (args[0], self._wrap(args[1]), *args[2:]), kwargs
         if callable(kwargs.get("closure")):
             return args, {**kwargs, "closure": self._wrap(kwargs["closure"])}
         self._before()  # no closure: the gradients are complete now
