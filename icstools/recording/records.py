@@ -127,7 +127,7 @@ class RunRecords:
         self._close_finished()
         if self._sink.path is not None:
             self.flush()
-        ds = self._sink.dataset(self._ctx.layout, self._attrs())
+        ds = self._sink.dataset(self._ctx.layout, self._attrs()) if self.n_records else None
         if ds is None and self._pending is not None:
             raise RecorderError(
                 f"nothing was recorded yet: step {self._pending} is in progress, and its record "
