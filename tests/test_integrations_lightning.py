@@ -51,13 +51,20 @@ class Net(L.LightningModule):
 
 
 class GlobalSteps(L.Callback):
-    """The trainer's ``global_step`` at the start of every training batch."""
+    """The trainer's ``global_step`` at the start of every training batch, and the gradient
+    and weight norms Lightning hands to ``on_before_optimizer_step`` (the reference)."""
 
     def __init__(self) -> None:
         self.seen: list[int] = []
+        self.norms: list[tuple[list[float], list[float]]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.seen.append(trainer.global_step)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        params = list(pl_module.parameters())
+        grads = [p.grad.double().norm().item() for p in params]
+        self.norms.append((grads, [p.detach().double().norm().item() for p in params]))
 
 
 def _data(n: int = 48) -> torch.utils.data.DataLoader:
@@ -113,6 +120,10 @@ def test_lightning_fit_records_every_step_and_trains_bit_identically(
         assert np.isfinite(ds[name].values).all(), name
     nonzero = ds.param_norm.values > 0  # zero-initialised biases: update_ratio is inf
     assert np.isfinite(ds.update_ratio.values[nonzero]).all()
+    # the step's complete gradients and weights, as Lightning sees them before the update
+    grads, weights = (np.array([n[i] for n in steps.norms]) for i in (0, 1))
+    np.testing.assert_allclose(ds.param_grad_norm.values, grads, rtol=1e-6)
+    np.testing.assert_allclose(ds.param_norm.values, weights, rtol=1e-6)
     # each record pools the accumulated batches: `calls` counts them
     assert (ds.calls.sel(source="train").values == accumulate).all()
     assert ds.site.values.tolist() == ["net.1:input"]
