@@ -154,6 +154,41 @@ def test_lightning_loss_is_the_training_step_loss_averaged_over_accumulated_batc
     assert float(ds["loss"].sel(step=0)) == pytest.approx(want, rel=1e-6)
 
 
+def test_lightning_ics_takes_its_target_from_the_batch(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    reference = copy.deepcopy(model)
+    seen = []
+
+    def target(batch):  # a configured target: the labels, noted to check it is called
+        seen.append(batch[1])
+        return batch[1]
+
+    callback = RecorderCallback(
+        path=None, target=target, ics=2, loss_fn=nn.functional.cross_entropy
+    )
+    _fit(model, tmp_path / "rec", [callback])
+    _fit(reference, tmp_path / "plain", [])
+    want = reference.state_dict()
+    for name, a in model.state_dict().items():
+        assert torch.equal(a, want[name]), f"ICS changed the training: {name}"
+    ds = callback.to_dataset()
+    assert len(seen) == 6
+    ics = ds.ics_cos.sel(step=[0, 2, 4]).values
+    assert np.isfinite(ics).all() and (np.abs(ics) <= 1 + 1e-6).all()
+    # the first layer has nothing before it: its gradient does not change (cos = 1)
+    np.testing.assert_allclose(ds.ics_cos.sel(step=[0, 2, 4], layer="net.0").values, 1.0)
+
+
+def test_lightning_optimizer_wrapper_is_unwrapped():
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    from icstools.recording.steps import unwrap_optimizer
+
+    opt = torch.optim.SGD(Net().parameters(), lr=0.1)
+    assert unwrap_optimizer(LightningOptimizer(opt)) is opt
+
+
 def test_lightning_failed_fit_detaches_and_keeps_the_records(tmp_path):
     torch.manual_seed(0)
     model = Net(fail_at=3)

@@ -84,6 +84,9 @@ def test_hf_trainer_records_every_step_and_trains_bit_identically(tmp_path):
     want = reference.state_dict()
     for name, a in model.state_dict().items():
         assert torch.equal(a, want[name]), f"recording changed the training: {name}"
+    # the trainer's optimizer is Accelerate's wrapper: the real one inside is hooked
+    assert type(trainer.optimizer).__name__ == "AcceleratedOptimizer"
+    assert callback.recorder.optimizer is trainer.optimizer.optimizer
     ds = callback.to_dataset()
     assert ds.step.values.tolist() == list(range(trainer.state.global_step)) == [0, 1, 2]
     for name in PARAM_VARS:
