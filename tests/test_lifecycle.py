@@ -53,6 +53,7 @@ def test_lbfgs_records_the_first_closure_evaluation_of_each_step():
                 opt.zero_grad()
                 loss = nn.functional.mse_loss(model(x), y)
                 loss.backward()
+                rec.log(loss=loss)  # at intermediate weights after the first: ignored
                 return loss
 
             # the reference: gradient and weights at w_t, computed apart
@@ -60,17 +61,18 @@ def test_lbfgs_records_the_first_closure_evaluation_of_each_step():
             nn.functional.mse_loss(ref(x), y).backward()
             before = [p.detach().clone() for p in model.parameters()]
             pre_act = ref[0](x).detach().double()  # the tanh input at w_t: [32, 8]
-            loss = opt.step(closure)
-            rec.log(loss=loss)
+            first_loss = nn.functional.mse_loss(ref(x), y).item()
+            opt.step(closure)
             upd = [p.detach() - b for p, b in zip(model.parameters(), before, strict=True)]
             want.append((_norms(q.grad for q in ref.parameters()), _norms(before), _norms(upd)))
-            want[-1] += (pre_act.mean(0).numpy(),)
+            want[-1] += (pre_act.mean(0).numpy(), first_loss)
     ds = rec.to_dataset()
     assert len(evaluations) > 3 * 2  # LBFGS evaluated the closure several times per step
     assert ds.step.values.tolist() == [0, 1, 2]
     assert (ds.calls.values == 1).all()  # only the first evaluation is the step's data
-    for t, (grad, weight, update, mean) in enumerate(want):
+    for t, (grad, weight, update, mean, loss) in enumerate(want):
         r = ds.sel(step=t)
+        assert float(r["loss"]) == pytest.approx(loss, rel=1e-6)  # the first evaluation's
         np.testing.assert_allclose(r.param_grad_norm.values, grad, rtol=1e-6)
         np.testing.assert_allclose(r.param_norm.values, weight, rtol=1e-6)
         np.testing.assert_allclose(r.update_norm.values, update, rtol=1e-5)

@@ -1,10 +1,11 @@
 """The recorder: hooks on any ``torch.nn.Module`` → measurements per recorded step → run dataset.
 
 The core below does the lifecycle and nothing else: it counts optimizer steps, evaluates the
-schedule, opens and closes records, runs the probe batch, dispatches the events of a recorded
-step to the measurements (:mod:`icstools.recording.measurements`) and hands closed records to
-the sink (memory or a Zarr store). Every hook goes through :mod:`icstools.recording.hooks`;
-extra forwards run inside :func:`icstools.recording.isolation.isolated`.
+schedule, opens records, runs the probe batch and dispatches the events of a recorded step to
+the measurements (:mod:`icstools.recording.measurements`); closed records go to the sink
+(memory or a Zarr store) through :mod:`icstools.recording.records`. Every hook goes through
+:mod:`icstools.recording.hooks`; extra forwards run inside
+:func:`icstools.recording.isolation.isolated`.
 
 Step bookkeeping. ``rec.step`` counts optimizer steps (the optimizer's step post-hook, or
 :meth:`Recorder.step_done` by hand; how every way of taking a step is handled, closures and
@@ -332,6 +333,8 @@ class RecorderCore(RunRecords):
         """
         check_logged(scalars)
         ctx = self._ctx
+        if ctx.silent:  # within the closure's later evaluations (LBFGS): not this step's data
+            return
         step = self._last_forward_step if self._last_forward_step is not None else ctx.step
         if self._pending is None:
             if ctx.logs or not self.schedule(step) or self._last_forward_step is not None:

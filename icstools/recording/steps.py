@@ -9,7 +9,8 @@ pre- and post-hooks bracket the update:
   parameters are read right after its **first** evaluation (the gradients of the weights of
   this step). An optimizer that evaluates the closure again within the same step (LBFGS's
   iterations and line search, at intermediate weights) does so unrecorded: those forwards are
-  neither training data of the record nor counted;
+  neither training data of the record nor counted, and ``rec.log`` calls made there are
+  ignored (log the loss ``step(closure)`` returns);
 - gradient accumulation: the forwards and backwards before the step are pooled into its
   record (nothing special here: the step counter only moves at the post-hook);
 - AMP with a ``GradScaler``: ``scaler.step(opt)`` unscales before it calls ``opt.step()`` and
