@@ -373,3 +373,16 @@ def test_hugging_face_activation_classes_are_nonlinearities_by_their_module():
     assert [s.name for s in icstools.select_sites(model)] == ["1:input"]
     assert icstools.sites.is_nonlinearity(type("Sub", (new_gelu,), {})())
     assert not icstools.sites.is_nonlinearity(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("module", ["icstools.recording.steps", "icstools.sites"])
+def test_docstring_examples_run(module: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(
+        importlib.import_module(module),
+        extraglobs={"torch": torch, "nn": nn},
+        optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+    )
+    assert result.attempted > 0 and result.failed == 0
