@@ -21,11 +21,13 @@ from icstools.functional.statistics import SIGMOID_SATURATION, TANH_SATURATION
 
 __all__ = [
     "ACTIVATION_TYPES",
+    "FOREIGN_ACTIVATIONS",
     "ROLES",
     "Site",
     "SiteSelectionError",
     "default_unit_dim",
     "find_tensor",
+    "is_nonlinearity",
     "layout_module",
     "list_sites",
     "select_sites",
@@ -59,6 +61,36 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.Softshrink,
     nn.Threshold,
 )
+
+#: Libraries whose activation modules are element-wise nonlinearities too (recognised by the
+#: Python module that defines their class, without importing the library), with the classes of
+#: that module that are not: Hugging Face's ``NewGELUActivation``, ``GELUActivation``,
+#: ``FastGELUActivation``, ``QuickGELUActivation``, ``GELUTanh``, ... count; its identity
+#: ``LinearActivation`` does not.
+FOREIGN_ACTIVATIONS: dict[str, frozenset[str]] = {
+    "transformers.activations": frozenset({"LinearActivation"}),
+}
+
+
+def is_nonlinearity(module: nn.Module) -> bool:
+    """Whether ``module`` is an element-wise nonlinearity (a default site).
+
+    True for :data:`ACTIVATION_TYPES` and for the activation modules of the libraries in
+    :data:`FOREIGN_ACTIVATIONS` (Hugging Face ``transformers``), subclasses included.
+
+    Examples
+    --------
+    >>> is_nonlinearity(nn.GELU()), is_nonlinearity(nn.Linear(2, 2))
+    (True, False)
+    """
+    if isinstance(module, ACTIVATION_TYPES):
+        return True
+    for cls in type(module).__mro__:
+        excluded = FOREIGN_ACTIVATIONS.get(cls.__module__)
+        if excluded is not None:
+            return cls.__name__ not in excluded
+    return False
+
 
 # Module types whose 3-D tensors are [N, C, L] (units on dim 1) rather than [batch, time, features].
 _CHANNEL_FIRST_TYPES: tuple[type[nn.Module], ...] = (
@@ -122,13 +154,13 @@ def layout_module(model: nn.Module, site: Site) -> nn.Module:
     'Conv1d'
     """
     module = model.get_submodule(site.module_name)
-    if not isinstance(module, ACTIVATION_TYPES):
+    if not is_nonlinearity(module):
         return module
     previous = None
     for name, m in model.named_modules():
         if name == site.module_name:
             break
-        if not list(m.children()) and not isinstance(m, ACTIVATION_TYPES):
+        if not list(m.children()) and not is_nonlinearity(m):
             previous = m
     return previous if previous is not None else module
 
@@ -206,8 +238,9 @@ def select_sites(
     ----------
     model : torch.nn.Module
     sites : str, type, callable, list of these, or None
-        - ``None``: the inputs of every element-wise nonlinearity (:data:`ACTIVATION_TYPES`),
-          which is where the paper measures (the input of the sigmoid);
+        - ``None``: the inputs of every element-wise nonlinearity (:func:`is_nonlinearity`:
+          :data:`ACTIVATION_TYPES` and Hugging Face's activation modules such as GPT-2's
+          ``NewGELUActivation``), which is where the paper measures (the input of the sigmoid);
         - a module type, e.g. ``nn.Sigmoid`` (``isinstance``);
         - a name or glob of module names, e.g. ``"fc3"`` or ``"features.*"``, optionally with
           its role, e.g. ``"fc3:input"`` or ``"layers.*:output"``;
@@ -247,7 +280,7 @@ def select_sites(
         raise SiteSelectionError(f"{type(model).__name__} has no submodules to record")
     chosen: set[Site] = set()
     if sites is None:
-        matched = [n for n, m in modules if isinstance(m, ACTIVATION_TYPES)]
+        matched = [n for n, m in modules if is_nonlinearity(m)]
         if not matched:
             raise SiteSelectionError(
                 f"{type(model).__name__} has no element-wise nonlinearity modules "

@@ -102,7 +102,9 @@ def test_an_empty_call_pooled_with_a_real_one_changes_nothing_but_calls(quantile
     for empty_call in (False, True):
         torch.manual_seed(0)
         model = _Experts(empty_call=empty_call)
-        runs[empty_call] = _run_experts(model, batches, quantile_sample=quantile_sample)
+        runs[empty_call] = _run_experts(
+            model, batches, quantile_sample=quantile_sample, calls="pool"
+        )
     alone, pooled = (runs[k].to_dataset() for k in (False, True))
     for k in (*STATS, "count", "hist", "hist_edges", "sat_frac", "loss"):
         np.testing.assert_array_equal(pooled[k].values, alone[k].values, err_msg=k)

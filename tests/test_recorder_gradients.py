@@ -65,7 +65,7 @@ def test_activation_gradients_with_inplace_relu_residual_and_module_called_twice
     x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
     names = ["shared", "act", "out"]
     want = _naive_site_grads(model, x, y, names)
-    rec = Recorder(model, names, role="input", every=1, gradients=True)
+    rec = Recorder(model, names, role="input", every=1, gradients="activations", calls="pool")
     with rec:
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
@@ -85,7 +85,7 @@ def test_activation_gradients_with_inplace_relu_residual_and_module_called_twice
 
 def test_site_tensor_without_gradient_gives_nan_not_an_error():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
-    rec = Recorder(model, "0", role="input", every=1, gradients=True)  # the data: no grad
+    rec = Recorder(model, "0", role="input", every=1, gradients="activations")  # data: no grad
     with rec:
         model(torch.randn(8, 3)).sum().backward()
     ds = rec.to_dataset()

@@ -1,52 +1,54 @@
 """The recorder: hooks on any ``torch.nn.Module`` → measurements per recorded step → run dataset.
 
 The core below does the lifecycle and nothing else: it counts optimizer steps, evaluates the
-schedule, opens and closes records, runs the probe batch, dispatches the events of a recorded
-step to the measurements (:mod:`icstools.recording.measurements`) and hands closed records to
-the sink (memory or a Zarr store). Every hook goes through :mod:`icstools.recording.hooks`;
-extra forwards run inside :func:`icstools.recording.isolation.isolated`.
+schedule, opens records, runs the probe batch and dispatches the events of a recorded step to
+the measurements (:mod:`icstools.recording.measurements`); closed records go to the sink
+(memory or a Zarr store) through :mod:`icstools.recording.records`. Every hook goes through
+:mod:`icstools.recording.hooks`; extra forwards run inside
+:func:`icstools.recording.isolation.isolated`.
 
-Step bookkeeping. ``rec.step`` counts optimizer steps (an optimizer step post-hook, or
-:meth:`Recorder.step_done` by hand). The record of step ``t`` describes the model with the
-weights after ``t`` updates: the ``train`` source pools every training forward made at that
-step (gradient accumulation and modules called several times are pooled; ``calls`` counts
-them), the ``probe`` source evaluates the fixed probe batch once, right before the first
-training forward of the step. A forward counts as training when the model is in train mode
-and gradients are enabled; evaluation forwards (``model.eval()`` or ``torch.no_grad()``) are
-never recorded as ``train``. A record is closed at the first training forward of a later step,
-or by :meth:`Recorder.flush`, :meth:`Recorder.to_dataset` and leaving the ``with`` block.
+Step bookkeeping. ``rec.step`` counts optimizer steps (the optimizer's step post-hook, or
+:meth:`Recorder.step_done` by hand; how every way of taking a step is handled, closures and
+wrapped optimizers included: :mod:`icstools.recording.steps`). The record of step ``t``
+describes the model with the weights after ``t`` updates: the ``train`` source pools every
+training forward made at that step (gradient accumulation and modules called several times
+are pooled; ``calls`` counts them), the ``probe`` source evaluates the fixed probe batch once,
+right before the first training forward of the step. A forward counts as training when the
+model is in train mode and gradients are enabled; evaluation forwards (``model.eval()`` or
+``torch.no_grad()``) are never recorded as ``train``. A loop whose training forward does not
+call the model itself (a LightningModule's ``training_step`` calling a submodule) marks each
+batch with :meth:`~RecorderCore.begin_batch` / :meth:`~RecorderCore.end_batch` instead. A
+record is closed once its step is over: at the first training forward of a later step, by
+:meth:`~RecorderCore.flush` and :meth:`~RecorderCore.to_dataset` after ``optimizer.step()``,
+or by leaving the ``with`` block (:meth:`~RecorderCore.close`). ``flush`` and ``to_dataset``
+in the middle of a step leave its record open, so they never change what is recorded.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
 import warnings
 from typing import Any
 
-import numpy as np
 import torch
-import xarray as xr
 from torch import nn
 
-from icstools import __version__
 from icstools.recording.errors import RecorderError
 from icstools.recording.hooks import HookGroup
 from icstools.recording.isolation import RngState, isolated
-from icstools.recording.layout import Layout
 from icstools.recording.measurements import Context, Measurement, StepBatch
 from icstools.recording.measurements.scalars import check_logged
 from icstools.recording.options import call_with_probe
+from icstools.recording.records import RunRecords
 from icstools.recording.sink import RecordSink
+from icstools.recording.steps import OptimizerSteps, unwrap_optimizer
 from icstools.schedules import Schedule
-from icstools.schema import SCHEMA_VERSION
 from icstools.sites import Site
 
 __all__ = ["RecorderCore"]
 
 
-class RecorderCore:
+class RecorderCore(RunRecords):
     """The recorder's lifecycle: hooks, steps, records, dispatch to the measurements.
 
     :class:`icstools.recording.recorder.Recorder` builds it from its keywords; the core only
@@ -65,6 +67,9 @@ class RecorderCore:
         self._pending: int | None = None  # step of the open record
         self._last_forward_step: int | None = None
         self._in_train_forward = False
+        self._in_batch = False  # between begin_batch and end_batch: the root hooks wait
+        self._last: dict[str, Any] | None = None  # the latest closed record
+        self._steps = OptimizerSteps(self._before_update, self._after_update, ctx.own_forwards)
 
     # ------------------------------------------------------------------------ attributes
     model = property(lambda self: self._ctx.model, doc="The model.")
@@ -85,10 +90,10 @@ class RecorderCore:
         return self._ctx.optimizer
 
     @optimizer.setter
-    def optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+    def optimizer(self, optimizer: Any) -> None:
         if self.attached:
             raise RecorderError("set the optimizer before attaching the recorder")
-        self._ctx.optimizer = optimizer
+        self._ctx.optimizer = None if optimizer is None else unwrap_optimizer(optimizer)
 
     # ------------------------------------------------------------------------ hooks
     def attach(self) -> RecorderCore:
@@ -104,12 +109,10 @@ class RecorderCore:
         for m in ctx.measurements:
             m.check(ctx)
         try:
-            self._hooks.forward_pre(ctx.model, self._on_forward_start, with_kwargs=True)
-            self._hooks.forward(ctx.model, self._on_forward_end, always_call=True)
+            self._hooks.forward_pre(ctx.model, self._on_root_start, with_kwargs=True)
+            self._hooks.forward(ctx.model, self._on_root_end, always_call=True)
             if ctx.optimizer is not None:
-                if self._to["before_update"]:
-                    self._hooks.optimizer_step_pre(ctx.optimizer, self._before_update)
-                self._hooks.optimizer_step_post(ctx.optimizer, self._after_update)
+                self._steps.attach(self._hooks, ctx.optimizer)
         except BaseException:
             self.detach()
             raise
@@ -122,6 +125,7 @@ class RecorderCore:
         ctx.record_hooks.remove()
         self._hooks.remove()
         ctx.source = None
+        self._in_batch = self._in_train_forward = False
 
     def __enter__(self) -> RecorderCore:
         return self.attach()
@@ -157,11 +161,48 @@ class RecorderCore:
                 m.site(ctx, name, x, ctx.source)
 
     # ------------------------------------------------------------------------ events
-    def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_root_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._in_batch:  # within begin_batch/end_batch, the batch is the forward
+            self._forward_start(args, kwargs)
+
+    def _on_root_end(self, module: nn.Module, args: tuple, output: object) -> None:
+        if not self._in_batch:
+            self._forward_end()
+
+    def begin_batch(self, *args: Any, **kwargs: Any) -> None:
+        """A training batch starts whose forward may not call the model itself.
+
+        For loops like Lightning's, whose ``training_step`` may call a submodule rather than
+        the model: everything the sites see until :meth:`end_batch` is one training forward
+        of the current step (the model's own calls are not counted apart). ``args`` and
+        ``kwargs`` are the model's inputs for the batch (kept by reference for ``ics`` and
+        ``landscape``, which call ``model(*args, **kwargs)``). Integrations call these.
+
+        Examples
+        --------
+        >>> from icstools import Recorder
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+        >>> wrapper = nn.ModuleDict({"net": net})  # never called itself
+        >>> with Recorder(wrapper) as rec:
+        ...     x = torch.randn(5, 3)
+        ...     rec.begin_batch(x); _ = net(x); rec.end_batch(); rec.step_done()
+        >>> rec.to_dataset().site.values.tolist()
+        ['net.1:input']
+        """
+        self._forward_start(args, kwargs)
+        self._in_batch = True
+
+    def end_batch(self) -> None:
+        """The training batch that :meth:`begin_batch` started ended."""
+        if self._in_batch:
+            self._in_batch = False
+            self._forward_end()
+
+    def _forward_start(self, args: tuple, kwargs: dict) -> None:
         ctx = self._ctx
         if ctx.silent:
             return
-        if not (module.training and torch.is_grad_enabled()):
+        if not (ctx.model.training and torch.is_grad_enabled()):
             ctx.source = None  # evaluation forwards are not training data
             ctx.forward_hooks.remove()
             return
@@ -176,9 +217,7 @@ class RecorderCore:
         self._arm()
         first = self._pending is None
         if first:
-            self._pending = step
-            if ctx.probe is not None:
-                self._run_probe()
+            self._open_record(step)
         ctx.units.new_forward()
         ctx.source = "train"
         if any(m.wants_batch(ctx) for m in self._to["wants_batch"]):
@@ -189,7 +228,7 @@ class RecorderCore:
         for m in self._to["train_forward"]:
             m.train_forward(ctx, first)
 
-    def _on_forward_end(self, module: nn.Module, args: tuple, output: object) -> None:
+    def _forward_end(self) -> None:
         ctx = self._ctx
         if ctx.silent:
             return
@@ -199,31 +238,38 @@ class RecorderCore:
             self._in_train_forward = False
             for m in self._to["train_forward_end"]:
                 m.train_forward_end(ctx)
+            ctx.units.report_shared()
 
-    def _run_probe(self) -> None:
+    def _open_record(self, step: int) -> None:
+        """Open the record of ``step``: the probe forward and what follows it. If they fail,
+        the record is not opened and what they left is forgotten (earlier records are kept,
+        and no later error about this record can hide this one)."""
         ctx = self._ctx
+        self._pending = step
+        if ctx.probe is None:
+            return
         ctx.units.new_forward()
         mode = "eval" if ctx.probe_mode == "eval" else None
         try:
             with ctx.own_forwards("probe"), isolated(ctx.model, mode=mode, grad=False):
                 call_with_probe(ctx.model, ctx.probe)
-        except RecorderError:  # the record is not opened: forget what the probe left
+            for m in self._to["after_probe"]:
+                m.after_probe(ctx)
+        except BaseException:
             self._pending = None
             ctx.forward_hooks.remove()
             for m in ctx.measurements:
                 m.reset(ctx)
             ctx.units.forget_unfixed()
             raise
-        for m in self._to["after_probe"]:
-            m.after_probe(ctx)
 
-    def _before_update(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+    def _before_update(self) -> None:
         ctx = self._ctx
         if self._pending == ctx.step and not ctx.silent:  # a recorded step
             for m in self._to["before_update"]:
                 m.before_update(ctx)
 
-    def _after_update(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+    def _after_update(self) -> None:
         ctx = self._ctx
         if self._pending == ctx.step and not ctx.silent:
             for m in self._to["after_update"]:
@@ -287,6 +333,8 @@ class RecorderCore:
         """
         check_logged(scalars)
         ctx = self._ctx
+        if ctx.silent:  # within the closure's later evaluations (LBFGS): not this step's data
+            return
         step = self._last_forward_step if self._last_forward_step is not None else ctx.step
         if self._pending is None:
             if ctx.logs or not self.schedule(step) or self._last_forward_step is not None:
@@ -296,88 +344,6 @@ class RecorderCore:
             return
         for name, value in scalars.items():
             ctx.logs[name] = value.detach() if isinstance(value, torch.Tensor) else value
-
-    # ------------------------------------------------------------------------ records
-    def _close_record(self) -> None:
-        step, self._pending = self._pending, None
-        if step is None:
-            return
-        ctx = self._ctx
-        ctx.record_hooks.remove()  # tensor hooks of the record's activations
-        ctx.batch = None
-        logs = ctx.logs
-        if ctx.layout is None and not ctx.units.base and not logs:
-            for m in ctx.measurements:  # nothing seen: the record is dropped
-                m.reset(ctx)
-            return
-        if ctx.layout is None:
-            ctx.layout = Layout.fix(ctx)
-        record = ctx.layout.record(step, [(m.name, m.collect(ctx)) for m in ctx.measurements])
-        ctx.logs = {}
-        self._check_divergence(record, logs)
-        self._sink.emit(record, self._block)
-
-    def _check_divergence(self, record: dict[str, Any], logs: dict[str, Any]) -> None:
-        if self.diverged_step is not None:
-            return
-        loss_bad = "loss" in logs and not math.isfinite(record["loss"])
-        if loss_bad or bool(np.any(record["nonfinite"] > 0)):
-            self.diverged_step = int(record["step"])
-            self._sink.set_attrs(diverged_step=self.diverged_step)
-
-    def _block(self, records: list[dict[str, Any]]) -> xr.Dataset:
-        return self._ctx.layout.block(records, self._attrs())
-
-    def _attrs(self) -> dict[str, Any]:
-        seen = set(self._ctx.units.base.values())
-        attrs: dict[str, Any] = {
-            "icstools_version": __version__,
-            "schema_version": SCHEMA_VERSION,
-            "recorder_config": json.dumps(self.config()),
-            "model_summary": str(self.model)[:20000],
-            "model_class": type(self.model).__name__,
-            "seed": self._ctx.seed,
-            "sites_not_recorded": json.dumps(
-                [s.name for s in self.sites if self._ctx.layout and s.name not in seen]
-            ),
-        }
-        if self.diverged_step is not None:
-            attrs["diverged_step"] = self.diverged_step
-        return attrs
-
-    def config(self) -> dict[str, Any]:
-        """The configuration as JSON-able values (stored in the run's attrs): here the
-        measurements' own; :class:`~icstools.recording.recorder.Recorder` adds its keywords."""
-        return {k: v for m in self._ctx.measurements for k, v in m.config().items()}
-
-    def flush(self) -> None:
-        """Close the open record and write everything buffered to the store (waits for it)."""
-        self._close_record()
-        self._sink.flush(self._block if self._ctx.layout is not None else None)
-
-    def close(self) -> None:
-        """Flush and close the store; the in-memory record stays available."""
-        try:
-            self.flush()
-        finally:
-            self._sink.close()
-
-    def to_dataset(self) -> xr.Dataset:
-        """The run so far as an ``xarray.Dataset`` (DESIGN.md §3).
-
-        With a ``path``, the store is flushed and read back (loaded into memory); without one,
-        the dataset is built from the records held in memory.
-        """
-        self._close_record()
-        if self._sink.path is not None:
-            self.flush()
-        ds = self._sink.dataset(self._ctx.layout, self._attrs())
-        if ds is None:
-            raise RecorderError(
-                "nothing was recorded yet: the schedule selected no training forward so far "
-                f"(step {self.step}, schedule {self.schedule!r})"
-            )
-        return ds
 
 
 _EVENTS = ("site", "wants_batch", "train_forward", "train_forward_end", "after_probe")

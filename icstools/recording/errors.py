@@ -3,7 +3,7 @@ raises them, and nothing here imports the rest)."""
 
 from __future__ import annotations
 
-__all__ = ["RecorderError", "SitesNotRecordedWarning"]
+__all__ = ["RecorderError", "SharedModuleWarning", "SitesNotRecordedWarning"]
 
 
 class RecorderError(ValueError):
@@ -18,4 +18,17 @@ class SitesNotRecordedWarning(UserWarning):
     --------
     >>> import warnings, icstools
     >>> warnings.filterwarnings("ignore", category=icstools.SitesNotRecordedWarning)
+    """
+
+
+class SharedModuleWarning(UserWarning):
+    """A module instance ran several times in one forward (a ``ReLU`` reused at several places,
+    shared weights, a recurrent cell) while ``Recorder(calls=...)`` was not given: its calls are
+    pooled into one site. Pass ``calls="separate"`` to record each call as its own site, or
+    ``calls="pool"`` to pool without the warning.
+
+    Examples
+    --------
+    >>> import warnings, icstools
+    >>> warnings.filterwarnings("ignore", category=icstools.SharedModuleWarning)
     """

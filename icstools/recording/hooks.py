@@ -64,10 +64,13 @@ class HookGroup:
         *,
         prepend: bool = False,
         always_call: bool = False,
+        with_kwargs: bool = False,
     ) -> RemovableHandle:
         """``module.register_forward_hook(fn, ...)``, kept in the group."""
         return self._keep(
-            module.register_forward_hook(fn, prepend=prepend, always_call=always_call)
+            module.register_forward_hook(
+                fn, prepend=prepend, always_call=always_call, with_kwargs=with_kwargs
+            )
         )
 
     def site(

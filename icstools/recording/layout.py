@@ -19,7 +19,11 @@ import torch
 import xarray as xr
 from torch import nn
 
-from icstools.recording.errors import RecorderError, SitesNotRecordedWarning
+from icstools.recording.errors import (
+    RecorderError,
+    SharedModuleWarning,
+    SitesNotRecordedWarning,
+)
 from icstools.schema import SOURCES, STEP, Variable
 from icstools.sites import Site, default_unit_dim, layout_module
 
@@ -65,10 +69,14 @@ def to_host(tensors: dict[Any, torch.Tensor]) -> dict[Any, np.ndarray]:
 class SiteTable:
     """Record-site names, unit dimensions and widths, fixed at each site's first sight."""
 
-    def __init__(self, model: nn.Module, unit_dim: Any, calls: str) -> None:
+    def __init__(self, model: nn.Module, unit_dim: Any, calls: str | None) -> None:
         self.model = model
         self.unit_dim_option = unit_dim
         self.separate = calls == "separate"
+        # calls not given: pooled, and a module called several times in one forward is
+        # reported once (report_shared)
+        self.watch_calls = calls is None
+        self.shared: dict[str, int] = {}  # site -> most calls seen in one forward
         self.unit_dims: dict[str, int] = {}
         self.widths: dict[str, int] = {}
         self.base: dict[str, str] = {}  # record site -> selected site
@@ -86,6 +94,11 @@ class SiteTable:
             k = self._calls.get((source, name), 0)
             self._calls[(source, name)] = k + 1
             name = f"{name}#{k}"
+        elif self.watch_calls:
+            k = self._calls.get((source, name), 0) + 1
+            self._calls[(source, name)] = k
+            if k > 1:
+                self.shared[name] = max(k, self.shared.get(name, 0))
         if self.fixed is not None:
             return name if name in self.fixed else None  # not seen at the first record
         if name not in self.unit_dims:
@@ -97,6 +110,22 @@ class SiteTable:
             self.widths[name] = int(x.shape[int(ud)]) if -x.ndim <= int(ud) < x.ndim else 0
             self.base[name] = site.name
         return name
+
+    def report_shared(self) -> None:
+        """Warn once (:class:`SharedModuleWarning`) if a module ran several times in one
+        forward while ``calls`` was not given: its calls are pooled into one site."""
+        if not (self.watch_calls and self.shared):
+            return
+        self.watch_calls = False
+        found = ", ".join(f"{s} ({n} calls)" for s, n in sorted(self.shared.items()))
+        warnings.warn(
+            f"modules called at several places in one forward: {found}. Their calls are pooled "
+            "into one site each (different tensors mixed in one distribution). Pass "
+            "calls='separate' to record the k-th call as its own site '<site>#k', or "
+            "calls='pool' to keep pooling without this warning",
+            SharedModuleWarning,
+            stacklevel=2,
+        )
 
     def forget_unfixed(self) -> None:
         """Forget the sites seen so far unless the run's layout fixed them (a failed probe

@@ -17,30 +17,49 @@ from torch import nn
 
 from icstools.recording.errors import RecorderError
 from icstools.recording.measurements import Measurement
-from icstools.sites import find_tensor
+from icstools.recording.steps import unwrap_optimizer
 
-__all__ = ["call_with_probe", "check_options", "describe_probe", "recorder_config"]
+__all__ = [
+    "call_with_probe",
+    "check_options",
+    "describe_probe",
+    "first_tensor",
+    "recorder_config",
+]
+
+
+def first_tensor(obj: Any) -> torch.Tensor | None:
+    """The first tensor of any dtype in ``obj`` (depth-first through tuples, lists, dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    items = obj.values() if isinstance(obj, dict) else obj
+    if isinstance(obj, (dict, tuple, list)):
+        for item in items:
+            if (found := first_tensor(item)) is not None:
+                return found
+    return None
 
 
 def check_options(model: Any, o: SimpleNamespace) -> None:
     """Raise ``TypeError``/``ValueError`` naming a recorder keyword with a bad value."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if o.optimizer is not None and not isinstance(o.optimizer, torch.optim.Optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer, got {type(o.optimizer).__name__}"
-        )
-    if o.calls not in ("pool", "separate"):
-        raise ValueError(f"calls must be 'pool' or 'separate', got {o.calls!r}")
+    if o.optimizer is not None:
+        unwrap_optimizer(o.optimizer)  # TypeError unless it is (or wraps) a torch optimizer
+    if o.calls not in (None, "pool", "separate"):
+        raise ValueError(f"calls must be 'pool' or 'separate' (or not given), got {o.calls!r}")
     if o.probe_mode not in ("train", "eval"):
         raise ValueError(f"probe_mode must be 'train' or 'eval', got {o.probe_mode!r}")
-    if o.probe is not None and find_tensor(o.probe) is None:
+    if o.probe is not None and first_tensor(o.probe) is None:
         raise TypeError(
             "probe must be a tensor, a tuple of positional arguments or a dict of keyword "
-            f"arguments holding at least one floating-point tensor, got {type(o.probe).__name__}"
+            f"arguments holding at least one tensor, got {type(o.probe).__name__}"
         )
-    if not isinstance(o.gradients, bool):
-        raise TypeError(f"gradients must be True or False, got {o.gradients!r}")
+    if not (
+        isinstance(o.gradients, bool)
+        or (isinstance(o.gradients, str) and o.gradients == "activations")
+    ):
+        raise TypeError(f"gradients must be True, False or 'activations', got {o.gradients!r}")
     if o.loss_fn is not None and not callable(o.loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(o.loss_fn).__name__}")
 
@@ -49,7 +68,7 @@ def recorder_config(
     o: SimpleNamespace, schedule: Any, measurements: list[Measurement]
 ) -> dict[str, Any]:
     """The recorder's configuration as JSON-able values (the run's ``recorder_config``)."""
-    probe = find_tensor(o.probe) if o.probe is not None else None
+    probe = first_tensor(o.probe) if o.probe is not None else None
     config: dict[str, Any] = {
         "sites": [s.name for s in o.sites],
         "schedule": repr(schedule),
@@ -62,7 +81,7 @@ def recorder_config(
         "saturation": None,
         "unit_dim": repr(o.unit_dim),
         "quantile_sample": None,
-        "calls": o.calls,
+        "calls": o.calls or "pool",
         "chunk_steps": o.chunk_steps,
         "seed": o.seed,
         "gradients": o.gradients,

@@ -22,6 +22,7 @@ from icstools.recording.layout import SiteTable
 from icstools.recording.measurements import Context, Measurement, build
 from icstools.recording.options import check_options, recorder_config
 from icstools.recording.sink import RecordSink
+from icstools.recording.steps import unwrap_optimizer
 from icstools.schedules import Schedule, as_schedule
 from icstools.sites import Selector, select_sites
 
@@ -49,9 +50,13 @@ class Recorder(RecorderCore):
     optimizer : torch.optim.Optimizer, optional
         Steps are counted by a post-hook on its ``step()``; its first parameter group's learning
         rate is recorded as ``lr``. Without one, call :meth:`step_done` after each update.
+        ``step()``, ``step(closure)`` (LBFGS: the closure's first evaluation is recorded),
+        gradient accumulation and a ``GradScaler`` all work; a wrapped optimizer
+        (Accelerate's, Lightning's) is unwrapped (:mod:`icstools.recording.steps`).
     probe : tensor, tuple of positional args, or dict of keyword args, optional
         A fixed batch evaluated at each recorded step (source ``probe``), with no effect on
-        training (no gradient; buffers, RNG state and module modes restored). A probe the
+        training (no gradient; buffers, RNG state and module modes restored). Integer tensors
+        are fine (token ids; ``{"input_ids": ..., "attention_mask": ...}``). A probe the
         model cannot take raises :class:`RecorderError` naming its shapes (the model's error
         chained) from the training forward that opens a record; earlier records are kept.
     probe_mode : {"train", "eval"}
@@ -74,18 +79,23 @@ class Recorder(RecorderCore):
         Dimension holding units, for all sites or per site glob; default: last for
         ``[batch, (time,) features]``, 1 for ``[N, C, H, (W)]`` and for 3-D tensors of
         convolution-like modules (:func:`icstools.sites.layout_module`).
-    calls : {"pool", "separate"}
+    calls : {"pool", "separate"}, optional
         A module called several times per forward: all calls pooled (``calls`` counts them),
         or its k-th call recorded as site ``"<site>#k"`` (the first record fixes which exist).
+        Not given: pooled, and the first such module is reported once
+        (:class:`~icstools.recording.errors.SharedModuleWarning`, naming the sites).
     chunk_steps, flush_seconds : int, float
         Records per Zarr chunk along ``step``; also write when this much time has passed.
     seed : int
         Seed of the recorder's own generators (quantile and probe sampling); the global RNG is
         never touched.
-    gradients : bool
-        Activation gradients ``dL/dx`` per site and unit (:mod:`.measurements.site_gradients`)
-        and, with an optimizer, parameter dynamics ``param_grad_norm``, ``param_norm``,
-        ``update_norm``, ``update_ratio``, ``eff_lr`` (:mod:`.measurements.parameters`).
+    gradients : bool or "activations"
+        ``True``: activation gradients ``dL/dx`` per site and unit
+        (:mod:`.measurements.site_gradients`) and parameter dynamics ``param_grad_norm``,
+        ``param_norm``, ``update_norm``, ``update_ratio``, ``eff_lr``
+        (:mod:`.measurements.parameters`), which need ``optimizer`` (a
+        :class:`RecorderError` at attach without one). ``"activations"``: the activation
+        gradients only (no optimizer needed).
     ics : int or callable, optional
         Schedule of gradient-based ICS per layer (Santurkar et al. 2018, Def. 2.1;
         :mod:`.measurements.ics`). Needs ``optimizer``, ``loss_fn`` and :meth:`set_target`.
@@ -141,11 +151,11 @@ class Recorder(RecorderCore):
         saturation: dict[str, float] | None = None,
         unit_dim: int | dict[str, int] | None = None,
         quantile_sample: int | None = 8192,
-        calls: str = "pool",
+        calls: str | None = None,
         chunk_steps: int = 64,
         flush_seconds: float = 30.0,
         seed: int = 0,
-        gradients: bool = False,
+        gradients: bool | str = False,
         ics: int | Schedule | None = None,
         landscape: int | Schedule | None = None,
         jacobian: int | Schedule | None = None,
@@ -169,7 +179,7 @@ class Recorder(RecorderCore):
             model,
             options.sites,
             SiteTable(model, unit_dim, calls),
-            optimizer=optimizer,
+            optimizer=None if optimizer is None else unwrap_optimizer(optimizer),
             probe=probe,
             probe_mode=probe_mode,
             loss_fn=loss_fn,

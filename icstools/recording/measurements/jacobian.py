@@ -5,6 +5,12 @@ At the recorded steps its schedule selects, right after the probe forward, on th
 the recorder's hooks silent and no side effect: the singular values of the per-example
 Jacobians of every block (:mod:`icstools.functional.jacobians`), pooled over the examples and
 sorted descending (NaN-padded to the largest block), and summaries over them.
+
+A model whose input is integer (token ids: the probe holds no floating-point tensor) has no
+Jacobian from its input: its blocks start at the first floating-point site. The default
+``"segments"`` then holds the segments between consecutive sites and, in place of
+``"input->output"``, the block from the first site to the last; a block given from
+``"input"`` is refused.
 """
 
 from __future__ import annotations
@@ -72,8 +78,11 @@ def spectrum_stats(sv: np.ndarray) -> dict[str, float]:
     }
 
 
-def parse_blocks(blocks: Any, sites: list[Site]) -> dict[str, tuple[str, str]]:
-    """``jacobian_blocks`` as a dict name -> (from_site, to_site)."""
+def parse_blocks(
+    blocks: Any, sites: list[Site], float_input: bool = True
+) -> dict[str, tuple[str, str]]:
+    """``jacobian_blocks`` as a dict name -> (from_site, to_site); ``float_input=False``: the
+    model's input is integer, so blocks start at sites (see the module docstring)."""
     if isinstance(blocks, str):
         if blocks != "segments":
             raise ValueError(
@@ -82,7 +91,16 @@ def parse_blocks(blocks: Any, sites: list[Site]) -> dict[str, tuple[str, str]]:
             )
         names = [s.name for s in sites]
         pairs = {f"{a}->{b}": (a, b) for a, b in itertools.pairwise(names)}
-        pairs["input->output"] = ("input", "output")
+        if float_input:
+            pairs["input->output"] = ("input", "output")
+        elif len(names) > 2:
+            pairs[f"{names[0]}->{names[-1]}"] = (names[0], names[-1])
+        if not pairs:
+            raise RecorderError(
+                "jacobian= on a model whose input is integer (the probe holds no floating-point "
+                f"tensor, e.g. token ids) takes blocks between sites, and {names} has one; select "
+                "two sites or more, or pass jacobian_blocks=[(from_site, to_site)]"
+            )
         return pairs
     if isinstance(blocks, dict):
         items = list(blocks.items())
@@ -97,6 +115,12 @@ def parse_blocks(blocks: Any, sites: list[Site]) -> dict[str, tuple[str, str]]:
     for name, pair in items:
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise ValueError(f"block {name!r} must be (from_site, to_site), got {pair!r}")
+        if not float_input and pair[0] == "input":
+            raise RecorderError(
+                f"block {name!r} starts at the model's input, which is integer here (the probe "
+                "holds no floating-point tensor, e.g. token ids): no Jacobian exists from it; "
+                "start the block at a floating-point site (e.g. an embedding's output)"
+            )
         out[str(name)] = (str(pair[0]), str(pair[1]))
     return out
 
@@ -139,7 +163,9 @@ class JacobianSpectra(Measurement):
             )
         return cls(
             options.jacobian,
-            parse_blocks(options.jacobian_blocks, options.sites),
+            parse_blocks(
+                options.jacobian_blocks, options.sites, find_tensor(options.probe) is not None
+            ),
             options.jacobian_examples,
             options.jacobian_k,
             options.jacobian_bn,

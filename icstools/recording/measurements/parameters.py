@@ -9,6 +9,7 @@ paper §3.3).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from icstools.recording.errors import RecorderError
 from icstools.recording.layout import to_host
 from icstools.recording.measurements.base import Context, Declaration, Measurement
 from icstools.schema import Coordinate, Variable
@@ -59,10 +61,17 @@ class ParameterDynamics(Measurement):
 
     @classmethod
     def from_options(cls, options: Any) -> ParameterDynamics | None:
-        return cls() if options.gradients else None
+        return cls() if options.gradients is True else None
 
     def check(self, ctx: Context) -> None:
-        pass  # without an optimizer there are no parameter dynamics to record
+        if ctx.optimizer is None:
+            raise RecorderError(
+                "gradients=True records parameter dynamics (param_grad_norm, param_norm, "
+                "update_norm, ...), which are read around the optimizer's step: pass "
+                "optimizer=... to the Recorder (a torch.optim.Optimizer, or a wrapped one such "
+                "as Accelerate's or Lightning's), or set rec.optimizer before attaching; for "
+                "activation gradients only, without an optimizer, pass gradients='activations'"
+            )
 
     def _parameters(self, ctx: Context) -> list[tuple[str, torch.Tensor, dict]]:
         if not self._params and ctx.optimizer is not None:
@@ -82,7 +91,7 @@ class ParameterDynamics(Measurement):
             self._order = order
             for n, m in ctx.model.named_modules():
                 if not list(m.children()):
-                    ctx.forward_hooks.forward_pre(m, lambda mod, a, n=n: order.append(n))
+                    ctx.forward_hooks.forward_pre(m, functools.partial(_seen, ctx, order, n))
 
     def train_forward_end(self, ctx: Context) -> None:
         order, self._order = self._order, None
@@ -153,6 +162,11 @@ class ParameterDynamics(Measurement):
                 normalized = [n in self._normalized for n, _, _ in self._params]
                 out["eff_lr"][:] = np.where(normalized, eff, np.nan)
         return out
+
+
+def _seen(ctx: Context, order: list[str], name: str, module: nn.Module, args: tuple) -> None:
+    if not ctx.silent:  # not the recorder's own forwards, nor a closure's later evaluations
+        order.append(name)
 
 
 MEASUREMENT = ParameterDynamics

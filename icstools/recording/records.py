@@ -1,0 +1,142 @@
+"""Closing records and reading the run: the half of the recorder that faces the sink.
+
+:class:`RunRecords` is a base of :class:`~icstools.recording.core.RecorderCore`, which owns the
+lifecycle (hooks, steps, events) and opens the records; here a record is closed (the layout
+fixed at the first one, each measurement collected, divergence checked), handed to the sink
+(memory or a Zarr store), and the run is read back as a dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import xarray as xr
+
+from icstools import __version__
+from icstools.recording.errors import RecorderError
+from icstools.recording.layout import Layout
+from icstools.schema import SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from icstools.recording.measurements import Context
+    from icstools.recording.sink import RecordSink
+
+__all__ = ["RunRecords"]
+
+
+class RunRecords:
+    """Records of a run: closed from the measurements, sent to the sink, read back.
+
+    Attributes used here and set by the core: ``_ctx`` (the shared context), ``_sink``,
+    ``_pending`` (step of the open record, or ``None``), ``schedule``.
+    """
+
+    _ctx: Context
+    _sink: RecordSink
+    _pending: int | None
+    diverged_step: int | None = None
+    _last: dict[str, Any] | None = None  # the latest closed record
+
+    def _close_record(self) -> None:
+        step, self._pending = self._pending, None
+        if step is None:
+            return
+        ctx = self._ctx
+        ctx.record_hooks.remove()  # tensor hooks of the record's activations
+        ctx.batch = None
+        logs = ctx.logs
+        if ctx.layout is None and not ctx.units.base and not logs:
+            for m in ctx.measurements:  # nothing seen: the record is dropped
+                m.reset(ctx)
+            return
+        if ctx.layout is None:
+            ctx.layout = Layout.fix(ctx)
+        record = ctx.layout.record(step, [(m.name, m.collect(ctx)) for m in ctx.measurements])
+        ctx.logs = {}
+        self._check_divergence(record, logs)
+        self._last = record
+        self._sink.emit(record, self._block)
+
+    def _close_finished(self) -> None:
+        """Close the open record if its step is over (or the recorder is detached)."""
+        if self._pending is not None and (self._pending < self.step or not self.attached):
+            self._close_record()
+
+    def _check_divergence(self, record: dict[str, Any], logs: dict[str, Any]) -> None:
+        if self.diverged_step is not None:
+            return
+        loss_bad = "loss" in logs and not math.isfinite(record["loss"])
+        if loss_bad or bool(np.any(record["nonfinite"] > 0)):
+            self.diverged_step = int(record["step"])
+            self._sink.set_attrs(diverged_step=self.diverged_step)
+
+    def _block(self, records: list[dict[str, Any]]) -> xr.Dataset:
+        return self._ctx.layout.block(records, self._attrs())
+
+    def _attrs(self) -> dict[str, Any]:
+        seen = set(self._ctx.units.base.values())
+        attrs: dict[str, Any] = {
+            "icstools_version": __version__,
+            "schema_version": SCHEMA_VERSION,
+            "recorder_config": json.dumps(self.config()),
+            "model_summary": str(self.model)[:20000],
+            "model_class": type(self.model).__name__,
+            "seed": self._ctx.seed,
+            "sites_not_recorded": json.dumps(
+                [s.name for s in self.sites if self._ctx.layout and s.name not in seen]
+            ),
+        }
+        if self.diverged_step is not None:
+            attrs["diverged_step"] = self.diverged_step
+        return attrs
+
+    def config(self) -> dict[str, Any]:
+        """The configuration as JSON-able values (stored in the run's attrs): here the
+        measurements' own; :class:`~icstools.recording.recorder.Recorder` adds its keywords."""
+        return {k: v for m in self._ctx.measurements for k, v in m.config().items()}
+
+    def flush(self) -> None:
+        """Write the records of finished steps to the store (waits for it); the record of a
+        step in progress stays open (:meth:`close` closes it)."""
+        self._close_finished()
+        self._sink.flush(self._block if self._ctx.layout is not None else None)
+
+    def close(self) -> None:
+        """Close the open record, flush and close the store; the in-memory records stay."""
+        try:
+            self._close_record()
+            self._sink.flush(self._block if self._ctx.layout is not None else None)
+        finally:
+            self._sink.close()
+
+    def last_record(self) -> xr.Dataset | None:
+        """The latest closed record as a one-step dataset (``None`` before the first)."""
+        return None if self._last is None else self._block([self._last])
+
+    def to_dataset(self) -> xr.Dataset:
+        """The run so far as an ``xarray.Dataset`` (DESIGN.md §3): the records of finished
+        steps. Called in the middle of a step (before its ``optimizer.step()``), it leaves that
+        step's record open: the call never changes what is recorded.
+
+        With a ``path``, the store is flushed and read back (loaded into memory); without one,
+        the dataset is built from the records held in memory.
+        """
+        self._close_finished()
+        if self._sink.path is not None:
+            self.flush()
+        ds = self._sink.dataset(self._ctx.layout, self._attrs()) if self.n_records else None
+        if ds is None and self._pending is not None:
+            raise RecorderError(
+                f"nothing was recorded yet: step {self._pending} is in progress, and its record "
+                "closes once the step is over (after its optimizer.step() or step_done()) or "
+                "when the recorder closes (leaving `with`, rec.close())"
+            )
+        if ds is None:
+            raise RecorderError(
+                "nothing was recorded yet: the schedule selected no training forward so far "
+                f"(step {self.step}, schedule {self.schedule!r})"
+            )
+        return ds
