@@ -111,6 +111,20 @@ def on_page_markdown(markdown, page, config, files):
     return markdown
 
 
+# nbconvert's page template has a mermaid loader that imports mermaid from a CDN when a page has
+# a mermaid diagram (ours have none) and an empty MathJax <script src="">: both are removed.
+_MERMAID = re.compile(
+    r'<script type="module">(?:(?!</script>).)*?mermaid(?:(?!</script>).)*</script>', re.S
+)
+_EMPTY_SCRIPT = re.compile(r'<script src="">\s*</script>')
+
+
+def on_post_page(output, page, config):
+    if page.file.src_path.endswith(".ipynb"):
+        output = _EMPTY_SCRIPT.sub("", _MERMAID.sub("", output))
+    return output
+
+
 def inventory(site_dir: Path) -> set[str]:
     """The object names of the site's ``objects.inv`` (Sphinx inventory format, version 2)."""
     raw = (Path(site_dir) / "objects.inv").read_bytes()
@@ -143,7 +157,8 @@ def on_post_build(config):
 _ASSET = re.compile(
     r"<(?:script|img|iframe|source|audio|video)\b[^>]*\bsrc=[\"']?(https?:)?//[^\"' >]+"
     r"|<link\b[^>]*\bhref=[\"']?(https?:)?//[^\"' >]+"
-    r"|@import\s+url\([\"']?(https?:)?//|url\([\"']?https?://",
+    r"|@import\s+url\([\"']?(https?:)?//|url\([\"']?https?://"
+    r"|[\"']https?://[^\"']+\.(?:m?js|css)[\"']",  # a script that loads another from the web
     re.I,
 )
 

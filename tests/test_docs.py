@@ -106,8 +106,9 @@ def test_offline_check_finds_remote_assets(tmp_path):
     (tmp_path / "b.html").write_text(
         '<script src="https://cdn.example/require.js"></script><img src=//x.org/i.png>'
         "<style>@import url('https://fonts.example/css');</style>"
+        '<script type="module">const m = await import("https://cdn.example/m.esm.min.mjs");</script>'
     )
-    assert len(hooks.external_assets(tmp_path)) == 3
+    assert len(hooks.external_assets(tmp_path)) == 4
 
 
 @pytest.mark.slow
