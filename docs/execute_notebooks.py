@@ -41,7 +41,7 @@ def _parametrized(nb: nbformat.NotebookNode, runs: Path) -> nbformat.NotebookNod
         raise SystemExit("a notebook needs exactly one cell tagged 'parameters'")
     i = tagged[0]
     defined = set(re.findall(r"^([A-Z_][A-Z0-9_]*)\s*=", nb.cells[i].source, re.M))
-    values = {**PARAMETERS, "OUT": str(runs)}
+    values = {**PARAMETERS, "OUT": os.path.relpath(runs, NOTEBOOKS)}  # the kernel's cwd
     lines = [f"{k} = {v!r}" for k, v in values.items() if k in defined]
     note = nbformat.v4.new_markdown_cell(
         "*Rendered for the documentation at a reduced scale (the test suite's): the next cell "
