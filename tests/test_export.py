@@ -268,3 +268,26 @@ def test_readme_on_record_example_runs(tmp_path, monkeypatch):
     assert [r["step"] for r in rows] == ds.step.values.tolist()
     acc = _read(tmp_path / "tb" / "readme")
     assert "run/loss" in acc.Tags()["scalars"] and acc.Tags()["histograms"]
+
+
+def test_a_diverged_run_exports_nan_scalars_and_skips_empty_histograms(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=1e6)  # diverges within a few steps
+    with icstools.Recorder(model, every=1, optimizer=opt) as rec:
+        for _ in range(8):
+            opt.zero_grad()
+            loss = model(torch.randn(16, 4) * 100).pow(2).mean()
+            loss.backward()
+            opt.step()
+            rec.log(loss=loss)
+    ds = rec.to_dataset()
+    assert ds.attrs["diverged_step"] < 7  # the scenario did diverge
+    export_tensorboard(ds, tmp_path)  # no warning, no error: warnings are errors here
+    acc = _read(tmp_path)
+    counts = ds["hist"].sel(source="train", site="1:input").sum("bin").values
+    assert [e.step for e in acc.Histograms("1:input/train/hist")] == ds.step.values[
+        counts > 0
+    ].tolist()
+    _, mean = _scalar(acc, "1:input/train/mean")
+    assert len(mean) == 8 and np.isnan(mean[-1]) and np.isfinite(mean[0])
