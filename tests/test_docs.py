@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,29 @@ def test_make_docs_builds_strict_and_offline(tmp_path):
     for nb in (ROOT / "notebooks").glob("*.ipynb"):
         html = (site / "notebooks" / nb.stem / "index.html").read_text()
         assert "data:image/png;base64" in html, f"{nb.name} rendered without its figures"
+
+
+def _write_inventory(site: Path, names: list[str]) -> None:
+    header = b"# Sphinx inventory version 2\n# Project: icstools\n# Version: 0.0.0\n"
+    header += b"# The remainder of this file is compressed using zlib.\n"
+    body = "".join(f"{n} py:function 1 api/#{n} -\n" for n in names).encode()
+    site.mkdir(exist_ok=True)
+    (site / "objects.inv").write_bytes(header + zlib.compress(body))
+
+
+def test_the_build_fails_without_an_api_entry_or_with_a_remote_asset(tmp_path):
+    from mkdocs.exceptions import PluginError
+
+    hooks = _hooks()
+    site = tmp_path / "site"
+    everything = [f"icstools.{n}" for n in icstools.__all__]
+    _write_inventory(site, everything)
+    assert hooks.inventory(site) == set(everything)
+    hooks.on_post_build({"site_dir": str(site)})  # complete and offline: passes
+    _write_inventory(site, [n for n in everything if n != "icstools.compare"])
+    with pytest.raises(PluginError, match=r"without an entry in the API reference: \['compare'\]"):
+        hooks.on_post_build({"site_dir": str(site)})
+    _write_inventory(site, everything)
+    (site / "page.html").write_text('<script src="https://cdn.example/x.js"></script>')
+    with pytest.raises(PluginError, match="the site must work offline"):
+        hooks.on_post_build({"site_dir": str(site)})
