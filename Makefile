@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 ICSTOOLS_DATA ?= $(if $(wildcard ../shared/data/mnist/*.gz),$(abspath ../shared/data),$(abspath data))
 export ICSTOOLS_DATA
 
-.PHONY: demo test test-all lint bench clean browser
+.PHONY: demo test test-all lint bench clean browser docs
 
 $(BIN)/.icstools-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,9 +41,21 @@ test: lint browser
 test-all: lint browser
 	$(BIN)/python -m pytest
 
+# The documentation site, offline, into build/site: the notebooks are executed first at the
+# test suite's reduced scale (docs/execute_notebooks.py; a copy newer than its notebook and the
+# package is reused), then mkdocs builds in strict mode (any warning fails).
+$(BIN)/.icstools-docs-installed: $(BIN)/.icstools-installed pyproject.toml
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" -e ".[dev,docs]"
+	touch $@
+
+docs: $(BIN)/.icstools-docs-installed
+	$(BIN)/python docs/execute_notebooks.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
+	@echo "site: build/site/index.html"
+
 bench: $(BIN)/.icstools-installed
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/memory.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build/site build/docs

@@ -10,6 +10,8 @@ Subcommands (``icstools <command> --help`` explains each):
 * ``info RUN`` — what a run store (or a preset's output folder) holds;
 * ``report INPUT...`` — the drift report (HTML + JSON) of runs;
 * ``verify RUN...`` — check every chunk and the commit marker of run stores (checksums);
+* ``export RUN --tensorboard LOGDIR`` — a run (or every run of a preset folder) as TensorBoard
+  event files: per-site scalars and histograms over steps;
 * ``demo`` — ``run fig1`` at a reduced scale (3 seeds × 6,000 steps), then ``report``.
 
 Exit codes (every error is one line on stderr, ``icstools: error: ...``, naming what was wrong,
@@ -735,6 +737,61 @@ def _notes(data: dict[str, Any], prefix: str) -> list[str]:
 
 
 # ============================================================================================
+# export
+# ============================================================================================
+
+
+def _export_targets(run: Path, logdir: Path) -> list[tuple[Path, Path]]:
+    """(store, logdir) pairs: one run store, or each store under a folder of runs, into
+    ``logdir/<its path under the folder, without .zarr>`` (one TensorBoard run each)."""
+    if not run.exists():
+        raise UsageError(f"no such run or folder: {run}")
+    if (run / ".zmetadata").exists() or (run / "zarr.json").exists() or run.suffix == ".zarr":
+        return [(run, logdir)]
+    stores = sorted(p for p in run.rglob("*.zarr") if p.is_dir())
+    if not stores:
+        raise UsageError(
+            f"{run} is neither a run store nor a folder holding run stores (*.zarr); give e.g. "
+            "data/runs/readme.zarr or a preset's output folder such as data/runs/fig1"
+        )
+    return [(s, logdir / s.relative_to(run).with_suffix("")) for s in stores]
+
+
+def _export(args: argparse.Namespace) -> int:
+    from icstools.store import StoreError
+
+    try:
+        from icstools.export import export_tensorboard
+        from icstools.export.tensorboard import _summary_writer
+
+        _summary_writer()  # the tensorboard package is there, before any work
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    targets = _export_targets(Path(args.run), Path(args.tensorboard))
+    _check_output("--tensorboard", args.tensorboard, file=False)
+    for store, logdir in targets:
+        try:
+            out = export_tensorboard(
+                store,
+                logdir,
+                sources=args.source,
+                drift_metric=None if args.drift == "none" else args.drift,
+                histograms=not args.no_histograms,
+                overwrite=args.overwrite,
+            )
+        except (ValueError, StoreError) as exc:
+            raise UsageError(f"{store}: {exc}") from None
+        print(
+            f"{store}: {out.steps} steps, {len(out.scalar_tags)} scalar and "
+            f"{len(out.histogram_tags)} histogram tags -> {logdir}"
+        )
+        for note in out.notes:
+            print(f"  note: {note}")
+    print(f"\nview with: tensorboard --logdir {args.tensorboard}")
+    return EXIT_OK
+
+
+# ============================================================================================
 # parser and entry point
 # ============================================================================================
 
@@ -787,7 +844,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
-    for add in (_add_run, _add_list, _add_sites, _add_info, _add_report, _add_verify, _add_demo):
+    for add in (
+        _add_run, _add_list, _add_sites, _add_info, _add_report, _add_verify, _add_export,
+        _add_demo,
+    ):  # fmt: skip
         add(sub)
     return p
 
@@ -930,6 +990,40 @@ def _add_verify(sub: Any) -> None:
     )
     v.add_argument("runs", nargs="+", metavar="RUN", help="run stores or preset folders")
     v.set_defaults(func=_verify)
+
+
+def _add_export(sub: Any) -> None:
+    """The ``export`` subcommand's options."""
+    from icstools.analysis.drift import METRICS
+
+    e = sub.add_parser(
+        "export",
+        help="write a run (or a folder of runs) as TensorBoard event files",
+        description="Write a run's per-site scalars (mean, std, sat_frac, zero_frac, "
+        "dead_frac, nonfinite, drift; grad_norm and the other per-step variables it holds) and "
+        "its recorded histograms over steps as TensorBoard event files. A folder of runs (a "
+        "preset's output) gives one TensorBoard run per store, LOGDIR/CONDITION/seed-N.",
+    )
+    e.add_argument("run", help="a run store (…/seed-0.zarr) or a folder holding run stores")
+    e.add_argument(
+        "--tensorboard", required=True, metavar="LOGDIR", help="folder for the event files"
+    )
+    e.add_argument(
+        "--source",
+        action="append",
+        metavar="SOURCE",
+        help="train or probe; repeat for both (default: every recorded source)",
+    )
+    e.add_argument(
+        "--drift",
+        default="w1_std",
+        choices=[*METRICS, "none"],
+        metavar="METRIC",
+        help="drift metric against the first record, per site (w1_std; none: no drift tags)",
+    )
+    e.add_argument("--no-histograms", action="store_true", help="scalars only")
+    e.add_argument("--overwrite", action="store_true", help="delete event files already in LOGDIR")
+    e.set_defaults(func=_export)
 
 
 def _add_demo(sub: Any) -> None:

@@ -117,6 +117,14 @@ class Recorder(RecorderCore):
     measurements : list of Measurement
         User-defined measurements, called after the built-in ones
         (:class:`icstools.recording.measurements.Measurement`).
+    on_record : callable, optional
+        ``on_record(ds)`` receives each record as it closes: a one-step ``xarray.Dataset``
+        with the run's variables, coordinates and attrs (treat it as read-only), to send to
+        W&B, MLflow or anything. It is called on the training thread right after the record
+        is closed and handed to the store, so keep it short (or queue the work elsewhere). An
+        exception in it never loses a record: the first one is warned about
+        (``RuntimeWarning`` naming the error), recording goes on, the callback is still called
+        for later records, and :attr:`on_record_errors` counts the failures.
 
     Examples
     --------
@@ -167,6 +175,7 @@ class Recorder(RecorderCore):
         landscape_multipliers: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
         scaler: Any = None,
         measurements: Sequence[Measurement] = (),
+        on_record: Callable[[Any], Any] | None = None,
     ) -> None:
         # every keyword, as given (measurements read theirs in their from_options)
         options = SimpleNamespace(**{k: v for k, v in locals().items() if k != "self"})
@@ -188,10 +197,19 @@ class Recorder(RecorderCore):
         )
         ctx.measurements = build(options, measurements)
         sink = RecordSink(
-            path, overwrite=overwrite, chunk_steps=chunk_steps, flush_seconds=flush_seconds
+            path,
+            overwrite=overwrite,
+            chunk_steps=chunk_steps,
+            flush_seconds=flush_seconds,
+            on_record=on_record,
         )
         super().__init__(ctx, schedule, sink)
         self._options = options
+
+    @property
+    def on_record_errors(self) -> int:
+        """How many calls of the ``on_record`` callback raised (the first is warned about)."""
+        return self._sink.on_record_errors
 
     def config(self) -> dict[str, Any]:
         """The recorder's configuration as JSON-able values (stored in the run's attrs)."""

@@ -3,11 +3,18 @@
 Records are appended in blocks of ``chunk_steps`` (or when ``flush_seconds`` passed since the
 last write, so a crash loses at most that much) by the store's background writer
 (:class:`icstools.store.BackgroundWriter`); the store module does all the I/O.
+
+``on_record``: each closed record, as a one-step dataset, is handed to user code (W&B, MLflow,
+anything) on the training thread right after the record is closed and queued for the store (so
+it is never lost to the callback). A failing callback is warned about once
+(:class:`RuntimeWarning` naming its error); recording goes on and the callback keeps being
+called for later records.
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +37,7 @@ class RecordSink:
         overwrite: bool,
         chunk_steps: int,
         flush_seconds: float,
+        on_record: Callable[[xr.Dataset], Any] | None = None,
     ) -> None:
         if isinstance(chunk_steps, bool) or not isinstance(chunk_steps, int) or chunk_steps < 2:
             raise ValueError(
@@ -37,6 +45,13 @@ class RecordSink:
             )
         if not flush_seconds > 0:
             raise ValueError(f"flush_seconds must be > 0, got {flush_seconds!r}")
+        if on_record is not None and not callable(on_record):
+            raise TypeError(
+                "on_record must be a callable taking one xarray.Dataset (one record), got "
+                f"{type(on_record).__name__}"
+            )
+        self.on_record = on_record
+        self.on_record_errors = 0  # failed calls of on_record (the first one is warned about)
         self.path = None if path is None else Path(path)
         self.chunk_steps = chunk_steps
         self.flush_seconds = float(flush_seconds)
@@ -58,13 +73,30 @@ class RecordSink:
         """Take one closed record; ``block(records)`` makes a dataset block of records."""
         self.records.append(record)
         self.n_records += 1
-        if self._writer is None:
-            return
-        if (
+        if self._writer is not None and (
             len(self.records) >= self.chunk_steps
             or time.monotonic() - self._last_write > self.flush_seconds
         ):
             self.submit(block)
+        if self.on_record is not None:  # after the record is kept: a failing callback loses none
+            self._deliver(block([record]))
+
+    def _deliver(self, data: xr.Dataset) -> None:
+        """Call ``on_record(data)``; its first error is warned about, later ones counted."""
+        try:
+            self.on_record(data)
+        except Exception as exc:
+            self.on_record_errors += 1
+            if self.on_record_errors == 1:
+                name = getattr(self.on_record, "__qualname__", type(self.on_record).__name__)
+                warnings.warn(
+                    f"on_record callback {name} failed at step {int(data['step'][0])} "
+                    f"({type(exc).__name__}: {exc}); the record is kept and recording goes on; "
+                    "the callback is still called for later records, and its further errors "
+                    "are not warned about again (Recorder.on_record_errors counts them)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def submit(self, block: Callable[[list], xr.Dataset]) -> None:
         """Hand the buffered records to the background writer (no wait)."""
