@@ -191,3 +191,13 @@ def test_compare_paired_default_is_paired_t_and_paired_fieller():
     np.testing.assert_allclose([row.diff_lo, row.diff_hi], [ci.low, ci.high], rtol=1e-12)
     lo, hi, _ = fieller_interval(c[None], r[None], paired=True)
     np.testing.assert_allclose([row.ratio_lo, row.ratio_hi], [lo[0], hi[0]], rtol=1e-12)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    from icstools.analysis import calibration, intervals, tails
+
+    for module in (intervals, calibration, tails):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__

@@ -104,7 +104,7 @@ def welch_interval(c: Any, r: Any, confidence_level: float = 0.95) -> tuple[np.n
     --------
     >>> lo, hi = welch_interval([[0.48, 0.42, 0.52]], [[0.023, 0.022, 0.024]])
     >>> round(float(lo[0]), 3), round(float(hi[0]), 3)
-    (0.333, 0.58)
+    (0.325, 0.575)
     """
     c, r = _check(c, r, paired=False)
     scale = _pow2_scale(np.concatenate([c, r], axis=1))[:, None]
