@@ -51,8 +51,14 @@ ALL_SAMPLE_FUNCS = [
 
 
 def test_docstring_examples_run() -> None:
-    result = doctest.testmod(D, extraglobs={"np": np, "xr": xr})
-    assert result.failed == 0 and result.attempted >= 30
+    from icstools.analysis import drift_arrays, drift_flags
+
+    attempted = 0
+    for module in (D, drift_arrays, drift_flags):
+        result = doctest.testmod(module, extraglobs={"np": np, "xr": xr})
+        assert result.failed == 0, module.__name__
+        attempted += result.attempted
+    assert attempted >= 30
 
 
 # --------------------------------------------------------------------------------------------
