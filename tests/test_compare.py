@@ -152,7 +152,7 @@ def test_wilcoxon_p_equals_scipy_when_paired():
         assert table.p[j] == expected.pvalue
         assert table.statistic[j] == expected.statistic
     assert (table.test == "wilcoxon").all()
-    assert "pairs" in table.attrs["resampling"]
+    assert "paired" in table.attrs["resampling"]
     # pairing removes the shared seed effect: the paired test is far stronger here
     unpaired = compare(runs, "score", n_resamples=50)
     assert (table.p < unpaired.p).all()
@@ -265,6 +265,7 @@ def test_studentized_ci_equals_naive_loop(paired):
         paired=paired,
         n_resamples=n_resamples,
         seed=seed,
+        ci_method="studentized",
     )
     row = table.iloc[0]
 
@@ -298,13 +299,17 @@ def test_seed_makes_the_table_reproducible():
     rng = np.random.default_rng(8)
     ref, cond = two_conditions(rng)
     runs = {"base": score_runs(ref), "BN": score_runs(cond)}
-    a = compare(runs, "score", n_resamples=999, seed=3)
-    b = compare(runs, "score", n_resamples=999, seed=3)
-    c = compare(runs, "score", n_resamples=999, seed=4)
+    kw = dict(n_resamples=999, ci_method="studentized")
+    a = compare(runs, "score", seed=3, **kw)
+    b = compare(runs, "score", seed=3, **kw)
+    c = compare(runs, "score", seed=4, **kw)
     pd.testing.assert_frame_equal(a, b)
     assert not np.allclose(a.diff_lo, c.diff_lo)
     # Monte-Carlo error of the interval ends with 999 resamples is small against the width
     np.testing.assert_allclose(a.diff_lo, c.diff_lo, atol=0.1 * (a.diff_hi - a.diff_lo).min())
+    # the default t intervals draw nothing: the seed does not change them
+    t3, t4 = compare(runs, "score", seed=3), compare(runs, "score", seed=4)
+    pd.testing.assert_frame_equal(t3, t4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,7 +354,12 @@ def test_ratio_ci_coverage_studentized():
     n_rep = 400
     ref = rng.normal(2.0, 0.5, (8, n_rep))
     cond = rng.normal(4.0, 0.5, (8, n_rep))
-    table = compare({"base": score_runs(ref), "BN": score_runs(cond)}, "score", n_resamples=2000)
+    table = compare(
+        {"base": score_runs(ref), "BN": score_runs(cond)},
+        "score",
+        n_resamples=2000,
+        ci_method="studentized",
+    )
     covered = (table.ratio_lo <= 2.0) & (2.0 <= table.ratio_hi)
     assert 0.90 <= covered.mean() <= 0.98, f"ratio coverage {covered.mean():.3f}"
 
@@ -436,16 +446,24 @@ def test_rank_test_floor_is_warned_and_noted():
 def test_two_seeds_studentized_interval_is_unbounded_and_said_so():
     runs = {"base": score_runs([[1.0], [2.0]]), "BN": score_runs([[3.0], [5.0]])}
     with pytest.warns(UserWarning, match="cannot fall below"):
-        t = compare(runs, "score", n_resamples=999)
+        t = compare(runs, "score", n_resamples=999, ci_method="studentized")
     assert t.diff_lo[0] == -np.inf and t.diff_hi[0] == np.inf
     assert "interval unbounded" in t.note[0]
     with pytest.warns(UserWarning, match="cannot fall below"):
         bca = compare(runs, "score", n_resamples=999, ci_method="bca")
     assert np.isfinite([bca.diff_lo[0], bca.diff_hi[0]]).all()
     assert "unbounded" not in bca.note[0]
+    with pytest.warns(UserWarning, match="cannot fall below"):
+        welch = compare(runs, "score")  # the default: Welch's t, bounded with 2 seeds
+    assert np.isfinite([welch.diff_lo[0], welch.diff_hi[0]]).all()
+    assert welch.diff_method[0] == "welch-t" and "interval unbounded" not in welch.note[0]
+    # the reference mean 1.5 ± 0.5 is not significantly away from 0 with 1 df: Fieller's set
+    # is unbounded, and said so
+    assert welch.ratio_lo[0] == -np.inf and welch.ratio_hi[0] == np.inf
+    assert "Fieller's ratio interval is unbounded" in welch.note[0]
 
 
-@pytest.mark.parametrize("method", ["studentized", "bca"])
+@pytest.mark.parametrize("method", ["t", "studentized", "bca"])
 def test_huge_values_do_not_overflow(method):
     """Intervals scale with the data (exactly, by a power of two) even near float64's limit."""
     rng = np.random.default_rng(20)
@@ -679,7 +697,8 @@ def test_attrs_describe_the_method():
     ref, cond = two_conditions(rng)
     table = compare({"base": score_runs(ref), "BN": score_runs(cond)}, "score", n_resamples=300)
     attrs = table.attrs
-    assert attrs["ci_method"] == "studentized" and attrs["n_resamples"] == 300
+    assert attrs["ci_method"] == "t" and attrs["n_resamples"] == 300
+    assert set(table.diff_method) == {"welch-t"} and set(table.ratio_method) == {"fieller"}
     assert "Mann-Whitney" in attrs["test"] and "Benjamini-Hochberg" in attrs["correction"]
     assert attrs["seed"] == 0 and attrs["metric"] == "score" and attrs["alpha"] == 0.05
     assert "site" in repr(table)

@@ -71,9 +71,14 @@ SIGMOID_SATURATION = float(math.log((1 + math.sqrt(0.96)) / (1 - math.sqrt(0.96)
 #: |x| beyond which tanh'(x) = 1 - tanh(x)² < 0.01: atanh(sqrt(0.99)) ≈ 2.993.
 TANH_SATURATION = float(math.atanh(math.sqrt(0.99)))
 
-#: The paper's Fig. 1 percentiles (0.15, 0.5, 0.85) on a 5% grid, plus the 1st and 99th.
+#: The paper's Fig. 1 percentiles (0.15, 0.5, 0.85) on a 5% grid, plus tail levels 0.1%,
+#: 0.5%, 1% and 99%, 99.5%, 99.9%, which the tail-aware drift estimate fits
+#: (:mod:`icstools.analysis.tails`).
 DEFAULT_QUANTILES: tuple[float, ...] = tuple(
-    float(q) for q in np.round(np.concatenate([[0.01], np.arange(1, 20) * 0.05, [0.99]]), 4)
+    float(q)
+    for q in np.round(
+        np.concatenate([[0.001, 0.005, 0.01], np.arange(1, 20) * 0.05, [0.99, 0.995, 0.999]]), 4
+    )
 )
 
 

@@ -45,7 +45,7 @@ __all__ = [
 
 #: The three verdicts.
 VERDICTS: tuple[str, ...] = ("supported", "not supported", "inconclusive")
-#: Confidence level of the bootstrap intervals.
+#: Confidence level of the intervals over seeds (Welch's t, Fieller's; see verdicts).
 CONFIDENCE_LEVEL = 0.95
 
 _STATISTICS = ("ratio", "diff", "counts", "max-error", "all-of")
@@ -127,7 +127,7 @@ _LR_RULE = (
     "it fails at m if no BN run trains, or if every baseline run trains too. Supported if "
     "it holds at some m > 1 in some family; not supported if it fails at every m > 1 in "
     "every family; inconclusive otherwise. Effect: final test_acc, BN minus baseline, at the "
-    "largest m where it holds (else the largest m), with its bootstrap CI."
+    "largest m where it holds (else the largest m), with its Welch t CI."
 )
 _IDENTITY_RULE = (
     "Logged relative errors si_output, si_input_grad, si_weight_grad (worst over layers and "
@@ -292,7 +292,8 @@ def rule_text(claim: Claim) -> str:
     else:
         stat = f"diff = mean({cond}) − mean({ref}) over seeds"
     null, lo, hi = band(claim.statistic, claim.margin)
-    ci = f"the {CONFIDENCE_LEVEL:.0%} bootstrap CI"
+    method = "Fieller" if claim.statistic == "ratio" else "Welch t"
+    ci = f"the {CONFIDENCE_LEVEL:.0%} {method} CI"
     within = f"[{lo:.3g}, {hi:.3g}]"
     rest = (
         "; inconclusive otherwise (the CI includes "

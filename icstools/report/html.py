@@ -86,6 +86,8 @@ def _verdict_rows(verdicts: Sequence[dict[str, Any]]) -> str:
             lo, hi = eff["ci_low"], eff["ci_high"]
             ci = "no finite CI" if lo is None or hi is None else f"[{fmt(lo)}, {fmt(hi)}]"
             effect = f"{_e(eff['statistic'])} {_e(fmt(eff['estimate']))}<br>{_e(ci)}"
+            if eff.get("method"):
+                effect += f"<div class='small'>{_e(eff['method'])}</div>"
         seed = ' <span class="v not-supported">SINGLE SEED</span>' if v["single_seed"] else ""
         notes = f'<div class="note">{_list(v["notes"])}</div>' if v["notes"] else ""
         rows.append(
@@ -250,9 +252,9 @@ def page(data: dict[str, Any], preset_sections: Sequence[str], run_sections: Seq
         parts.append(
             "<h2>Verdicts</h2><p>"
             + ", ".join(f"{n} {_e(k)}" for k, n in counts.items())
-            + f". Effects are {CONFIDENCE_LEVEL:.0%} bootstrap confidence intervals over "
-            "seeds (each run reduced to one number; runs resampled within each condition).</p>"
-            + _verdict_rows(verdicts)
+            + f". Effects are {CONFIDENCE_LEVEL:.0%} confidence intervals over seeds (each run "
+            "reduced to one number): Welch's t interval for a difference, Fieller's interval "
+            "for a ratio, as each effect says.</p>" + _verdict_rows(verdicts)
         )
         parts.append(_claims_table(presets))
     parts += preset_sections
