@@ -21,7 +21,7 @@ from icstools.recording.core import RecorderCore
 from icstools.recording.layout import SiteTable
 from icstools.recording.measurements import Context, Measurement, build
 from icstools.recording.options import check_options, recorder_config
-from icstools.recording.sink import RecordSink
+from icstools.recording.sink import DEFAULT_BUFFER_BYTES, RecordSink
 from icstools.schedules import Schedule, as_schedule
 from icstools.sites import Selector, select_sites
 
@@ -79,6 +79,14 @@ class Recorder(RecorderCore):
         or its k-th call recorded as site ``"<site>#k"`` (the first record fixes which exist).
     chunk_steps, flush_seconds : int, float
         Records per Zarr chunk along ``step``; also write when this much time has passed.
+    buffer_bytes : int
+        Bound on the memory of records not yet committed to the store (default 256 MiB): the
+        records are written early, and the loop waits for the writer, rather than exceed it.
+        With the default statistics a record costs about ``44 + 4 × len(quantiles)`` bytes per
+        unit and source (128 MB for a site of 1,000,000 units); :attr:`record_bytes` tells the
+        exact figure after the first record. In memory
+        (no ``path``) every record is kept; a ``ResourceWarning`` says so once the run outgrows
+        the bound.
     seed : int
         Seed of the recorder's own generators (quantile and probe sampling); the global RNG is
         never touched.
@@ -144,6 +152,7 @@ class Recorder(RecorderCore):
         calls: str = "pool",
         chunk_steps: int = 64,
         flush_seconds: float = 30.0,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         seed: int = 0,
         gradients: bool = False,
         ics: int | Schedule | None = None,
@@ -178,10 +187,20 @@ class Recorder(RecorderCore):
         )
         ctx.measurements = build(options, measurements)
         sink = RecordSink(
-            path, overwrite=overwrite, chunk_steps=chunk_steps, flush_seconds=flush_seconds
+            path,
+            overwrite=overwrite,
+            chunk_steps=chunk_steps,
+            flush_seconds=flush_seconds,
+            buffer_bytes=buffer_bytes,
         )
         super().__init__(ctx, schedule, sink)
         self._options = options
+
+    @property
+    def record_bytes(self) -> int | None:
+        """Bytes of the last closed record (``None`` before the first): what each record
+        costs in memory until it is written (see ``buffer_bytes``)."""
+        return self._sink.last_record_bytes
 
     def config(self) -> dict[str, Any]:
         """The recorder's configuration as JSON-able values (stored in the run's attrs)."""
