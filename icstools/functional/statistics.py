@@ -793,14 +793,7 @@ class ActivationStatistics:
         if s.sample_sorted and sample.shape[0] == s.sample.shape[0] and sample.shape[0] > 0:
             # exact mode folded with numpy: columns ascending, all finite, equal counts, so
             # every unit interpolates at the same positions (numpy's linear method)
-            srt = sample.numpy()  # [m, units]
-            # same arithmetic, in the same dtype, as quantiles_from_sorted: equal bits
-            pos = self.quantiles.astype(srt.dtype) * srt.dtype.type(srt.shape[0] - 1)
-            lo_f = np.floor(pos)
-            lo = lo_f.astype(np.int64)
-            hi = np.minimum(lo + 1, srt.shape[0] - 1)
-            frac = (pos - lo_f)[:, None]
-            return torch.from_numpy((srt[lo] + (srt[hi] - srt[lo]) * frac).T.copy())
+            return torch.from_numpy(_quantiles_of_sorted_columns(sample.numpy(), self.quantiles))
         finite = torch.isfinite(sample)
         # Non-finite values sort last as +inf and are excluded by the per-unit count.
         rows = torch.where(finite, sample, math.inf).T.contiguous()  # [units, m]
@@ -811,6 +804,26 @@ class ActivationStatistics:
             sorted_rows = torch.sort(rows, dim=1).values
         q = torch.as_tensor(self.quantiles, dtype=sorted_rows.dtype, device=sorted_rows.device)
         return quantiles_from_sorted(sorted_rows, finite.sum(0), q)
+
+
+_UNIT_BLOCK = 1 << 16  # units per block: bounds the temporaries of wide sites (~5 MiB each)
+
+
+def _quantiles_of_sorted_columns(srt: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    """Quantiles ``[units, nq]`` of ascending, finite columns ``srt`` (``[m, units]``, equal
+    counts): numpy's linear method, in blocks of units so that a wide site (10⁶ units) needs
+    no temporaries of the output's size."""
+    # same arithmetic, in the same dtype, as quantiles_from_sorted: equal bits
+    pos = levels.astype(srt.dtype) * srt.dtype.type(srt.shape[0] - 1)
+    lo_f = np.floor(pos)
+    lo = lo_f.astype(np.int64)
+    hi = np.minimum(lo + 1, srt.shape[0] - 1)
+    frac = (pos - lo_f)[:, None]
+    out = np.empty((srt.shape[1], len(levels)), dtype=srt.dtype)  # [units, nq]
+    for start in range(0, srt.shape[1], _UNIT_BLOCK):
+        cols = srt[:, start : start + _UNIT_BLOCK]  # [m, block]
+        out[start : start + cols.shape[1]] = (cols[lo] + (cols[hi] - cols[lo]) * frac).T
+    return out
 
 
 def compute_many(stats: Sequence[ActivationStatistics]) -> list[dict[str, torch.Tensor]]:
@@ -982,7 +995,7 @@ def _finish(host: Mapping[str, np.ndarray], compute_dtype: torch.dtype) -> dict[
         "nonfinite": np.where(host["total"] > 0, 1 - n / np.maximum(host["total"], 1), np.nan),
         "count": count.astype(np.int64),
         "hist": host["hist"].astype(np.int64),
-        "quantile_value": host["sample"].astype(cdt),
+        "quantile_value": host["sample"].astype(cdt, copy=False),
     }
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
 

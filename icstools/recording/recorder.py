@@ -21,7 +21,7 @@ from icstools.recording.core import RecorderCore
 from icstools.recording.layout import SiteTable
 from icstools.recording.measurements import Context, Measurement, build
 from icstools.recording.options import check_options, recorder_config
-from icstools.recording.sink import RecordSink
+from icstools.recording.sink import DEFAULT_BUFFER_BYTES, RecordSink
 from icstools.recording.steps import unwrap_optimizer
 from icstools.schedules import Schedule, as_schedule
 from icstools.sites import Selector, select_sites
@@ -86,6 +86,13 @@ class Recorder(RecorderCore):
         (:class:`~icstools.recording.errors.SharedModuleWarning`, naming the sites).
     chunk_steps, flush_seconds : int, float
         Records per Zarr chunk along ``step``; also write when this much time has passed.
+    buffer_bytes : int
+        Bound on the memory of records not yet committed to the store (default 256 MiB): the
+        records are written early, and the loop waits for the writer, rather than exceed it.
+        With the default statistics a record costs about ``44 + 4 × len(quantiles)`` bytes per
+        unit and source (128 MB for a site of 1,000,000 units); :attr:`record_bytes` tells the
+        exact figure after the first record. In memory (no ``path``) every record is kept; a
+        ``ResourceWarning`` says so once the run outgrows the bound.
     seed : int
         Seed of the recorder's own generators (quantile and probe sampling); the global RNG is
         never touched.
@@ -162,6 +169,7 @@ class Recorder(RecorderCore):
         calls: str | None = None,
         chunk_steps: int = 64,
         flush_seconds: float = 30.0,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         seed: int = 0,
         gradients: bool | str = False,
         ics: int | Schedule | None = None,
@@ -202,6 +210,7 @@ class Recorder(RecorderCore):
             chunk_steps=chunk_steps,
             flush_seconds=flush_seconds,
             on_record=on_record,
+            buffer_bytes=buffer_bytes,
         )
         super().__init__(ctx, schedule, sink)
         self._options = options
@@ -210,6 +219,12 @@ class Recorder(RecorderCore):
     def on_record_errors(self) -> int:
         """How many calls of the ``on_record`` callback raised (the first is warned about)."""
         return self._sink.on_record_errors
+
+    @property
+    def record_bytes(self) -> int | None:
+        """Bytes of the last closed record (``None`` before the first): what each record
+        costs in memory until it is written (see ``buffer_bytes``)."""
+        return self._sink.last_record_bytes
 
     def config(self) -> dict[str, Any]:
         """The recorder's configuration as JSON-able values (stored in the run's attrs)."""

@@ -9,22 +9,45 @@ anything) on the training thread right after the record is closed and queued for
 it is never lost to the callback). A failing callback is warned about once
 (:class:`RuntimeWarning` naming its error); recording goes on and the callback keeps being
 called for later records.
+
+Memory is bounded in bytes (``buffer_bytes``): the records waiting for the writer, the block
+made of them and the blocks the writer has not committed yet together stay within the bound.
+A block is handed over early once the buffered records reach a quarter of it, and the sink
+waits for the writer before making a block that would not fit beside the ones in flight. A
+single record larger than half the bound is written on its own (the peak is then about two
+records). In memory (``path=None``) every record is kept: the bound cannot apply, and the
+sink warns once when the run outgrows it.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
 from icstools.recording.layout import Layout
 from icstools.store import BackgroundWriter, RunWriter, open_run
 
-__all__ = ["RecordSink"]
+__all__ = ["DEFAULT_BUFFER_BYTES", "RecordSink", "record_nbytes"]
+
+DEFAULT_BUFFER_BYTES = 256 * 2**20
+
+
+def record_nbytes(record: dict[str, Any]) -> int:
+    """Bytes held by one closed record (its arrays; 8 per scalar).
+
+    Examples
+    --------
+    >>> record_nbytes({"step": 3, "mean": np.zeros((1, 100), np.float32)})
+    408
+    """
+    return sum(int(getattr(v, "nbytes", 8)) for v in record.values())
 
 
 class RecordSink:
@@ -38,6 +61,7 @@ class RecordSink:
         chunk_steps: int,
         flush_seconds: float,
         on_record: Callable[[xr.Dataset], Any] | None = None,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     ) -> None:
         if isinstance(chunk_steps, bool) or not isinstance(chunk_steps, int) or chunk_steps < 2:
             raise ValueError(
@@ -52,11 +76,26 @@ class RecordSink:
             )
         self.on_record = on_record
         self.on_record_errors = 0  # failed calls of on_record (the first one is warned about)
+        if (
+            isinstance(buffer_bytes, bool)
+            or not isinstance(buffer_bytes, int | np.integer)
+            or buffer_bytes < 2**20
+        ):
+            raise ValueError(
+                f"buffer_bytes must be an int ≥ 1 MiB (1048576), got {buffer_bytes!r}; the "
+                f"default is {DEFAULT_BUFFER_BYTES} (256 MiB)"
+            )
+        self.buffer_bytes = int(buffer_bytes)
         self.path = None if path is None else Path(path)
         self.chunk_steps = chunk_steps
         self.flush_seconds = float(flush_seconds)
         self.records: list[dict[str, Any]] = []  # all of them (memory), or the buffered ones
         self.n_records = 0
+        self.buffered_bytes = 0  # of self.records
+        self.last_record_bytes: int | None = None
+        self.peak_bytes = 0  # most bytes held at once: buffered + block + in flight
+        self._in_flight: deque[tuple[int, int]] = deque()  # (records up to, bytes) submitted
+        self._warned_memory = False
         self._last_write = time.monotonic()
         self._writer: BackgroundWriter | None = None
         if self.path is not None:
@@ -73,13 +112,34 @@ class RecordSink:
         """Take one closed record; ``block(records)`` makes a dataset block of records."""
         self.records.append(record)
         self.n_records += 1
-        if self._writer is not None and (
-            len(self.records) >= self.chunk_steps
-            or time.monotonic() - self._last_write > self.flush_seconds
-        ):
-            self.submit(block)
+        self.last_record_bytes = record_nbytes(record)
+        self.buffered_bytes += self.last_record_bytes
+        if self._writer is None:
+            self._note_peak(0)
+            self._warn_if_outgrown()
+        else:
+            self._note_peak(self._bytes_in_flight())
+            if (
+                len(self.records) >= self.chunk_steps
+                or self.buffered_bytes >= self.buffer_bytes // 4
+                or time.monotonic() - self._last_write > self.flush_seconds
+            ):
+                self.submit(block)
         if self.on_record is not None:  # after the record is kept: a failing callback loses none
             self._deliver(block([record]))
+
+    def _warn_if_outgrown(self) -> None:
+        """In memory every record is kept: say once when the run outgrows ``buffer_bytes``."""
+        if self.buffered_bytes > self.buffer_bytes and not self._warned_memory:
+            self._warned_memory = True
+            warnings.warn(
+                f"the records of this in-memory run hold {self.buffered_bytes / 2**20:.0f} "
+                f"MiB, more than buffer_bytes ({self.buffer_bytes / 2**20:.0f} MiB), and keep "
+                "growing: give the Recorder a path= to stream them to a store with bounded "
+                "memory, or record fewer steps or sites",
+                ResourceWarning,
+                stacklevel=5,
+            )
 
     def _deliver(self, data: xr.Dataset) -> None:
         """Call ``on_record(data)``; its first error is warned about, later ones counted."""
@@ -99,13 +159,41 @@ class RecordSink:
                 )
 
     def submit(self, block: Callable[[list], xr.Dataset]) -> None:
-        """Hand the buffered records to the background writer (no wait)."""
+        """Hand the buffered records to the background writer (no wait, unless the blocks in
+        flight and the new one would exceed ``buffer_bytes``: then it waits for the writer)."""
         if self._writer is None or not self.records:
             return
+        size = self.buffered_bytes
+        if self.n_records == len(self.records):  # the first block fixes the store's chunks
+            self._fit_chunks()
+        if self._bytes_in_flight() + 2 * size > self.buffer_bytes:
+            self._writer.flush()  # back-pressure: only when wide records fill the bound
+            self._in_flight.clear()
+        self._note_peak(self._bytes_in_flight() + size)  # the block is a copy of the records
         data = block(self.records)
-        self.records = []
+        self.records, self.buffered_bytes = [], 0
         self._writer.submit(data)
+        self._in_flight.append((self.n_records, size))
         self._last_write = time.monotonic()
+
+    def _fit_chunks(self) -> None:
+        """Lower the store's chunk length along ``step`` for wide records, so that a chunk row
+        fits a quarter of the bound: a block smaller than a chunk rewrites the chunk, and
+        wide records are written in small blocks."""
+        fit = max(2, (self.buffer_bytes // 4) // max(self.last_record_bytes or 1, 1))
+        if fit < self.chunk_steps and self._writer is not None:
+            self.chunk_steps = fit
+            self._writer.writer.chunk_steps = fit  # read by the writer at its first append
+
+    def _bytes_in_flight(self) -> int:
+        """Bytes of submitted blocks the writer has not committed yet."""
+        committed = self._writer.n_committed if self._writer is not None else self.n_records
+        while self._in_flight and self._in_flight[0][0] <= committed:
+            self._in_flight.popleft()
+        return sum(size for _, size in self._in_flight)
+
+    def _note_peak(self, other_bytes: int) -> None:
+        self.peak_bytes = max(self.peak_bytes, self.buffered_bytes + other_bytes)
 
     def set_attrs(self, **attrs: Any) -> None:
         """Attributes of the stored run, written with the next commit."""

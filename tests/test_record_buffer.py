@@ -1,0 +1,93 @@
+"""The record buffer is bounded in bytes (``buffer_bytes``): wide records are written early, in
+small chunks, and the store holds the same run as memory."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import xarray as xr
+import zarr
+from torch import nn
+
+from icstools import Recorder, open_run
+from icstools.recording.sink import DEFAULT_BUFFER_BYTES, record_nbytes
+
+UNITS = 40_000  # ~5 MB per record with the default statistics and quantiles
+
+
+def _train(path=None, buffer_bytes=DEFAULT_BUFFER_BYTES, steps=12):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, UNITS), nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = Recorder(model, "1", role="input", optimizer=opt, path=path, buffer_bytes=buffer_bytes)
+    with rec:
+        for _ in range(steps):
+            loss = model(torch.randn(2, 3)).square().mean()
+            rec.log(loss=loss.detach())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return rec
+
+
+def _step_chunk(path) -> int:
+    return zarr.open_group(path, mode="r")["mean"].chunks[1]  # [source, step, unit]
+
+
+def test_wide_records_stay_within_the_bound_and_read_back_whole(tmp_path):
+    bound = 16 * 2**20
+    rec = _train(tmp_path / "run.zarr", buffer_bytes=bound)
+    per_record = rec.record_bytes
+    assert 4e6 < per_record < 8e6  # ~44 + 4 × 21 bytes per unit, plus small fields
+    sink = rec._sink
+    assert sink.peak_bytes <= bound  # records + the block made of them + blocks in flight
+    assert sink.peak_bytes >= 2 * per_record  # it did hold a record and its block
+    assert sink.chunk_steps == 2  # a chunk row of 64 steps (~330 MB) would not fit
+    stored = open_run(tmp_path / "run.zarr")
+    assert stored.sizes["step"] == 12
+    assert _step_chunk(tmp_path / "run.zarr") == 2
+    memory = _train(None).to_dataset()  # the same training, kept in memory
+    xr.testing.assert_identical(stored.drop_attrs(deep=False), memory.drop_attrs(deep=False))
+
+
+def test_narrow_records_keep_the_configured_chunks(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with Recorder(model, optimizer=opt, path=tmp_path / "r.zarr", chunk_steps=16) as rec:
+        for _ in range(3):
+            loss = model(torch.randn(4, 3)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert rec._sink.chunk_steps == 16
+    assert _step_chunk(tmp_path / "r.zarr") == 16
+
+
+def test_an_in_memory_run_that_outgrows_the_bound_warns_once():
+    with pytest.warns(ResourceWarning, match=r"give the Recorder a path=") as caught:
+        rec = _train(None, buffer_bytes=2**20, steps=3)
+    assert len([w for w in caught if w.category is ResourceWarning]) == 1
+    assert rec.to_dataset().sizes["step"] == 3  # nothing dropped: memory keeps every record
+
+
+def test_a_narrow_in_memory_run_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(None, steps=2)
+
+
+@pytest.mark.parametrize("bad", [0, 2**20 - 1, 1.5e9, True, "256MiB", None])
+def test_buffer_bytes_must_be_an_int_of_at_least_one_mib(bad):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    with pytest.raises(ValueError, match=r"buffer_bytes must be an int ≥ 1 MiB.*got"):
+        Recorder(model, buffer_bytes=bad)
+
+
+def test_record_nbytes_counts_arrays_and_scalars():
+    import numpy as np
+
+    record = {"step": 1, "mean": np.zeros((2, 10), np.float32), "hist": np.zeros(5, np.int64)}
+    assert record_nbytes(record) == 8 + 80 + 40
