@@ -23,9 +23,10 @@ the value given and what is valid):
        the traceback)
 2      a user mistake: a bad option or argument, an unknown preset or model, a missing file, a
        directory that is not a run store, a corrupt store (a damaged chunk included), an output
-       path that cannot be written (checked before any work), missing MNIST data. ``report``
-       also exits 2 when it wrote the report without some runs it could not read (one line
-       each)
+       path that cannot be written (checked before any work), missing MNIST data, an ``--out``
+       that holds runs of the preset (``run`` without ``--resume``/``--force``), a store that
+       another live process writes (its lock). ``report`` also exits 2 when it wrote the report
+       without some runs it could not read (one line each), ``verify`` when a store is damaged
 130    interrupted (Ctrl-C)
 141    stdout was closed early (``icstools info RUN | head -1``): the output stops quietly, no
        message, the status of a command ended by SIGPIPE (128 + 13)
@@ -830,7 +831,8 @@ Run 'icstools <command> --help' for a command's options.
 
 Exit codes: 0 success; 1 an unexpected error (--debug shows the traceback); 2 a user mistake
 (bad option or argument, missing file, not a run store, corrupt store, output path that cannot
-be written, missing MNIST data; report: runs it could not read); 130 interrupted; 141 stdout
+be written, missing MNIST data, run: --out holds runs of the preset, a store another process
+writes; report: runs it could not read; verify: a damaged store); 130 interrupted; 141 stdout
 closed early (e.g. piped into head). Errors are one line on stderr.
 """
 

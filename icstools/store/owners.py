@@ -468,7 +468,7 @@ def _take_over_if_stale(path: Path, file: Path) -> None:
         f"{path}: took over the lock {file.name} left by a writer that is gone ({why}); the"
         " store keeps what that writer committed last (replaced only with overwrite=True)"
     )
-    logger.warning(message)
+    # a warning only (no log record too: without logging set up both would print)
     warnings.warn(message, StoreLockWarning, stacklevel=4)
 
 

@@ -391,7 +391,7 @@ class RunWriter:
         self.close()
 
     def __repr__(self) -> str:
-        return f"RunWriter({str(self.path)!r}, n_committed={self._n})"
+        return f"RunWriter({str(self.path)!r}, n_committed={getattr(self, '_n', 0)})"
 
     # ---- internals --------------------------------------------------------------------------
 
