@@ -39,7 +39,8 @@ elsewhere. Fieller's interval is unbounded in 24% of the ``lognormal`` ratio exp
 3 seeds (the reference's coefficient of variation is 53%: its mean is then often not
 significantly away from 0 with 2 degrees of freedom), in 3% on ``t3``, and in under 2%
 elsewhere. The bootstraps, on the same draws: the bootstrap-t covers 0.97–1.00 at 3 seeds with
-intervals 1.5–2.2 times as wide as Welch's (unbounded in most paired experiments) and 0.926 on
+intervals of the difference 1.5–2.2 times as wide as Welch's (median; unbounded in most paired
+experiments) and 0.926 on
 ``t3`` at 10 seeds; BCa and percentile 0.71–0.81 at 3 seeds and 0.87–0.93 at 10.
 """
 

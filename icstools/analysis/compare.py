@@ -41,9 +41,10 @@ run is first reduced to one number per site (units and steps are averaged, or re
   pairs' linearised values), and the interval is ``[est - t*_{1-α/2} se, est - t*_{α/2} se]``.
   Replaced because with 3 seeds a resample that draws one seed three times has no spread
   (1 in 9) and such resamples set the interval's ends: on the same simulations it covers
-  0.97–1.00 at 3 seeds with intervals 1.5–2.2 times as wide as Welch's (paired: unbounded in
-  most experiments), and under-covers on heavy tails at 10 seeds (0.926). With two seeds in a
-  condition it is often unbounded; that is reported, not hidden.
+  0.97–1.00 at 3 seeds, its intervals of the difference 1.5–2.2 times as wide as Welch's
+  (median; paired: unbounded in most experiments), and under-covers on heavy tails at 10
+  seeds (0.926). With two seeds in a condition it is often unbounded; that is reported, not
+  hidden.
 - ``"bca"``: bias-corrected and accelerated percentile interval (Efron & Tibshirani 1993, §14.3;
   multi-sample jackknife as :func:`scipy.stats.bootstrap`);
 - ``"percentile"``: the ``α/2`` and ``1-α/2`` quantiles of the resampled statistic. Both use
