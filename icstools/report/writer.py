@@ -119,13 +119,14 @@ def write_report(
     groups: list[Group] = []
     drifts: dict[str, xr.Dataset | None] = {}
     ids = iter(f"r{i}" for i in range(1_000_000))
-    for path, found, label in zip(paths, found_each, names, strict=True):
+    for found in found_each:  # presets first: their diagnosed runs lead the run entries
         for directory, name, pnotes in found.presets:
             entry, pv, diagnosed, figs, panels = _preset(directory, name, pnotes, ids)
             verdicts += pv
             run_entries += diagnosed
             preset_entries.append(entry)
             sections.append(preset_section(entry, figs, panels))
+    for path, found, label in zip(paths, found_each, names, strict=True):
         group = Group(label, str(path)) if not found.presets else None
         for store in found.stores:
             ds = open_store(store, notes)
