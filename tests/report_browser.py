@@ -38,31 +38,40 @@ class Browser:
     """One headless Chromium with one page, driven over CDP (a context manager)."""
 
     def __init__(self, profile: Path, timeout: float = 60.0) -> None:
-        import websocket  # websocket-client (dev extra)
-
+        self.ws: Any = None
         self.timeout = timeout
         profile.mkdir(parents=True, exist_ok=True)
+        port_file = profile / "DevToolsActivePort"
+        port_file.unlink(missing_ok=True)  # a previous browser's port
         self.proc = subprocess.Popen(
             [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--remote-debugging-port=0",
              "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + timeout
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.close()
-                raise RuntimeError("chromium did not start its DevTools endpoint")
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
-            targets = json.loads(r.read())
-        url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
-        self.ws = websocket.create_connection(url, timeout=timeout, suppress_origin=True)
+        try:
+            self.ws = self._connect(port_file, timeout)
+        except BaseException:
+            self.close()
+            raise
         self._id = 0
         self.events: list[dict[str, Any]] = []
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.send(f"{domain}.enable")
+
+    def _connect(self, port_file: Path, timeout: float) -> Any:
+        import websocket  # websocket-client (dev extra)
+
+        deadline = time.monotonic() + timeout
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("chromium did not start its DevTools endpoint")
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only
+        with direct.open(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+            targets = json.loads(r.read())
+        url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+        return websocket.create_connection(url, timeout=timeout, suppress_origin=True)
 
     def __enter__(self) -> Browser:
         return self
@@ -72,7 +81,7 @@ class Browser:
 
     def close(self) -> None:
         try:
-            if getattr(self, "ws", None) is not None:
+            if self.ws is not None:
                 self.ws.close()
         finally:
             self.proc.terminate()

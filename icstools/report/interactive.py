@@ -316,7 +316,9 @@ def _overlays(
     record, set by :func:`run_payload`)."""
     if "hist" not in ds.data_vars or steps.size < 2:
         return {}
-    hist = _at_source(ds["hist"], source).transpose("step", "site", "bin")
+    hist_da = _at_source(ds["hist"], source).transpose("step", "site", "bin")
+    site_pos = {str(s): j for j, s in enumerate(hist_da["site"].values)}
+    hist = np.asarray(hist_da.values)  # [step, site, bin], read once
     out: dict[str, list[dict[str, Any]]] = {}
     pos = {int(s): i for i, s in enumerate(steps)}
     for row in entry.get("sites", []):
@@ -331,7 +333,7 @@ def _overlays(
             i = pos.get(int(t))
             if i is None or i == 0:
                 continue
-            both = hist.isel(step=[i - 1, i]).sel(site=site).values
+            both = hist[[i - 1, i], site_pos[site]]
             ref, cur = _hist_shares(both)
             w = None if value is None else value[i]
             items.append(

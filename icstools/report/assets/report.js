@@ -89,7 +89,7 @@
         value: function (u, v) { return fmt(v); }
       };
       if (o.fills && o.fills[i]) s.fill = o.fills[i];
-      if (o.paths) s.paths = o.paths;
+      if (o.paths) { s.paths = o.paths; s.points = { show: false }; }
       if (o.dash && o.dash[i]) s.dash = o.dash[i];
       series.push(s);
     });
@@ -178,9 +178,10 @@
       }
     }
     ctx.fillStyle = "#222"; ctx.font = "11px sans-serif"; ctx.textAlign = "right";
-    ctx.fillText("under", L - 4, H - B - 2); ctx.fillText("over", L - 4, T + 10);
-    ctx.fillText(fmt(edges[0]), L - 4, H - B - rh - 2);
-    ctx.fillText(fmt(edges[edges.length - 1]), L - 4, T + rh + 12);
+    ctx.fillText("under", L - 4, H - B - 1); ctx.fillText("over", L - 4, T + 9);
+    ctx.fillText(fmt(edges[0]), L - 4, H - B - 16);
+    ctx.fillText(fmt(edges[edges.length - 1]), L - 4, T + 24);
+    ctx.fillText(fmt((edges[0] + edges[edges.length - 1]) / 2), L - 4, (H - B + T) / 2 + 4);
     ctx.textAlign = "center";
     [0, Math.floor((nx - 1) / 2), nx - 1].forEach(function (i) {
       if (i >= 0 && i < nx) ctx.fillText(String(steps[i]), L + (i + 0.5) * cw, H - 10);
