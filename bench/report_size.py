@@ -30,7 +30,7 @@ import icstools
 from icstools.report import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine_info  # noqa: E402
+from _common import RESULTS, machine_info
 
 
 def record(path: Path, steps: int) -> None:
