@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch import nn
 
 import icstools
 from icstools.analysis.compare import compare
+from icstools.analysis.drift import site_aggregate
 from icstools.report import REPORT_SCHEMA, write_report
 from icstools.report.assets import UPLOT_VERSION, content_security_policy, json_block, scripts
 from icstools.report.comparison import (
@@ -126,8 +126,8 @@ def test_pack_roundtrip_within_its_error_bound():
     assert (code[~finite] == 4095).all()
     back = p["lo"] + (p["hi"] - p["lo"]) * code[finite] / 4094
     assert np.abs(back - a.ravel()[finite]).max() <= (p["hi"] - p["lo"]) / 8188 + 1e-12
-    lg = pack([1e-6, 1.0, 1e6, 0.0, -1.0], log=True)
-    assert (lg["lo"], lg["hi"], lg["s"][-4:]) == (-6.0, 6.0, "____")
+    lg = pack([1e-6, 1.0, 1e6, 0.0, -1.0], log=True)  # zero has a code, negatives are missing
+    assert (lg["lo"], lg["hi"], lg["s"]) == (-6.0, 6.0, "AAf-_9_-__")  # 0, 2046.5→2046, 4093
     assert pack([2.0, 2.0])["s"] == "AAAA"  # constant: every value at lo
     assert thin(10, 4).tolist() == [0, 3, 6, 9] and thin(3, 5).tolist() == [0, 1, 2]
 
@@ -285,26 +285,27 @@ def test_user_names_stay_escaped_in_html_and_data(two_groups):
     assert len(re.findall(r"<script>", page)) == 2 and "<script src" not in page
 
 
-def test_single_runs_compared_by_the_cli_are_inconclusive_with_the_reason(runs, tmp_path):
+def test_single_runs_compared_by_the_cli_are_inconclusive_with_the_reason(runs, tmp_path, capsys):
+    from icstools import cli
+
     a, b = runs["slow"] / "seed-0.zarr", runs["fast"] / "seed-0.zarr"
-    cmd = [sys.executable, "-m", "icstools.cli", "report", str(a), str(b)]
-    out = subprocess.run(
+    cmd = ["report", str(a), str(b)]
+    code = cli.main(
         [*cmd, "--label", "A", "--label", "B", "--html", str(tmp_path / "r.html"),
-         "--json", str(tmp_path / "r.json")],
-        capture_output=True, text=True, timeout=300, check=False,
+         "--json", str(tmp_path / "r.json")]
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr
+    assert code == 0, capsys.readouterr().err
     c = json.loads((tmp_path / "r.json").read_text())["comparison"]
     assert [g["label"] for g in c["groups"]] == ["A", "B"]
     assert c["rows"] and all(r["verdict"] == "inconclusive" for r in c["rows"])
     assert all("at least 2 runs" in r["reason"] for r in c["rows"])
     assert any("single run" in n for n in c["notes"])
-    bad = subprocess.run(
-        [*cmd, "--label", "A", "--html", str(tmp_path / "x.html")],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert bad.returncode == 2 and "1 label(s) ['A'] for 2 input(s)" in bad.stderr
+    capsys.readouterr()
+    assert cli.main([*cmd, "--label", "A", "--html", str(tmp_path / "x.html")]) == 2
+    assert "1 label(s) ['A'] for 2 input(s)" in capsys.readouterr().err
     assert not (tmp_path / "x.html").exists()
+    assert cli.main(["report", "--help"]) == 0
+    assert "--label NAME" in capsys.readouterr().out
 
 
 def test_label_errors(runs, tmp_path):
@@ -381,6 +382,19 @@ def test_page_in_chromium_is_quiet_offline_and_interactive(two_groups, runs, tmp
             ".querySelectorAll('.u-label')).map(e => e.textContent)"
         )
         assert legend[:1] == ["step"] and set(sites) <= set(legend)  # a legend with every site
+        # the drift panel (log scale first, packed in log10): switched to linear, it shows the
+        # run's median W1/σ against the previous record, zeros included
+        assert b.eval(f"icsReport.plots['{rid}/lines/0'].scales.y.distr") == 3
+        b.eval(
+            f"(() => {{ const c = document.querySelector('#ics-run-{rid} input.ics-log');"
+            " c.checked = false; c.dispatchEvent(new Event('change')); })()"
+        )
+        assert b.eval(f"icsReport.plots['{rid}/lines/0'].scales.y.distr") == 1
+        drift = ds.ics.drift("previous", ["w1_std"])[["w1_std"]]
+        want = site_aggregate(drift, "median")["w1_std"].transpose("site", "step").values
+        got = np.array(b.eval(f"icsReport.plots['{rid}/lines/0'].data")[1:], dtype=float)
+        assert np.isnan(got[:, 0]).all() and np.isnan(want[:, 0]).all()  # no previous record
+        assert np.allclose(got[:, 1:], want[:, 1:], rtol=5e-3, atol=0)
 
         def choose(cls: str, value: str) -> None:
             b.eval(

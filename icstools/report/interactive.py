@@ -85,19 +85,26 @@ _LEVELS = 4094  # values map to 0 … 4094; 4095 ("__") is NaN/inf
 
 def pack(a: Any, log: bool = False) -> dict[str, Any]:
     """An array as text of two characters per value: each finite value quantized to 4,095
-    levels between the array's finite minimum ``lo`` and maximum ``hi`` (of log10 of the
-    values when ``log``, where values <= 0 are missing), NaN/inf as missing. The error is at
-    most ``(hi - lo) / 8188`` (in log10 units when ``log``). About 4 times smaller than the same
-    numbers as JSON text; ``assets/report.js`` unpacks it.
+    levels between the array's finite minimum ``lo`` and maximum ``hi``, NaN/inf as missing
+    (``"__"``). With ``log``, the positive values are quantized in log10 (4,094 levels, so that
+    small values keep their precision beside large ones), exact zeros keep a code of their own
+    (``"_-"``) and negative values are missing. The error is at most ``(hi - lo) / 8188`` (in
+    log10 units when ``log``). About 4 times smaller than the same numbers as JSON text;
+    ``assets/report.js`` unpacks it.
 
     Examples
     --------
     >>> p = pack([0.0, 0.5, float("nan"), 1.0])
     >>> p["s"], p["lo"], p["hi"], p["shape"]
     ('AAf____-', 0.0, 1.0, [4])
+    >>> pack([0.0, 0.01, 100.0], log=True)["s"]
+    '_-AA_9'
     """
     x = np.asarray(a, dtype=np.float64)
+    levels = _LEVELS - 1 if log else _LEVELS
+    zero = np.zeros(x.shape, dtype=bool)
     if log:
+        zero = x == 0
         with np.errstate(divide="ignore", invalid="ignore"):
             x = np.where(x > 0, np.log10(np.where(x > 0, x, 1.0)), np.nan)
     finite = np.isfinite(x)
@@ -105,9 +112,10 @@ def pack(a: Any, log: bool = False) -> dict[str, Any]:
     hi = float(x[finite].max()) if finite.any() else 0.0
     k = np.full(x.shape, _LEVELS + 1, dtype=np.int64)
     if hi > lo:
-        k[finite] = np.round((x[finite] - lo) / (hi - lo) * _LEVELS).astype(np.int64)
+        k[finite] = np.round((x[finite] - lo) / (hi - lo) * levels).astype(np.int64)
     else:
         k[finite] = 0
+    k[zero] = _LEVELS
     text = np.char.add(_ALPHABET[k // 64], _ALPHABET[k % 64])
     return {
         "shape": list(x.shape),
@@ -116,6 +124,12 @@ def pack(a: Any, log: bool = False) -> dict[str, Any]:
         "log": bool(log),
         "s": "".join(text.ravel()),
     }
+
+
+def _nonnegative(values: np.ndarray) -> bool:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return bool(v.size) and bool((v >= 0).all()) and bool((v > 0).any())
 
 
 def thin(n: int, cap: int) -> np.ndarray:
@@ -151,13 +165,17 @@ def _line_block(
     log: bool = False,
     note: str = "",
 ) -> dict[str, Any]:
-    """One multi-line panel: ``values`` is ``[step, line]``."""
+    """One multi-line panel: ``values`` is ``[step, line]``; ``log``: shown on a log scale
+    first."""
+    values = np.asarray(values, dtype=np.float64)
     return {
         "title": title,
         "ylabel": ylabel,
         "log": log,
         "names": [str(n) for n in names],
-        "values": pack(np.asarray(values, dtype=np.float64)[idx].T, log=log),
+        # positive series are packed in log10 (small values keep their precision), so that the
+        # page can switch between linear and log scales
+        "values": pack(values[idx].T, log=_nonnegative(values[idx])),
         "note": note,
     }
 
@@ -178,7 +196,9 @@ def _lines(
                 sites,
                 agg.values,
                 idx,
-                note=f"source: {source}; the quantity the drift flags read",
+                log=True,
+                note=f"source: {source}; the quantity the drift flags read (zeros are not "
+                "drawn on the log scale: switch it off to see them)",
             )
         )
     if "grad_norm" in ds.data_vars and "site" in ds["grad_norm"].dims:

@@ -17,7 +17,8 @@
   function parse(id) { return JSON.parse(document.getElementById(id).textContent); }
 
   /* Packed arrays (icstools.report.interactive.pack): two characters per value, 4,095 levels
-     between lo and hi (of log10 when p.log), "__" missing; nested to p.shape. */
+     between lo and hi ("__" missing), or with p.log 4,094 levels of log10 and "_-" for zero;
+     nested to p.shape. */
   var ALPHA = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", IDX = {};
   for (var a = 0; a < ALPHA.length; a++) IDX[ALPHA.charAt(a)] = a;
   function unpack(p) {
@@ -26,8 +27,8 @@
     for (var i = 0; i < n; i++) {
       var k = IDX[p.s.charAt(2 * i)] * 64 + IDX[p.s.charAt(2 * i + 1)];
       if (k === 4095) { flat[i] = null; continue; }
-      var v = p.lo + span * k / 4094;
-      flat[i] = p.log ? Math.pow(10, v) : v;
+      if (p.log && k === 4094) { flat[i] = 0; continue; }
+      flat[i] = p.log ? Math.pow(10, p.lo + span * k / 4093) : p.lo + span * k / 4094;
     }
     function nest(off, dims) {
       if (dims.length === 1) return flat.slice(off, off + dims[0]);
@@ -99,7 +100,19 @@
       height: o.height || 260,
       series: series,
       scales: { x: { time: false }, y: log ? { distr: 3 } : {} },
-      axes: [{ label: o.xlabel || "step" }, { label: (o.ylabel || "") + (log ? " (log)" : ""), size: 72 }],
+      axes: [{ label: o.xlabel || "step" }, {
+        label: (o.ylabel || "") + (log ? " (log)" : ""), size: 72,
+        values: function (u, vals) {
+          if (!log) return vals.map(fmt);
+          // log scale: label the powers of ten only, every other one when there are many
+          var decades = vals.filter(function (v) { return Math.abs(Math.log10(v) - Math.round(Math.log10(v))) < 1e-6; });
+          var step = decades.length > 8 ? 2 : 1;
+          return vals.map(function (v) {
+            var e = Math.log10(v), r = Math.round(e);
+            return Math.abs(e - r) < 1e-6 && r % step === 0 ? (Math.abs(r) >= 4 ? "1e" + r : fmt(v)) : "";
+          });
+        }
+      }],
       legend: { live: true },
       cursor: { drag: { x: true, y: false } }
     };
@@ -123,14 +136,29 @@
     if (names.indexOf("loss") >= 0) sel.value = "loss";
     var area = el("div", "ics-plot");
     box.appendChild(area);
+    var cb = null;
     function draw() {
       var n = sel.value;
       plot(id + "/scalar", area, "Logged value: " + n, d.steps, [n], [d.scalars[n]],
-        { log: n === "loss", ylabel: n });
+        { log: cb ? cb.checked : false, ylabel: n });
       R.shown[id + "/scalar"] = n;
     }
     sel.addEventListener("change", draw);
-    draw();
+    cb = logToggle(bar, false, draw);
+  }
+
+  /* A checkbox "log scale" that calls draw(checked) now and on every change. */
+  function logToggle(bar, initial, draw) {
+    var lab = el("label", "ics-label");
+    var cb = el("input", "ics-log");
+    cb.type = "checkbox";
+    cb.checked = !!initial;
+    lab.appendChild(cb);
+    lab.appendChild(document.createTextNode(" log scale"));
+    bar.appendChild(lab);
+    cb.addEventListener("change", function () { draw(cb.checked); });
+    draw(cb.checked);
+    return cb;
   }
 
   function linesPanels(host, id, d, from, to) {
@@ -138,10 +166,14 @@
       if (i < from || i >= to) return;
       var box = el("div", "ics-panel");
       host.appendChild(box);
+      var bar = el("div", "ics-controls");
+      box.appendChild(bar);
       var area = el("div", "ics-plot");
       box.appendChild(area);
-      plot(id + "/lines/" + i, area, b.title, d.steps, b.names, b.values,
-        { log: b.log, ylabel: b.ylabel });
+      logToggle(bar, b.log, function (log) {
+        plot(id + "/lines/" + i, area, b.title, d.steps, b.names, b.values,
+          { log: log, ylabel: b.ylabel });
+      });
       if (b.note) box.appendChild(el("p", "small", b.note));
     });
   }
