@@ -80,7 +80,7 @@ def rounded(a: Any, digits: int) -> list[Any]:
 #: The 64 characters of packed arrays (:func:`pack`): two per value, 4,095 levels and a
 #: missing-value code.
 _ALPHABET = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"))
-_LEVELS = 4094  # values map to 0 … 4094; 4095 ("__") is NaN/inf
+_LEVELS = 4094  # values map to 0 … 4094 (log: 0 … 4093, 4094 is zero); 4095 ("__") is NaN/inf
 
 
 def pack(a: Any, log: bool = False) -> dict[str, Any]:
