@@ -696,7 +696,10 @@ def _report(args: argparse.Namespace) -> int:
             )
     try:
         result = write_report(
-            inputs, Path(args.html), None if args.json is None else Path(args.json)
+            inputs,
+            Path(args.html),
+            None if args.json is None else Path(args.json),
+            labels=getattr(args, "label", None),
         )
     except (ValueError, TypeError, StoreError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from None
@@ -971,9 +974,28 @@ def _add_report(sub: Any) -> None:
     rp = sub.add_parser(
         "report",
         help="write the drift report (HTML + JSON) of runs",
-        description="Write the drift report of runs: each claim, its measurement and verdict.",
+        description="Write the drift report of runs: each claim, its measurement and verdict; "
+        "per-run interactive plots (one offline HTML file); and, with two inputs or more that "
+        "are runs or folders of runs (not preset folders), a per-site comparison of the groups "
+        "with intervals over runs and verdicts.",
+        epilog="Examples:\n"
+        "  icstools report data/runs/fig1 --html fig1.html --json fig1.json\n"
+        "  icstools report a.zarr b.zarr --label baseline --label bn --html ab.html\n"
+        "  icstools report runs/lr0.1/ runs/lr1/ --label 'lr 0.1' --label 'lr 1' --html lr.html\n"
+        "\nEach input that is a run store or a folder of runs is one group (a folder's runs "
+        "are its seeds); every group is compared with the first.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    rp.add_argument("inputs", nargs="+", help="run stores or preset output folders")
+    rp.add_argument(
+        "inputs", nargs="+", help="run stores, folders of runs, or preset output folders"
+    )
+    rp.add_argument(
+        "--label",
+        action="append",
+        metavar="NAME",
+        help="name of the group of each input, in order (repeat once per input; default: the "
+        "input's name)",
+    )
     rp.add_argument("--html", required=True, metavar="PATH", help="path of the HTML report")
     rp.add_argument("--json", metavar="PATH", help="path of the JSON report (optional)")
     rp.set_defaults(func=_report)

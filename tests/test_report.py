@@ -541,38 +541,57 @@ def test_html_escapes_site_preset_and_condition_names(full):
 
 
 class _Elements(HTMLParser):
-    """Every start tag with its attributes, and the text of <style> elements."""
+    """Every start tag with its attributes, the text of <style> elements and of executable
+    <script> elements (no type)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.tags: list[tuple[str, dict[str, str | None]]] = []
         self.styles: list[str] = []
-        self._in_style = False
+        self.scripts: list[str] = []
+        self._in: str | None = None
 
     def handle_starttag(self, tag, attrs):
         self.tags.append((tag, dict(attrs)))
-        self._in_style = tag == "style"
+        self._in = tag if tag == "style" or (tag == "script" and not dict(attrs)) else None
+        if self._in == "script":
+            self.scripts.append("")
 
     def handle_endtag(self, tag):
-        self._in_style = False
+        self._in = None
 
     def handle_data(self, data):
-        if self._in_style:
+        if self._in == "style":
             self.styles.append(data)
+        elif self._in == "script":
+            self.scripts[-1] += data
 
 
 def test_html_is_self_contained(full):
+    import base64
+    import hashlib
+
     _, page, _ = full
     parsed = _Elements()
     parsed.feed(page)
     tags = [t for t, _ in parsed.tags]
-    assert "script" not in tags and "link" not in tags and "iframe" not in tags
+    assert "link" not in tags and "iframe" not in tags and "object" not in tags
     csp = [
         a
         for t, a in parsed.tags
         if t == "meta" and (a.get("http-equiv") or "").lower() == "content-security-policy"
     ]
-    assert csp and "default-src 'none'" in csp[0]["content"]
+    assert csp and csp[0]["content"].startswith("default-src 'none'; img-src data:;")
+    # scripts: inline only, either data (application/json) or allowed by their SHA-256 hash
+    for t, a in parsed.tags:
+        if t == "script":
+            assert a in ({}, {"type": "application/json", "id": a.get("id")}), a
+    assert len(parsed.scripts) == 2  # uPlot and the report's own
+    allowed = re.findall(r"'sha256-([A-Za-z0-9+/=]+)'", csp[0]["content"])
+    digests = [
+        base64.b64encode(hashlib.sha256(js.encode()).digest()).decode() for js in parsed.scripts
+    ]
+    assert sorted(allowed) == sorted(digests)
     urls = [
         (t, k, v)
         for t, attrs in parsed.tags

@@ -24,7 +24,7 @@ from icstools.report.figures import run_figures
 from icstools.report.formatting import num
 from icstools.schema import how_to_record
 
-__all__ = ["diagnose_run"]
+__all__ = ["diagnose", "diagnose_run"]
 
 #: The optional variables whose absence the diagnostics list (with how to record them).
 _DIAG_VARS = (
@@ -69,6 +69,15 @@ def diagnose_run(ds: xr.Dataset, path: str = "") -> tuple[dict[str, Any], list[t
     >>> entry["drift_flags"]["window_steps"]  # doctest: +SKIP
     [1, 2, 3]
     """
+    entry, figures, _ = diagnose(ds, path)
+    return entry, figures
+
+
+def diagnose(
+    ds: xr.Dataset, path: str = ""
+) -> tuple[dict[str, Any], list[tuple[str, Any]], xr.Dataset | None]:
+    """:func:`diagnose_run`, and the per-unit W1/σ against the previous record that its drift
+    flags read (None when it cannot be computed), for the interactive panels."""
     if not isinstance(ds, xr.Dataset):
         raise TypeError(f"ds must be an xarray.Dataset, got {type(ds).__name__}")
     steps = np.asarray(ds["step"].values, dtype=np.int64) if "step" in ds.coords else np.array([])
@@ -76,7 +85,7 @@ def diagnose_run(ds: xr.Dataset, path: str = "") -> tuple[dict[str, Any], list[t
     entry = _empty_entry(ds, path, steps, notes)
     if not steps.size or "site" not in ds.coords:
         notes.append("the run has no record or no site")
-        return entry, []
+        return entry, [], None
     if entry["diverged_step"] is not None:
         notes.append(
             f"the run diverged at step {entry['diverged_step']}: its statistics after that are "
@@ -89,7 +98,7 @@ def diagnose_run(ds: xr.Dataset, path: str = "") -> tuple[dict[str, Any], list[t
     entry["sites"] = list(rows.values())
     figures = run_figures(ds, drift, notes)
     entry["figures"] = [title for title, _ in figures]
-    return entry, figures
+    return entry, figures, drift
 
 
 def _empty_entry(ds: xr.Dataset, path: str, steps: np.ndarray, notes: list[str]) -> dict[str, Any]:

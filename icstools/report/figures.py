@@ -120,11 +120,20 @@ def _preset_makers(
     return out  # fmt: skip
 
 
+def _has_threshold(ds: xr.Dataset) -> bool:
+    return (
+        "sat_threshold" in ds.coords
+        and np.isfinite(np.asarray(ds["sat_threshold"].values, dtype=np.float64)).any()
+    )
+
+
 def run_figures(
     ds: xr.Dataset, drift: xr.Dataset | None, notes: list[str]
 ) -> list[tuple[str, Any]]:
-    """The diagnostic figures of one run (``drift``: its W1/σ against the previous record, when
-    computed); why a figure is absent or not drawn, and each figure's notes, go to ``notes``."""
+    """The static diagnostic figures of one run (``drift``: its W1/σ against the previous record,
+    when computed): the drift heatmap (an overview of every site at once), the landscape and the
+    Jacobian spectra; the time series are the page's interactive panels. Why a figure is
+    absent or not drawn, and each figure's notes, go to ``notes``."""
     figures: list[tuple[str, Any]] = []
 
     def add(title: str, make: Callable[[], Any]) -> None:
@@ -143,27 +152,10 @@ def run_figures(
             else plots.plot_drift_heatmap(ds)
         ),
     )
-    if "loss" in ds.data_vars:
-        add("Training loss", lambda: plots.plot_scalar(ds, "loss", log=True))
-    if "test_acc" in ds.data_vars:
-        add("Test accuracy", lambda: plots.plot_accuracy(ds))
-    has_thr = (
-        "sat_threshold" in ds.coords
-        and np.isfinite(np.asarray(ds["sat_threshold"].values, dtype=np.float64)).any()
-    )
-    if "sat_frac" in ds.data_vars and has_thr:
-        add("Saturation per site", lambda: plots.plot_saturation(ds))
-    else:
+    # loss, accuracy, saturation, dead units, gradient norms and gradient ICS are interactive
+    # panels of the page (icstools.report.interactive); these have no interactive counterpart
+    if "sat_frac" in ds.data_vars and not _has_threshold(ds):
         notes.append("saturation: no site has a threshold (sigmoid/tanh inputs only)")
-    if "zero_frac" in ds.data_vars:
-        add("Dead units per site", lambda: plots.plot_dead_units(ds))
-    if "grad_norm" in ds.data_vars:
-        add("Activation-gradient norm per site", lambda: plots.plot_grad_norms(ds))
-    if "param_grad_norm" in ds.data_vars:
-        add("Gradient norm per parameter", lambda: plots.plot_grad_norms(ds, "param_grad_norm"))
-    if "ics_cos" in ds.data_vars:
-        add("Gradient ICS: cos(G, G') per layer", lambda: plots.plot_ics(ds, "ics_cos"))
-        add("Gradient ICS: ‖G − G'‖ per layer", lambda: plots.plot_ics(ds, "ics_l2"))
     if "beta_smoothness" in ds.data_vars:
         add("Landscape: effective β-smoothness", lambda: plots.plot_landscape(ds))
     if "jac_sv" in ds.data_vars:

@@ -1,7 +1,9 @@
-"""The report's HTML page: one self-contained file (CSS inline, figures embedded as base64 PNG,
-no JavaScript, no URL of any kind: a Content-Security-Policy forbids every network load), built
-from the JSON document of :func:`icstools.report.write_report` and the drawn figures. Every
-text from runs, paths or presets is escaped."""
+"""The report's HTML page: one self-contained file (CSS inline, static figures embedded as
+base64 PNG, the interactive panels drawn by inline scripts from inline JSON data, no URL of
+any kind: a Content-Security-Policy forbids every network load and every script but the
+page's own, :mod:`icstools.report.assets`), built from the JSON document of
+:func:`icstools.report.write_report`, the drawn figures and the interactive sections
+(:mod:`icstools.report.sections`). Every text from runs, paths or presets is escaped."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
+from icstools.report.assets import content_security_policy, license_html, scripts, styles
 from icstools.report.claims import (
     CLAIMS,
     CONFIDENCE_LEVEL,
@@ -127,8 +130,11 @@ def _claims_table(presets: Sequence[str]) -> str:
     )
 
 
-def run_section(entry: dict[str, Any], figures: Sequence[tuple[str, Any]]) -> str:
-    """The section of one run's diagnostics (``entry`` as ``REPORT_SCHEMA["$defs"]["run"]``)."""
+def run_section(
+    entry: dict[str, Any], figures: Sequence[tuple[str, Any]], interactive: str = ""
+) -> str:
+    """The section of one run's diagnostics (``entry`` as ``REPORT_SCHEMA["$defs"]["run"]``);
+    ``interactive``: its interactive panels and settings (:mod:`icstools.report.sections`)."""
     parts = [f"<h3>Run {_e(entry['path'])}</h3>"]
     div = entry["diverged_step"]
     parts.append(
@@ -174,6 +180,7 @@ def run_section(entry: dict[str, Any], figures: Sequence[tuple[str, Any]]) -> st
         f"</thead><tbody>{''.join(body)}</tbody></table>"
         "<p class='small'>Values at the last record; W1/σ against the first record.</p>"
     )
+    parts.append(interactive)
     if entry["absent"]:
         parts.append(
             "<p class='note'>Not recorded (skipped): "
@@ -186,8 +193,11 @@ def run_section(entry: dict[str, Any], figures: Sequence[tuple[str, Any]]) -> st
     return "".join(parts)
 
 
-def preset_section(entry: dict[str, Any], figures: Sequence[tuple[str, Any]]) -> str:
-    """The section of one preset directory (``entry`` as ``REPORT_SCHEMA["$defs"]["preset"]``)."""
+def preset_section(
+    entry: dict[str, Any], figures: Sequence[tuple[str, Any]], interactive: str = ""
+) -> str:
+    """The section of one preset directory (``entry`` as ``REPORT_SCHEMA["$defs"]["preset"]``);
+    ``interactive``: the interactive panels of its diagnosed runs (an unknown preset's)."""
     parts = [f"<h2>Preset {_e(entry['preset'])}</h2><p class='small'>{_e(entry['path'])}</p>"]
     if not entry["known"]:
         parts.append(
@@ -220,20 +230,28 @@ def preset_section(entry: dict[str, Any], figures: Sequence[tuple[str, Any]]) ->
     if entry["notes"]:
         parts.append(f"<div class='note'>{_list(entry['notes'])}</div>")
     parts.append(_figures_html(figures))
+    parts.append(interactive)
     return "".join(parts)
 
 
-def page(data: dict[str, Any], preset_sections: Sequence[str], run_sections: Sequence[str]) -> str:
-    """The whole page: verdicts, claims and rules, the preset and run sections, notes."""
+def page(
+    data: dict[str, Any],
+    preset_sections: Sequence[str],
+    run_sections: Sequence[str],
+    comparison: str = "",
+) -> str:
+    """The whole page: verdicts, claims and rules, the comparison of groups of runs, the preset
+    and run sections, notes, then the inline scripts that draw the interactive panels."""
     verdicts = data["verdicts"]
     presets = [p["preset"] for p in data["presets"]]
+    inline = scripts()
     head = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
-        "img-src data:; style-src 'unsafe-inline'\">"
+        "<meta http-equiv='Content-Security-Policy' "
+        f'content="{_e(content_security_policy(inline))}">'
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         "<title>icstools drift report</title>"
-        f"<style>{_CSS}</style></head><body>"
+        f"<style>{_CSS}{styles()}</style></head><body>"
     )
     parts = [
         head,
@@ -257,6 +275,7 @@ def page(data: dict[str, Any], preset_sections: Sequence[str], run_sections: Seq
             "for a ratio, as each effect says.</p>" + _verdict_rows(verdicts)
         )
         parts.append(_claims_table(presets))
+    parts.append(comparison)
     parts += preset_sections
     if run_sections:
         parts.append(
@@ -267,5 +286,7 @@ def page(data: dict[str, Any], preset_sections: Sequence[str], run_sections: Seq
         parts += run_sections
     if data["notes"]:
         parts.append(f"<h2>Notes</h2>{_list(data['notes'])}")
+    parts.append(license_html())
+    parts += [f"<script>{js}</script>" for js in inline]
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -17,7 +17,7 @@ import xarray as xr
 
 from icstools.store import StoreError, open_run
 
-__all__ = ["Inputs", "as_paths", "find_inputs", "open_store", "preset_runs"]
+__all__ = ["Inputs", "as_paths", "find_inputs", "group_labels", "open_store", "preset_runs"]
 
 
 def as_paths(inputs: Any) -> list[Path]:
@@ -151,3 +151,35 @@ def preset_runs(
         if not _is_store(path):
             notes.append(f"cannot open the run {path}: the manifest lists it but it is missing")
     return out
+
+
+def group_labels(
+    paths: Sequence[Path], labels: Sequence[str] | None, is_preset: Sequence[bool]
+) -> list[str]:
+    """The group name of each input: ``labels`` (checked: one non-empty, distinct name per
+    input, none for a preset folder), else the input's name without ``.zarr`` (its whole path
+    where two inputs share a name)."""
+    if labels is None:
+        names = [p.name[: -len(".zarr")] if p.name.endswith(".zarr") else p.name for p in paths]
+        return [
+            n if names.count(n) == 1 and n else str(p) for n, p in zip(names, paths, strict=True)
+        ]
+    if isinstance(labels, str) or not isinstance(labels, Sequence):
+        raise TypeError(f"labels must be a list of str (one per input), got {labels!r}")
+    if len(labels) != len(paths):
+        raise ValueError(
+            f"{len(labels)} label(s) {list(labels)!r} for {len(paths)} input(s) "
+            f"{[str(p) for p in paths]}: give one label per input, in the same order"
+        )
+    for label, path, preset in zip(labels, paths, is_preset, strict=True):
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"label {label!r} of {str(path)!r}: a label is a non-empty name")
+        if preset:
+            raise ValueError(
+                f"label {label!r}: {str(path)!r} is a preset folder (its conditions are "
+                "compared by its claims); labels name run stores or folders of runs"
+            )
+    repeated = sorted({x for x in labels if list(labels).count(x) > 1})
+    if repeated:
+        raise ValueError(f"labels must be distinct, {repeated!r} repeated in {list(labels)!r}")
+    return list(labels)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from icstools.report.claims import VERDICTS
+from icstools.report.comparison import COMPARISON_VERDICTS
 
 __all__ = ["REPORT_SCHEMA", "SCHEMA_ID"]
 
@@ -36,6 +37,7 @@ REPORT_SCHEMA: dict[str, Any] = {
         "verdicts",
         "presets",
         "runs",
+        "comparison",
         "notes",
     ],
     "additionalProperties": False,
@@ -52,9 +54,81 @@ REPORT_SCHEMA: dict[str, Any] = {
         "verdicts": {"type": "array", "items": {"$ref": "#/$defs/verdict"}},
         "presets": {"type": "array", "items": {"$ref": "#/$defs/preset"}},
         "runs": {"type": "array", "items": {"$ref": "#/$defs/run"}},
+        "comparison": {
+            "description": "groups of runs compared site by site (null: fewer than 2 groups)",
+            "oneOf": [{"type": "null"}, {"$ref": "#/$defs/comparison"}],
+        },
         "notes": _STRS,
     },
     "$defs": {
+        "comparison": {
+            "type": "object",
+            "required": ["groups", "reference", "confidence_level", "margin", "rows", "notes"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 2,
+                    "items": {
+                        "type": "object",
+                        "required": ["label", "input", "runs"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "label": {"type": "string"},
+                            "input": {"type": "string"},
+                            "runs": _STRS,
+                        },
+                    },
+                },
+                "reference": {"type": "string", "description": "label of the reference group"},
+                "confidence_level": {"type": "number"},
+                "margin": {"type": "number", "description": "half-width of the equivalence band"},
+                "rows": {"type": "array", "items": {"$ref": "#/$defs/comparison_row"}},
+                "notes": _STRS,
+            },
+        },
+        "comparison_row": {
+            "type": "object",
+            "required": [
+                "metric",
+                "metric_kwargs",
+                "what",
+                "site",
+                "group",
+                "reference",
+                "n_group",
+                "n_reference",
+                "mean_group",
+                "mean_reference",
+                "ratio",
+                "ratio_ci",
+                "diff",
+                "diff_ci",
+                "statistic",
+                "verdict",
+                "reason",
+            ],
+            "additionalProperties": False,
+            "properties": {
+                "metric": {"type": "string", "description": "registry metric or run variable"},
+                "metric_kwargs": {"type": "object", "additionalProperties": {"type": "string"}},
+                "what": {"type": "string"},
+                "site": {"type": "string"},
+                "group": {"type": "string"},
+                "reference": {"type": "string"},
+                "n_group": {"type": "integer", "minimum": 0},
+                "n_reference": {"type": "integer", "minimum": 0},
+                "mean_group": _NUM,
+                "mean_reference": _NUM,
+                "ratio": _NUM,
+                "ratio_ci": {"type": "array", "items": _NUM, "minItems": 2, "maxItems": 2},
+                "diff": _NUM,
+                "diff_ci": {"type": "array", "items": _NUM, "minItems": 2, "maxItems": 2},
+                "statistic": {"enum": ["ratio", "diff"]},
+                "verdict": {"enum": list(COMPARISON_VERDICTS)},
+                "reason": {"type": "string"},
+            },
+        },
         "verdict": {
             "type": "object",
             "required": [
@@ -209,6 +283,7 @@ REPORT_SCHEMA: dict[str, Any] = {
             "additionalProperties": False,
             "properties": {
                 "path": {"type": "string"},
+                "group": {"type": "string", "description": "label of the run's group"},
                 "model_class": {"type": "string"},
                 "records": {"type": "integer", "minimum": 0},
                 "first_step": _INT_OR_NULL,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import json as _json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +16,15 @@ import xarray as xr
 from icstools import __version__
 from icstools.analysis.metrics import METRICS, diverged_step
 from icstools.report.claims import CLAIMS, CONFIDENCE_LEVEL
-from icstools.report.diagnostics import diagnose_run
+from icstools.report.comparison import Group, compare_groups, drift_traces
+from icstools.report.diagnostics import diagnose
 from icstools.report.figures import preset_figures
 from icstools.report.formatting import num
 from icstools.report.html import page, preset_section, run_section
-from icstools.report.inputs import as_paths, find_inputs, open_store, preset_runs
+from icstools.report.inputs import as_paths, find_inputs, group_labels, open_store, preset_runs
+from icstools.report.interactive import run_payload, settings
 from icstools.report.json_schema import SCHEMA_ID
+from icstools.report.sections import comparison_section, interactive_block, settings_block
 from icstools.report.verdicts import assess
 
 __all__ = ["ReportResult", "write_report"]
@@ -54,8 +57,15 @@ def write_report(
     inputs: Sequence[str | os.PathLike[str]],
     html: str | os.PathLike[str],
     json: str | os.PathLike[str] | None = None,
+    *,
+    labels: Sequence[str] | None = None,
 ) -> ReportResult:
     """Write the drift report: one self-contained HTML file and, optionally, JSON.
+
+    Each input that holds runs but no preset (a run store, or a folder of runs: its seeds) is
+    a **group**; with two groups or more, every group is compared with the first, site by site
+    (:mod:`icstools.report.comparison`: ratio with a bootstrap interval over runs, and a
+    verdict).
 
     Parameters
     ----------
@@ -67,6 +77,9 @@ def write_report(
         The HTML file to write (its directory is created).
     json : path, optional
         The JSON file to write (same numbers; schema :data:`~icstools.report.REPORT_SCHEMA`).
+    labels : list of str, optional
+        One name per input, for the groups (default: each input's name without ``.zarr``).
+        Only for inputs that are runs or folders of runs, not preset folders.
 
     Returns
     -------
@@ -79,7 +92,8 @@ def write_report(
     FileNotFoundError
         An input does not exist.
     ValueError
-        An input is a file, or no run was found in any input.
+        An input is a file, no run was found in any input, or ``labels`` do not match the
+        inputs (count, empty or repeated names, a preset folder).
 
     Examples
     --------
@@ -94,30 +108,48 @@ def write_report(
         raise TypeError(f"json must be a path or None, got {type(json).__name__}")
     html_path = Path(html)
     json_path = Path(json) if json is not None else None
-    found = find_inputs(paths)
-    notes = list(found.notes)
+    found_each = [find_inputs([p]) for p in paths]
+    names = group_labels(paths, labels, [bool(f.presets) for f in found_each])
+    notes = [n for f in found_each for n in f.notes]
     verdicts: list[dict[str, Any]] = []
     preset_entries: list[dict[str, Any]] = []
     run_entries: list[dict[str, Any]] = []
     sections: list[str] = []
     run_sections: list[str] = []
-    for directory, name, pnotes in found.presets:
-        entry, pv, diagnosed, figs = _preset(directory, name, pnotes)
-        verdicts += pv
-        run_entries += diagnosed
-        preset_entries.append(entry)
-        sections.append(preset_section(entry, figs))
-    for store in found.stores:
-        ds = open_store(store, notes)
-        if ds is None:
-            continue
-        run_entry, figs = diagnose_run(ds, str(store))
-        run_entries.append(run_entry)
-        run_sections.append(run_section(run_entry, figs))
-    if not found.presets and not run_entries:
+    groups: list[Group] = []
+    drifts: dict[str, xr.Dataset | None] = {}
+    ids = iter(f"r{i}" for i in range(1_000_000))
+    for found in found_each:  # presets first: their diagnosed runs lead the run entries
+        for directory, name, pnotes in found.presets:
+            entry, pv, diagnosed, figs, panels = _preset(directory, name, pnotes, ids)
+            verdicts += pv
+            run_entries += diagnosed
+            preset_entries.append(entry)
+            sections.append(preset_section(entry, figs, panels))
+    for path, found, label in zip(paths, found_each, names, strict=True):
+        group = Group(label, str(path)) if not found.presets else None
+        for store in found.stores:
+            ds = open_store(store, notes)
+            if ds is None:
+                continue
+            run_entry, figs, drift = diagnose(ds, str(store))
+            panels = _panels(ds, run_entry, drift, str(store), next(ids))
+            if group is not None:
+                run_entry["group"] = group.label
+                group.runs.append((str(store), ds))
+                drifts[str(store)] = drift
+            run_entries.append(run_entry)
+            run_sections.append(run_section(run_entry, figs, panels))
+        if group is not None and group.runs:
+            groups.append(group)
+    if not preset_entries and not run_entries:
         raise ValueError(
             f"no readable run found in {[str(p) for p in paths]}" + (f": {notes}" if notes else "")
         )
+    comparison = compare_groups(groups) if len(groups) >= 2 else None
+    comparison_html = (
+        comparison_section(comparison, drift_traces(groups, drifts)) if comparison else ""
+    )
     single = any(v["single_seed"] for v in verdicts) or any(
         e["single_seed_conditions"] for e in preset_entries
     )
@@ -131,10 +163,11 @@ def write_report(
         "verdicts": verdicts,
         "presets": preset_entries,
         "runs": run_entries,
+        "comparison": comparison,
         "notes": notes,
     }
     html_path.parent.mkdir(parents=True, exist_ok=True)
-    html_path.write_text(page(data, sections, run_sections), encoding="utf-8")
+    html_path.write_text(page(data, sections, run_sections, comparison_html), encoding="utf-8")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(_json.dumps(data, indent=2, allow_nan=False), encoding="utf-8")
@@ -153,11 +186,21 @@ def _run_brief(path: str, seed: int | None, ds: xr.Dataset) -> dict[str, Any]:
     }
 
 
+def _panels(
+    ds: xr.Dataset, entry: dict[str, Any], drift: xr.Dataset | None, label: str, run_id: str
+) -> str:
+    """A run's interactive panels and settings."""
+    return interactive_block(run_id, run_payload(ds, entry, drift, label)) + settings_block(
+        settings(ds)
+    )
+
+
 def _preset(
-    directory: Path, name: str, pnotes: list[str]
-) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[tuple[str, Any]]]:
+    directory: Path, name: str, pnotes: list[str], ids: Iterator[str]
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[tuple[str, Any]], str]:
     """One preset directory: its JSON entry, its verdicts, the diagnostics of its runs (an
-    unknown preset's first seed of each condition) and its figures."""
+    unknown preset's first seed of each condition), its figures and their interactive
+    panels."""
     runs = preset_runs(directory, pnotes)
     known = any(c.preset == name for c in CLAIMS)
     entry: dict[str, Any] = {
@@ -179,10 +222,12 @@ def _preset(
     figs = preset_figures(name, conds, known, pnotes)
     entry["figures"] = [title for title, _ in figs]
     diagnosed = []
+    panels = []
     if not known:
         for cond, items in runs.items():
             p, _, ds = items[0]
-            run_entry, run_figs = diagnose_run(ds, p)
+            run_entry, run_figs, drift = diagnose(ds, p)
             diagnosed.append(run_entry)
             figs += [(f"{cond}: {t}", f) for t, f in run_figs]
-    return entry, verdicts, diagnosed, figs
+            panels.append(_panels(ds, run_entry, drift, f"{cond}: {p}", next(ids)))
+    return entry, verdicts, diagnosed, figs, "".join(panels)
