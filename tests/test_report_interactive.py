@@ -347,6 +347,7 @@ def _first_run_id(b: Browser, path_part: str) -> str:
 
 @needs_chromium
 def test_page_in_chromium_is_quiet_offline_and_interactive(two_groups, runs, tmp_path):
+    pytest.importorskip("websocket", reason="websocket-client (dev extra) drives Chromium")
     with Browser(tmp_path / "profile") as b:
         # control: the checks see a console message, an exception and external requests
         bad = tmp_path / "bad.html"
