@@ -152,9 +152,9 @@ def check_args(workers: Any, scheduler: Any) -> None:
 def connect(workers: int | None, scheduler: str | None) -> Iterator[Any]:
     """A :class:`distributed.Client` of a new local cluster or of the one at ``scheduler``.
 
-    The local cluster (``workers`` processes, one thread each, no dashboard, distributed's
-    logging above warnings silenced) and the client are closed on exit, also after an error or
-    Ctrl-C: the local workers stop then.
+    The local cluster (``workers`` processes, one thread each, distributed's logging silenced:
+    :func:`run_on_cluster` reports the failed runs) and the client are closed on exit, also
+    after an error or Ctrl-C: the local workers stop then.
 
     Raises
     ------
@@ -177,7 +177,7 @@ def connect(workers: int | None, scheduler: str | None) -> Iterator[Any]:
         ) from None
     if scheduler is not None:
         try:
-            client = Client(scheduler, timeout=30)
+            client = Client(scheduler)  # timeout: distributed.comm.timeouts.connect
         except (OSError, ValueError, TypeError) as exc:  # TimeoutError is an OSError
             raise ClusterError(
                 f"cannot connect to the dask scheduler at {scheduler!r}: {exc}; start one with"
@@ -192,8 +192,8 @@ def connect(workers: int | None, scheduler: str | None) -> Iterator[Any]:
             n_workers=workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
+            dashboard_address=":0",  # any free port: 8787 may be taken (by another cluster)
+            silence_logs=logging.CRITICAL,  # a failed run is reported once, below
         ) as cluster,
         Client(cluster) as client,
     ):
@@ -373,7 +373,7 @@ def run_on_cluster(
         raise
     log(f"{len(todo)} run(s) in {time.perf_counter() - t0:.1f} s on {where}")
     if failures:
-        raise RunsFailedError(manifest, failures)
+        raise RunsFailedError(manifest, sorted(failures, key=lambda f: order[f.path]))
     manifest.complete = True
     manifest.write()
     return manifest
