@@ -346,7 +346,10 @@ def run_on_cluster(
         for future in as_completed(list(futures)):
             job = futures[future]
             finished += 1
-            exc = future.exception()
+            try:
+                exc = future.exception()
+            except Exception as lost:  # cancelled by the scheduler (e.g. its workers left)
+                exc = lost
             count = f"run {finished}/{len(todo)}"
             if exc is None:
                 info = future.result()
@@ -364,12 +367,13 @@ def run_on_cluster(
                     )
                 )
                 log(f"{count} FAILED: {failures[-1]}")
-    except BaseException:  # Ctrl-C (or a lost client): nothing more starts
+    except BaseException as exc:  # Ctrl-C (or the manifest cannot be written): nothing more
         client.cancel(list(futures), force=True)
-        log(
-            f"interrupted after {finished} of {len(todo)} runs: the manifest lists the"
-            f" {len(done)} finished; --resume (resume=True) runs the others"
-        )
+        if isinstance(exc, KeyboardInterrupt):
+            log(
+                f"interrupted after {finished} of {len(todo)} runs: the manifest lists the"
+                f" {len(done)} finished; --resume (resume=True) runs the others"
+            )
         raise
     log(f"{len(todo)} run(s) in {time.perf_counter() - t0:.1f} s on {where}")
     if failures:
