@@ -141,6 +141,8 @@ def _demo(args: argparse.Namespace) -> int:
         # an earlier demo's finished runs are kept (same options), its others run again
         resume=not args.force,
         force=args.force,
+        workers=None,
+        scheduler=None,
     )
     code = _run(run_args)
     if code:
