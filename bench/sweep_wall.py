@@ -12,8 +12,8 @@ bit for bit (every variable's bytes and the attributes), as tests/test_cluster.p
 
 Usage::
 
-    .venv/bin/python bench/sweep_wall.py                       # fig1 --quick, full noisy-bn
-    .venv/bin/python bench/sweep_wall.py --cases fig1-quick    # the quick case alone (~1 min)
+    .venv/bin/python bench/sweep_wall.py       # fig1 --quick, noisy-bn --quick, full noisy-bn
+    .venv/bin/python bench/sweep_wall.py --cases fig1-quick    # one case (~1 min on idle cores)
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ from icstools.experiments import load_manifest
 from icstools.store import open_run
 
 #: case name → (preset, extra options of ``icstools run``)
-CASES = {"fig1-quick": ("fig1", ["--quick"]), "noisy-bn": ("noisy-bn", [])}
+CASES = {
+    "fig1-quick": ("fig1", ["--quick"]),
+    "noisy-bn-quick": ("noisy-bn", ["--quick"]),
+    "noisy-bn": ("noisy-bn", []),
+}
 
 
 def timed_run(preset: str, extra: list[str], out: Path, workers: int | None) -> dict[str, Any]:
@@ -83,11 +87,12 @@ def main() -> None:
         "--cases", default=",".join(CASES), help="comma list of " + str(list(CASES))
     )
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=RESULTS / "sweep_wall.json", help="output")
     args = parser.parse_args()
     if not os.environ.get("ICSTOOLS_DATA"):
         sys.exit("set ICSTOOLS_DATA to the MNIST folder (see data/README.md)")
     result: dict[str, Any] = {"machine": machine_info(), "workers": args.workers, "cases": {}}
-    path = RESULTS / "sweep_wall.json"
+    path = args.json
     for i, case in enumerate(args.cases.split(",")):
         preset, extra = CASES[case]
         with tempfile.TemporaryDirectory(prefix="icstools-sweep-wall-") as tmp:
