@@ -394,7 +394,8 @@ def run_preset(
         seed, unless ``steps``/``seeds`` say otherwise.
     progress : bool
         A tqdm progress bar per run on stderr, when stderr is a terminal (a log file gets
-        none: carriage-return updates would flood it).
+        none: carriage-return updates would flood it). On a cluster (``workers``,
+        ``scheduler``): one ``log`` line per finished run instead.
     data_dir : str or Path, optional
         MNIST base folder (default ``$ICSTOOLS_DATA``, see :mod:`icstools.data`).
     threads : int, optional
