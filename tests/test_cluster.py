@@ -164,6 +164,7 @@ def test_a_failed_run_is_reported_and_the_others_kept(tmp_path, capsys, cluster,
     assert all(f.error.startswith("MNISTNotFoundError: MNIST") for f in info.value.failures)
 
 
+@pytest.mark.slow  # its own local cluster, then a serial --resume: ~90 s on 2 busy cores
 def test_ctrl_c_leaves_a_manifest_that_resume_finishes(tmp_path):
     lines: list[str] = []
 
