@@ -20,7 +20,8 @@ the value given and what is valid):
 =====  =========================================================================================
 0      success
 1      an unexpected error, i.e. a bug or a failure outside the user's input (``--debug`` shows
-       the traceback)
+       the traceback); ``run --workers/--scheduler``: a run failed in its worker (each failed run
+       is named with its error, the others are kept; 2 if every failure is a user mistake)
 2      a user mistake: a bad option or argument, an unknown preset or model, a missing file, a
        directory that is not a run store, a corrupt store (a damaged chunk included), an output
        path that cannot be written (checked before any work), missing MNIST data, an ``--out``
@@ -140,6 +141,8 @@ def _demo(args: argparse.Namespace) -> int:
         # an earlier demo's finished runs are kept (same options), its others run again
         resume=not args.force,
         force=args.force,
+        workers=None,
+        scheduler=None,
     )
     code = _run(run_args)
     if code:
@@ -204,24 +207,33 @@ def _positive(text: str) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from icstools.experiments import get_preset, run_preset
+    from icstools.experiments.cluster import RunsFailedError
 
     preset = get_preset(args.preset)  # PresetError (exit 2) before anything is written
     _check_output("--out", args.out, file=False, sub=preset.name)
-    manifest = run_preset(
-        preset,
-        steps=args.steps,
-        seeds=args.seeds,
-        out=args.out,
-        quick=args.quick,
-        progress=not args.quiet,
-        data_dir=args.data_dir,
-        threads=args.threads,
-        conditions=args.conditions or None,
-        command=[PROG, *args.argv],
-        resume=args.resume,
-        force=args.force,
-        log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
-    )
+    try:
+        manifest = run_preset(
+            preset,
+            steps=args.steps,
+            seeds=args.seeds,
+            out=args.out,
+            quick=args.quick,
+            progress=not args.quiet,
+            data_dir=args.data_dir,
+            threads=args.threads,
+            conditions=args.conditions or None,
+            command=[PROG, *args.argv],
+            resume=args.resume,
+            force=args.force,
+            log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
+            workers=args.workers,
+            scheduler=args.scheduler,
+        )
+    except RunsFailedError as exc:  # on a cluster: the other runs finished and are kept
+        print(exc.manifest.summary())
+        print(f"\nmanifest: {exc.manifest.path}")
+        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USAGE if exc.user_error else EXIT_ERROR
     print(manifest.summary())
     diverged = sum(r.diverged for r in manifest.runs)
     if diverged:
@@ -806,6 +818,8 @@ Examples:
   icstools run lr-sweep --steps 2000 --seeds 0,1 --out /tmp/runs
   icstools run fig1 --resume             finish the runs of an interrupted 'icstools run fig1'
   icstools run fig1 --quick --force      replace the runs already in data/runs/fig1
+  icstools run noisy-bn --workers 2      its 9 runs on a local dask cluster of 2 processes
+  icstools run fig1 --scheduler tcp://10.0.0.5:8786   on an existing dask cluster
 
 Presets: {presets}.
 
@@ -816,6 +830,13 @@ reported as diverged, not as an error. MNIST is read from $ICSTOOLS_DATA (or --d
 A DIR/PRESET that already holds runs is refused (exit 2, the runs listed): --resume keeps the
 finished runs and runs the others again from scratch (the same options are required);
 --force removes all runs there first.
+
+--workers N runs the runs on a dask.distributed local cluster of N processes (one torch thread
+each); --scheduler ADDRESS on an existing dask cluster whose workers see --out at the same path.
+Each run's store is bit for bit the serial run's. One line per finished run on stderr; a run that
+fails is reported (condition, seed, error) and the others are kept: exit 1 (2 if every failure
+is a user mistake, e.g. missing MNIST), and --resume runs the failed ones. Ctrl-C cancels the
+runs not finished (exit 130); the manifest lists the finished ones, for --resume.
 """
 
 _EPILOG_SITES = """\
@@ -909,6 +930,19 @@ def _add_run(sub: Any) -> None:
         "--force",
         action="store_true",
         help="DIR/PRESET holds runs: remove them all first, then run",
+    )
+    where = r.add_mutually_exclusive_group()
+    where.add_argument(
+        "--workers",
+        type=_positive,
+        metavar="N",
+        help="run the runs on a local dask cluster of N processes (pip install icstools[cluster])",
+    )
+    where.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run the runs on the dask cluster at ADDRESS (tcp://host:8786), whose workers see"
+        " --out at the same path",
     )
     r.set_defaults(func=_run)
 

@@ -9,11 +9,14 @@
 - :mod:`~icstools.experiments.presets`: the experiments (``Preset``, ``PRESETS``) and the
   claims they test;
 - :mod:`~icstools.experiments.runner`: ``run_preset``, its run stores and ``manifest.json``;
+- :mod:`~icstools.experiments.cluster`: the runs of ``run_preset(workers=N)`` or
+  ``run_preset(scheduler=ADDRESS)`` on a ``dask.distributed`` cluster;
 - :mod:`~icstools.experiments.sweeps`: the learning-rate sweep behind ``FIG1_LR``.
 
 The public names are all importable from here.
 """
 
+from icstools.experiments.cluster import ClusterError, RunsFailedError
 from icstools.experiments.measures import scale_invariance
 from icstools.experiments.models import (
     NoisyBatchNorm1d,
@@ -51,6 +54,7 @@ __all__ = [
     "FIG1_LR",
     "PRESETS",
     "RELU_LR",
+    "ClusterError",
     "Condition",
     "Manifest",
     "NoisyBatchNorm1d",
@@ -58,6 +62,7 @@ __all__ = [
     "PresetError",
     "RunInfo",
     "RunsExistError",
+    "RunsFailedError",
     "TrainResult",
     "fig1_lr_sweep",
     "get_preset",

@@ -37,6 +37,7 @@ reported as diverged.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import logging
 import math
@@ -370,6 +371,8 @@ def run_preset(
     resume: bool = False,
     force: bool = False,
     log: Callable[[str], Any] | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
 ) -> Manifest:
     """Run every condition and seed of a preset; write the stores and ``manifest.json``.
 
@@ -391,7 +394,8 @@ def run_preset(
         seed, unless ``steps``/``seeds`` say otherwise.
     progress : bool
         A tqdm progress bar per run on stderr, when stderr is a terminal (a log file gets
-        none: carriage-return updates would flood it).
+        none: carriage-return updates would flood it). On a cluster (``workers``,
+        ``scheduler``): one ``log`` line per finished run instead.
     data_dir : str or Path, optional
         MNIST base folder (default ``$ICSTOOLS_DATA``, see :mod:`icstools.data`).
     threads : int, optional
@@ -406,7 +410,15 @@ def run_preset(
     force : bool
         Remove every run store already in the folder first, then run all.
     log : callable, optional
-        Receives one line per run kept, run again or removed (default: the logger).
+        Receives one line per run kept, run again or removed (default: the logger), and on a
+        cluster one per run finished or failed.
+    workers : int, optional
+        Run the runs on a ``dask.distributed`` local cluster of this many worker processes,
+        one torch thread each (``threads`` if given), instead of one after the other here; each
+        run's store is bit-for-bit the serial run's (:mod:`icstools.experiments.cluster`).
+    scheduler : str, optional
+        The address of an existing dask cluster to run the runs on (its workers must see
+        ``out`` at the same path); instead of ``workers``.
 
     Returns
     -------
@@ -423,11 +435,16 @@ def run_preset(
         A run store of the folder is being written by another process.
     icstools.data.MNISTError
         MNIST is not found (or invalid).
+    icstools.experiments.cluster.ClusterError
+        Bad ``workers``/``scheduler``, or a scheduler that does not answer.
+    icstools.experiments.cluster.RunsFailedError
+        On a cluster: some runs failed (each named with its error); the others are kept.
 
     Examples
     --------
     >>> m = run_preset("fig1", quick=True, steps=50, out="/tmp/runs")  # doctest: +SKIP
     >>> print(m.summary())  # doctest: +SKIP
+    >>> m = run_preset("fig1", quick=True, out="/tmp/runs", force=True, workers=2)  # doctest: +SKIP
     """
     from tqdm import tqdm
 
@@ -460,17 +477,28 @@ def run_preset(
         conditions=conditions,
         **({"resume": True} if resume else {}),
         **({"force": True} if force else {}),
+        **({"workers": workers} if workers is not None else {}),
+        **({"scheduler": scheduler} if scheduler is not None else {}),
     )
     manifest = _new_manifest(
         preset, chosen, seed_list, total, quick=quick, command=command, call=call
     )
     planned = [f"{c.name}/seed-{s}.zarr" for c in chosen for s in seed_list]
     say = log if log is not None else logger.info
-    keep = plan_rerun(
-        folder, manifest.to_dict(), planned, resume=bool(resume), force=bool(force), log=say
-    )
-    manifest.path = folder / "manifest.json"
-    manifest.write()
+    if workers is not None or scheduler is not None:
+        from icstools.experiments import cluster
+
+        jobs = [
+            cluster.Job(rel, c, s, total if c.steps is None else min(c.steps, total))
+            for rel, (c, s) in zip(planned, itertools.product(chosen, seed_list), strict=True)
+        ]
+        with cluster.connect(workers, scheduler) as client:  # before anything is touched
+            keep = _plan(folder, manifest, planned, resume=resume, force=force, log=say)
+            return cluster.run_on_cluster(
+                client, manifest, preset, jobs, keep,
+                data_dir=data_dir, threads=threads, quick=quick, log=say,
+            )  # fmt: skip
+    keep = _plan(folder, manifest, planned, resume=resume, force=force, log=say)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -503,6 +531,24 @@ def run_preset(
     finally:
         torch.set_num_threads(old_threads)
     return manifest
+
+
+def _plan(
+    folder: Path,
+    manifest: Manifest,
+    planned: list[str],
+    *,
+    resume: bool,
+    force: bool,
+    log: Callable[[str], Any],
+) -> dict[str, RunInfo]:
+    """:func:`plan_rerun`, then the new manifest written (without runs): the runs to keep."""
+    keep = plan_rerun(
+        folder, manifest.to_dict(), planned, resume=bool(resume), force=bool(force), log=log
+    )
+    manifest.path = folder / "manifest.json"
+    manifest.write()
+    return keep
 
 
 def train_condition(
