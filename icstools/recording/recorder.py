@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from icstools.functional.statistics import DEFAULT_QUANTILES
+from icstools.recording.compiled import unwrap_compiled
 from icstools.recording.core import RecorderCore
 from icstools.recording.layout import SiteTable
 from icstools.recording.measurements import Context, Measurement, build
@@ -186,6 +187,7 @@ class Recorder(RecorderCore):
         on_record: Callable[[Any], Any] | None = None,
     ) -> None:
         # every keyword, as given (measurements read theirs in their from_options)
+        model, wrapper = unwrap_compiled(model)  # torch.compile'd: hook the original
         options = SimpleNamespace(**{k: v for k, v in locals().items() if k != "self"})
         check_options(model, options)
         options.seed = int(seed)
@@ -203,6 +205,7 @@ class Recorder(RecorderCore):
             scaler=scaler,
             seed=options.seed,
         )
+        ctx.wrapper = wrapper
         ctx.measurements = build(options, measurements)
         sink = RecordSink(
             path,

@@ -60,8 +60,12 @@ class RunRecords:
         self._last = record
         self._sink.emit(record, self._block)
 
+    def _harvest(self) -> None:
+        """Feed what compiled forwards stashed to the measurements (the core defines it)."""
+
     def _close_finished(self) -> None:
         """Close the open record if its step is over (or the recorder is detached)."""
+        self._harvest()
         if self._pending is not None and (self._pending < self.step or not self.attached):
             self._close_record()
 
@@ -107,6 +111,7 @@ class RunRecords:
     def close(self) -> None:
         """Close the open record, flush and close the store; the in-memory records stay."""
         try:
+            self._harvest()
             self._close_record()
             self._sink.flush(self._block if self._ctx.layout is not None else None)
         finally:

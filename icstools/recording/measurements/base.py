@@ -120,6 +120,9 @@ class Context:
     ----------
     model, optimizer, probe, probe_mode, loss_fn, scaler, seed
         The recorder's own arguments (``optimizer`` may be set after construction).
+    wrapper : torch.nn.Module or None
+        The ``torch.compile`` wrapper the recorder was given (``model`` is its original
+        module), whose forward hooks run outside the compiled graph.
     sites : list of Site
         The selected sites.
     units : SiteTable
@@ -159,6 +162,7 @@ class Context:
     ) -> None:
         self.model = model
         self.modules = dict(model.named_modules())
+        self.wrapper: nn.Module | None = None
         self.sites = sites
         self.units = units
         self.optimizer = optimizer
