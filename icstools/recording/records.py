@@ -16,6 +16,7 @@ import numpy as np
 import xarray as xr
 
 from icstools import __version__
+from icstools.functional.statistics import host_arrays
 from icstools.recording.errors import RecorderError
 from icstools.recording.layout import Layout
 from icstools.schema import SCHEMA_VERSION
@@ -54,7 +55,13 @@ class RunRecords:
             return
         if ctx.layout is None:
             ctx.layout = Layout.fix(ctx)
+        # every measurement's device tensors of the record reach the host in one transfer
+        staged = {(m.name, k): t for m in ctx.measurements for k, t in m.stage(ctx).items()}
+        ctx.host = {}
+        for (name, k), v in host_arrays(staged).items():
+            ctx.host.setdefault(name, {})[k] = v
         record = ctx.layout.record(step, [(m.name, m.collect(ctx)) for m in ctx.measurements])
+        ctx.host = {}
         ctx.logs = {}
         self._check_divergence(record, logs)
         self._last = record

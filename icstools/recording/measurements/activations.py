@@ -17,7 +17,8 @@ import torch
 from icstools.functional.statistics import (
     ActivationStatistics,
     choose_hist_edges,
-    compute_many,
+    device_parts_many,
+    finish_many,
 )
 from icstools.recording.errors import RecorderError
 from icstools.recording.layout import Layout, site_option
@@ -122,6 +123,8 @@ class Activations(Measurement):
         )  # validates the quantile options
         self._stats: dict[tuple[str, str], ActivationStatistics] = {}
         self._edges: dict[str, np.ndarray] = {}
+        self._active: list[tuple[tuple[str, str], ActivationStatistics]] = []  # staged
+        self._fields: list[list[str]] = []
 
     @classmethod
     def from_options(cls, options: Any) -> Activations:
@@ -250,10 +253,18 @@ class Activations(Measurement):
             self._set_edges(name, choose_hist_edges(torch.empty(0), self.bins))
         return self._edges[name]
 
+    def stage(self, ctx: Context) -> dict[Any, torch.Tensor]:
+        self._active = [(key, stats) for key, stats in self._stats.items() if stats.calls]
+        parts = device_parts_many([stats for _, stats in self._active])
+        self._fields = [list(p) for p in parts]
+        return {(i, f): t for i, p in enumerate(parts) for f, t in p.items()}
+
     def collect(self, ctx: Context) -> dict[str, np.ndarray]:
         layout = ctx.layout
-        active = [(key, stats) for key, stats in self._stats.items() if stats.calls]
-        outs = compute_many([stats for _, stats in active])  # one device -> host transfer
+        active, self._active = self._active, []
+        host = ctx.host.get(self.name, {})
+        fields = [{f: host[(i, f)] for f in names} for i, names in enumerate(self._fields)]
+        outs = finish_many([stats for _, stats in active], fields)
         rec = layout.empty_all(self.variables)
         for ((source, name), stats), out in zip(active, outs, strict=True):
             calls = stats.calls
@@ -270,7 +281,7 @@ class Activations(Measurement):
         layout: Layout,
         source: str,
         name: str,
-        out: dict[str, torch.Tensor],
+        out: dict[str, np.ndarray],
         calls: int,
         sat: float | None,
         step: int,
@@ -289,9 +300,9 @@ class Activations(Measurement):
         with np.errstate(over="ignore"):
             for field, t in out.items():
                 if field == "hist":
-                    rec["hist"][si, k] = t.numpy()
+                    rec["hist"][si, k] = t
                 else:
-                    rec[field][si, units] = t.numpy()
+                    rec[field][si, units] = t
         rec["calls"][si, k] = calls
         if sat is None:
             rec["sat_frac"][si, units] = np.nan  # no threshold: not a saturating input

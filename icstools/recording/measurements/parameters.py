@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from icstools.recording.errors import RecorderError
-from icstools.recording.layout import to_host
 from icstools.recording.measurements.base import Context, Declaration, Measurement
 from icstools.schema import Coordinate, Variable
 
@@ -144,8 +143,12 @@ class ParameterDynamics(Measurement):
         }
         return Declaration(coords, VARIABLES)
 
+    def stage(self, ctx: Context) -> dict[Any, torch.Tensor]:
+        out, self._out = self._out, {}
+        return out
+
     def collect(self, ctx: Context) -> dict[str, np.ndarray]:
-        params, self._out = to_host(self._out), {}
+        params = ctx.host.get(self.name, {})
         self._before = None
         if "param" not in ctx.layout.coords:
             return {}
