@@ -273,6 +273,13 @@ def test_one_tensor_matches_numpy_scipy(xa, edge_kind, bins, sat, cap):
     assert stats.calls == 1
     assert_matches_reference(stats.compute(), ref, x.dtype, f"{tuple(x.shape)} {x.dtype}")
 
+    # the fused reduction (the eager twin of the compiled one) against the same reference
+    fused = ActivationStatistics(
+        edges, unit_dim, quantiles=QUANTILES, sat_threshold=sat, quantile_sample=None
+    )
+    fused._state = summarize(x, unit_dim, hist_edges=edges, sat_threshold=sat, fused="eager")
+    assert_matches_reference(fused.compute(), ref, x.dtype, f"fused {tuple(x.shape)} {x.dtype}")
+
     # summarize's raw state agrees with the same reference
     s = summarize(x, unit_dim, hist_edges=edges, sat_threshold=sat)
     rows = unit_rows(x, unit_dim)

@@ -47,6 +47,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from icstools.functional.fused import fused_state
+
 __all__ = [
     "DEFAULT_QUANTILES",
     "SIGMOID_SATURATION",
@@ -329,6 +331,7 @@ def summarize(
     sat_threshold: float | None = None,
     sample_rate: float = 1.0,
     generator: torch.Generator | None = None,
+    fused: str | None = None,
 ) -> StatisticsState:
     """Reduce one tensor to the mergeable per-unit state.
 
@@ -346,6 +349,10 @@ def summarize(
         Share of the pooled positions kept for quantiles (1.0 keeps all).
     generator : torch.Generator, optional
         CPU generator for the quantile sample; required when ``sample_rate < 1``.
+    fused : {None, "compile", "eager"}
+        ``"compile"``/``"eager"``: every field but the sample from one fused reduction
+        (:func:`icstools.functional.fused.fused_state`, compiled or not); ``None``: the
+        eager reductions below (one op per statistic; the default, bit-stable).
 
     Returns
     -------
@@ -375,6 +382,13 @@ def summarize(
     if n_total == 0:
         return StatisticsState.empty(units, bins=bins, dtype=dtype, device=x.device)
 
+    if fused is not None:
+        pre = math.prod(x.shape[:unit_dim])
+        x3 = x.reshape(pre, units, -1)  # [pre, units, post]: a view when contiguous
+        edges = (float(hist_edges[0]), float(hist_edges[-1]), bins)
+        out = fused_state(x3, edges, sat_threshold, mode=fused)
+        sample = _sample_rows(x, unit_dim, sample_rate, generator)
+        return StatisticsState(**out, sample=sample)
     moments, flat = _unit_moments(x, dims, bshape, sat_threshold)
     hist = _histogram(flat, hist_edges)
     sample = _sample_rows(x, unit_dim, sample_rate, generator)
@@ -590,6 +604,9 @@ class ActivationStatistics:
         Largest number of values per unit kept for quantiles; ``None`` keeps all (exact).
     generator : torch.Generator, optional
         CPU generator for quantile sampling (seeded from 0 if not given).
+    fused : {None, "compile", "eager"}
+        How a tensor reduced on arrival (more values than ``quantile_sample``) is reduced:
+        see :func:`summarize`.
 
     Examples
     --------
@@ -610,6 +627,7 @@ class ActivationStatistics:
         sat_threshold: float | None = None,
         quantile_sample: int | None = 8192,
         generator: torch.Generator | None = None,
+        fused: str | None = None,
     ) -> None:
         edges = np.asarray(hist_edges, dtype=np.float64)
         if (
@@ -637,6 +655,7 @@ class ActivationStatistics:
         self.quantiles = q
         self.sat_threshold = sat_threshold
         self.quantile_sample = quantile_sample
+        self.fused = fused
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self._state: StatisticsState | None = None
         self._result: dict[str, torch.Tensor] | None = None
@@ -700,6 +719,7 @@ class ActivationStatistics:
             sat_threshold=self.sat_threshold,
             sample_rate=self._rate,
             generator=self.generator,
+            fused=self.fused,
         )
         if self._state is None:
             self._state = new

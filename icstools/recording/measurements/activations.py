@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from icstools.functional.fused import MODES as FUSED_MODES
 from icstools.functional.statistics import (
     ActivationStatistics,
     choose_hist_edges,
@@ -100,6 +101,7 @@ class Activations(Measurement):
         saturation: dict[str, float] | None,
         quantile_sample: int | None,
         seed: int,
+        fused: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
@@ -110,6 +112,9 @@ class Activations(Measurement):
         self.saturation = dict(saturation or {})
         self.quantile_sample = quantile_sample
         self.seed = seed
+        if fused not in (None, *FUSED_MODES):
+            raise ValueError(f"fused must be None, 'compile' or 'eager', got {fused!r}")
+        self.fused = fused
         # Validate the options now (not at the first hook call) by resolving them per site.
         self.sat = {s.name: self._saturation_of(s, modules[s.module_name]) for s in sites}
         for s in sites:
@@ -129,6 +134,7 @@ class Activations(Measurement):
     @classmethod
     def from_options(cls, options: Any) -> Activations:
         keywords = ("quantiles", "bins", "hist_range", "saturation", "quantile_sample", "seed")
+        keywords += ("fused",)
         return cls(options.sites, options.modules, **{k: getattr(options, k) for k in keywords})
 
     def _saturation_of(self, site: Site, module: Any) -> float | None:
@@ -161,13 +167,14 @@ class Activations(Measurement):
                 )
 
     def config(self) -> dict[str, Any]:
+        fused = {} if self.fused is None else {"fused": self.fused}
         return {
             "quantiles": self.quantiles.tolist(),
             "bins": self.bins,
             "hist_range": repr(self.hist_range),
             "saturation": {k: float(v) for k, v in self.saturation.items()},
             "quantile_sample": self.quantile_sample,
-        }
+        } | fused
 
     # events ------------------------------------------------------------------------------
     def site(self, ctx: Context, name: str, x: torch.Tensor, source: str) -> None:
@@ -210,6 +217,7 @@ class Activations(Measurement):
             sat_threshold=self.sat[ctx.units.base[name]],
             quantile_sample=self.quantile_sample,
             generator=torch.Generator().manual_seed(seed),
+            fused=self.fused,
         )
         self._stats[(source, name)] = stats
         return stats
