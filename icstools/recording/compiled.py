@@ -92,6 +92,7 @@ class SiteSwitch:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.on = False
+        self.attached = False  # guarded too: detached, traced root hooks mark nothing
         self.observe: Any = None
         self._stash: list[Any] = []  # None marks a forward's start; else (site, tensor)
         self.dynamo_reset = False  # whether attaching to a compiled module reset Dynamo once
@@ -100,14 +101,14 @@ class SiteSwitch:
         """The recorder attached: ``observe(site, x)`` takes the eager calls. ``compiled``: the
         recorder was given a compiled module, whose code compiled before the hooks existed
         would not call them (Dynamo does not guard on module hooks): reset Dynamo, once."""
-        self.observe = observe
+        self.observe, self.attached = observe, True
         if compiled and not self.dynamo_reset:
             torch._dynamo.reset()
             self.dynamo_reset = True
 
     def detach(self) -> None:
         """The recorder detached: the hooks stay idle, the stash is forgotten."""
-        self.observe, self.on = None, False
+        self.observe, self.on, self.attached = None, False, False
         self.clear()
 
     def site(self, site: Site, x: torch.Tensor | None) -> None:
@@ -123,7 +124,7 @@ class SiteSwitch:
     def mark_forward(self) -> None:
         """A compiled training forward of the model starts (called by the traced root
         pre-hook): also at unscheduled steps, so the recorder sees every forward's step."""
-        if torch.is_grad_enabled() and self.model.training:
+        if self.attached and torch.is_grad_enabled() and self.model.training:
             self._stash.append(None)
 
     def __bool__(self) -> bool:
