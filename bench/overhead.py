@@ -204,12 +204,24 @@ class Bench:
             gradients=case.gradients,
             fused=case.fused,
         )
-        fwd = torch.compile(self.model) if case.compiled else self.model
+        fwd = self.model
+        if case.compiled:
+            # Dynamo does not guard on module hooks, so a compiled model keeps its recorder
+            # attached for the whole run (see icstools.recording.compiled); its plain blocks
+            # run with the schedule off: the compiled graph of unrecorded steps, whose hooks
+            # trace to nothing (the optimizer's step hooks still run, a few µs per step)
+            self.recording = True
+            schedule = self.rec.schedule
+            self.rec.schedule = lambda step: self.recording and schedule(step)  # type: ignore[method-assign]
+            self.rec.attach()
+            fwd = torch.compile(self.model)
         self.plain_step = make_step(fwd, self.opt, stream)
         self.rec_step = make_step(fwd, self.opt, stream, log=lambda loss: self.rec.log(loss=loss))
 
     def block(self, instrumented: bool, k: int) -> tuple[float, float]:
         """Seconds of wall and process CPU time for ``k`` steps."""
+        if self.case.compiled:
+            return self._compiled_block(instrumented, k)
         if not instrumented:
             c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(k):
@@ -226,7 +238,20 @@ class Bench:
             self.rec.detach()
         return wall, cpu
 
+    def _compiled_block(self, instrumented: bool, k: int) -> tuple[float, float]:
+        self.recording = instrumented
+        self.rec._sync_switch()
+        step = self.rec_step if instrumented else self.plain_step
+        c0, t0 = time.process_time(), time.perf_counter()
+        for _ in range(k):
+            step()
+        if instrumented:
+            self.rec.flush()
+        return time.perf_counter() - t0, time.process_time() - c0
+
     def close(self) -> None:
+        if self.case.compiled:
+            self.rec.detach()
         self.rec.close()
 
 

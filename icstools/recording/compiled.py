@@ -22,6 +22,13 @@ Two orders of use:
   wrapper, which runs eagerly. Code that Dynamo compiled before the hooks existed would not call
   them (Dynamo does not guard on module hooks), so the first attach resets Dynamo's caches
   (``torch._dynamo.reset()``): the next call recompiles, once.
+
+Because Dynamo does not guard on module hooks (``torch._dynamo.config.
+skip_nnmodule_hook_guards``), code traced while the hooks were absent keeps running without
+them: keep the recorder attached for the whole compiled run (a ``detach()`` then ``attach()``,
+or another model of the same code traced without hooks in the same process, needs
+``torch._dynamo.reset()`` first). While attached, the hooked modules carry the switch
+(attribute ``_icstools_switch``), so compiled code finds the switch of the model it runs.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from torch import nn
 
 from icstools.recording.errors import RecorderError
 from icstools.sites import Site
+
+#: The attribute of a hooked module that holds its recorder's switch while attached.
+ATTRIBUTE = "_icstools_switch"
 
 __all__ = ["NO_BATCH", "SiteSwitch", "check_stashable", "unwrap_compiled"]
 
@@ -95,13 +105,20 @@ class SiteSwitch:
         self.attached = False  # guarded too: detached, traced root hooks mark nothing
         self.observe: Any = None
         self._stash: list[Any] = []  # None marks a forward's start; else (site, tensor)
+        self._modules: list[nn.Module] = []  # those carrying the switch
         self.dynamo_reset = False  # whether attaching to a compiled module reset Dynamo once
 
-    def attach(self, observe: Any, *, compiled: bool) -> None:
-        """The recorder attached: ``observe(site, x)`` takes the eager calls. ``compiled``: the
-        recorder was given a compiled module, whose code compiled before the hooks existed
-        would not call them (Dynamo does not guard on module hooks): reset Dynamo, once."""
+    def attach(self, observe: Any, modules: list[nn.Module], *, compiled: bool) -> None:
+        """The recorder attached: ``observe(site, x)`` takes the eager calls; the hooked
+        ``modules`` carry the switch while attached (compiled code finds it through the module
+        it runs: another model of the same code, compiled with its own recorder, gets its own
+        switch). ``compiled``: the recorder was given a compiled module, whose code compiled
+        before the hooks existed would not call them (Dynamo does not guard on module hooks):
+        reset Dynamo, once."""
         self.observe, self.attached = observe, True
+        self._modules = modules
+        for m in modules:
+            m.__dict__[ATTRIBUTE] = self
         if compiled and not self.dynamo_reset:
             torch._dynamo.reset()
             self.dynamo_reset = True
@@ -109,23 +126,34 @@ class SiteSwitch:
     def detach(self) -> None:
         """The recorder detached: the hooks stay idle, the stash is forgotten."""
         self.observe, self.on, self.attached = None, False, False
+        for m in self._modules:
+            if m.__dict__.get(ATTRIBUTE) is self:
+                del m.__dict__[ATTRIBUTE]
+        self._modules = []
         self.clear()
 
-    def site(self, site: Site, x: torch.Tensor | None) -> None:
+    def site(self, site: Site, module: nn.Module, x: torch.Tensor | None) -> None:
         """The body of every site hook."""
         if torch.compiler.is_compiling():
-            if self.on and x is not None and torch.is_grad_enabled() and self.model.training:
-                self._stash.append((site, x.detach().clone()))
+            switch = getattr(module, ATTRIBUTE, None)  # this model's, not the hook's closure
+            if switch is not None and switch.wants(x):
+                switch._stash.append((site, x.detach().clone()))  # type: ignore[union-attr]
             return
         observe = self.observe
         if observe is not None:
             observe(site, x)
 
-    def mark_forward(self) -> None:
-        """A compiled training forward of the model starts (called by the traced root
+    def wants(self, x: torch.Tensor | None) -> bool:
+        """Whether a compiled forward stashes ``x`` (every test here is guarded by Dynamo)."""
+        return self.on and x is not None and torch.is_grad_enabled() and self.model.training
+
+    @staticmethod
+    def mark_forward(module: nn.Module) -> None:
+        """A compiled training forward of ``module`` starts (called by the traced root
         pre-hook): also at unscheduled steps, so the recorder sees every forward's step."""
-        if self.attached and torch.is_grad_enabled() and self.model.training:
-            self._stash.append(None)
+        switch = getattr(module, ATTRIBUTE, None)
+        if switch is not None and torch.is_grad_enabled() and switch.model.training:
+            switch._stash.append(None)
 
     def __bool__(self) -> bool:
         return bool(self._stash)

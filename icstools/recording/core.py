@@ -121,7 +121,8 @@ class RecorderCore(RunRecords):
         except BaseException:
             self.detach()
             raise
-        self._switch.attach(self._observe, compiled=ctx.wrapper is not None)
+        hooked = [root, *(ctx.modules[s.module_name] for s in ctx.sites)]
+        self._switch.attach(self._observe, hooked, compiled=ctx.wrapper is not None)
         self._sync_switch()
         return self
 
@@ -183,7 +184,7 @@ class RecorderCore(RunRecords):
     # ------------------------------------------------------------------------ events
     def _on_root_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.compiler.is_compiling():  # traced: no bookkeeping in the graph
-            self._switch.mark_forward()
+            SiteSwitch.mark_forward(module)
             return
         if not self._in_batch:  # within begin_batch/end_batch, the batch is the forward
             self._forward_start(args, kwargs)
