@@ -47,6 +47,8 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from icstools.functional.fused import fused_state
+
 __all__ = [
     "DEFAULT_QUANTILES",
     "SIGMOID_SATURATION",
@@ -57,8 +59,12 @@ __all__ = [
     "StatisticsState",
     "choose_hist_edges",
     "compute_many",
+    "device_parts_many",
+    "finish_many",
+    "host_arrays",
     "merge_fields",
     "merge_states",
+    "on_host",
     "quantiles_from_sorted",
     "summarize",
 ]
@@ -325,6 +331,7 @@ def summarize(
     sat_threshold: float | None = None,
     sample_rate: float = 1.0,
     generator: torch.Generator | None = None,
+    fused: str | None = None,
 ) -> StatisticsState:
     """Reduce one tensor to the mergeable per-unit state.
 
@@ -342,6 +349,10 @@ def summarize(
         Share of the pooled positions kept for quantiles (1.0 keeps all).
     generator : torch.Generator, optional
         CPU generator for the quantile sample; required when ``sample_rate < 1``.
+    fused : {None, "compile", "eager"}
+        ``"compile"``/``"eager"``: every field but the sample from one fused reduction
+        (:func:`icstools.functional.fused.fused_state`, compiled or not); ``None``: the
+        eager reductions below (one op per statistic; the default, bit-stable).
 
     Returns
     -------
@@ -371,6 +382,13 @@ def summarize(
     if n_total == 0:
         return StatisticsState.empty(units, bins=bins, dtype=dtype, device=x.device)
 
+    if fused is not None:
+        pre = math.prod(x.shape[:unit_dim])
+        x3 = x.reshape(pre, units, -1)  # [pre, units, post]: a view when contiguous
+        edges = (float(hist_edges[0]), float(hist_edges[-1]), bins)
+        out = fused_state(x3, edges, sat_threshold, mode=fused)
+        sample = _sample_rows(x, unit_dim, sample_rate, generator)
+        return StatisticsState(**out, sample=sample)
     moments, flat = _unit_moments(x, dims, bshape, sat_threshold)
     hist = _histogram(flat, hist_edges)
     sample = _sample_rows(x, unit_dim, sample_rate, generator)
@@ -395,7 +413,7 @@ def _unit_moments(
     # On CPU the test costs nothing; on asynchronous devices it would be a host sync per call,
     # so there the masked path always runs.
     mean = x.mean(dim=dims)  # [units]
-    if x.device.type == "cpu" and bool(torch.isfinite(mean).all()):
+    if on_host(x.device) and bool(torch.isfinite(mean).all()):
         finite = None
         count = total
         mn = x.amin(dim=dims)
@@ -476,7 +494,7 @@ def _sample_rows(
     if generator is None:
         raise ValueError("a generator is required to sample quantile values (sample_rate < 1)")
     m = max(1, round(n * rate))
-    flat_index = torch.randperm(n, generator=generator)[:m].to(x.device)
+    flat_index = torch.randperm(n, generator=generator)[:m].to(x.device, non_blocking=True)
     index = torch.unravel_index(flat_index, rows.shape[:-1])
     return rows[index].clone()  # [m, units]
 
@@ -586,6 +604,9 @@ class ActivationStatistics:
         Largest number of values per unit kept for quantiles; ``None`` keeps all (exact).
     generator : torch.Generator, optional
         CPU generator for quantile sampling (seeded from 0 if not given).
+    fused : {None, "compile", "eager"}
+        How a tensor reduced on arrival (more values than ``quantile_sample``) is reduced:
+        see :func:`summarize`.
 
     Examples
     --------
@@ -606,6 +627,7 @@ class ActivationStatistics:
         sat_threshold: float | None = None,
         quantile_sample: int | None = 8192,
         generator: torch.Generator | None = None,
+        fused: str | None = None,
     ) -> None:
         edges = np.asarray(hist_edges, dtype=np.float64)
         if (
@@ -633,6 +655,7 @@ class ActivationStatistics:
         self.quantiles = q
         self.sat_threshold = sat_threshold
         self.quantile_sample = quantile_sample
+        self.fused = fused
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self._state: StatisticsState | None = None
         self._result: dict[str, torch.Tensor] | None = None
@@ -696,6 +719,7 @@ class ActivationStatistics:
             sat_threshold=self.sat_threshold,
             sample_rate=self._rate,
             generator=self.generator,
+            fused=self.fused,
         )
         if self._state is None:
             self._state = new
@@ -737,7 +761,8 @@ class ActivationStatistics:
             return state
         m = state.sample.shape[0]
         rows = torch.randperm(m, generator=self.generator)[: round(m * keep)]
-        return state.replace(sample=state.sample[rows.to(state.sample.device)], sample_sorted=False)
+        rows = rows.to(state.sample.device, non_blocking=True)
+        return state.replace(sample=state.sample[rows], sample_sorted=False)
 
     def _bound_sample(self) -> None:
         # Many small calls (an RNN cell, gradient accumulation) would let the pooled sample
@@ -789,7 +814,7 @@ class ActivationStatistics:
         cap = self.quantile_sample
         if cap is not None and sample.shape[0] > cap:
             keep = torch.randperm(sample.shape[0], generator=self.generator)[:cap]
-            sample = sample[keep.to(sample.device)]
+            sample = sample[keep.to(sample.device, non_blocking=True)]
         if s.sample_sorted and sample.shape[0] == s.sample.shape[0] and sample.shape[0] > 0:
             # exact mode folded with numpy: columns ascending, all finite, equal counts, so
             # every unit interpolates at the same positions (numpy's linear method)
@@ -797,7 +822,7 @@ class ActivationStatistics:
         finite = torch.isfinite(sample)
         # Non-finite values sort last as +inf and are excluded by the per-unit count.
         rows = torch.where(finite, sample, math.inf).T.contiguous()  # [units, m]
-        if rows.device.type == "cpu":
+        if on_host(rows.device):
             # numpy sorts short rows ~10x faster than torch on CPU; the order is the same.
             sorted_rows = torch.from_numpy(np.sort(rows.numpy(), axis=1))
         else:
@@ -837,26 +862,67 @@ def compute_many(stats: Sequence[ActivationStatistics]) -> list[dict[str, torch.
     [3, 5]
     """
     todo = [s for s in stats if s._result is None]
-    _fold_together([s for s in todo if s._state is None and s._values])
-    parts = [s._device_parts() for s in todo]  # {field: tensor} each
-    flat = [t for p in parts for t in p.values()]
-    if all(t.device.type == "cpu" for t in flat):
-        host = [t.numpy() for t in flat]  # nothing to transfer
-    else:
-        # One transfer: everything as float64 (integer counts are exact below 2**53).
-        device = next(t.device for t in flat if t.device.type != "cpu")
-        joined = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in flat])
-        values = joined.cpu().numpy()
-        host, pos = [], 0
-        for t in flat:
-            host.append(values[pos : pos + t.numel()].reshape(t.shape))
-            pos += t.numel()
-    pos = 0
-    for s, p in zip(todo, parts, strict=True):
-        fields = dict(zip(p, host[pos : pos + len(p)], strict=True))
-        s._result = _finish(fields, compute_dtype=p["min"].dtype)
-        pos += len(p)
+    parts = device_parts_many(todo)
+    host = host_arrays({(i, k): t for i, p in enumerate(parts) for k, t in p.items()})
+    results = finish_many(todo, [{k: host[(i, k)] for k in p} for i, p in enumerate(parts)])
+    for s, r in zip(todo, results, strict=True):
+        s._result = {k: torch.from_numpy(v) for k, v in r.items()}
     return [s._result for s in stats]  # type: ignore[misc]
+
+
+def device_parts_many(stats: Sequence[ActivationStatistics]) -> list[dict[str, torch.Tensor]]:
+    """The first half of :func:`compute_many`: every object's state folded, as device tensors
+    (``{field: tensor}`` per object; quantile values under ``"sample"``). Nothing is read on
+    the host, so a caller can move these with other tensors in one transfer
+    (:func:`host_arrays`) and finish with :func:`finish_many`."""
+    _fold_together([s for s in stats if s._state is None and s._values])
+    return [s._device_parts() for s in stats]
+
+
+def finish_many(
+    stats: Sequence[ActivationStatistics], host: Sequence[Mapping[str, np.ndarray]]
+) -> list[dict[str, np.ndarray]]:
+    """The second half of :func:`compute_many`: the final statistics (numpy) of each object
+    from the host arrays of its :func:`device_parts_many`."""
+    return [
+        _finish(fields, compute_dtype=s._state.min.dtype)  # type: ignore[union-attr]
+        for s, fields in zip(stats, host, strict=True)
+    ]
+
+
+def on_host(device: torch.device) -> bool:
+    """Whether tensors on ``device`` are host memory (CPU): numpy may read them, and reading a
+    value is no device synchronisation. The one place that decides it (a test makes it say
+    no, to run the accelerator paths on CPU and count their transfers)."""
+    return device.type == "cpu"
+
+
+def host_arrays(tensors: Mapping[Any, torch.Tensor]) -> dict[Any, np.ndarray]:
+    """Numpy arrays of ``tensors`` with one device-to-host transfer per device: host tensors
+    are read in place (their own dtype); the others are joined as float64 (integer counts are
+    exact below 2**53), copied once, and split.
+
+    Examples
+    --------
+    >>> out = host_arrays({"a": torch.ones(2), "b": torch.zeros((), dtype=torch.int64)})
+    >>> out["a"].tolist(), out["b"].dtype
+    ([1.0, 1.0], dtype('int64'))
+    """
+    out: dict[Any, np.ndarray] = {}
+    by_device: dict[torch.device, list[Any]] = {}
+    for key, t in tensors.items():
+        if on_host(t.device):
+            out[key] = t.detach().numpy()
+        else:
+            by_device.setdefault(t.device, []).append(key)
+    for keys in by_device.values():
+        ts = [tensors[k].detach() for k in keys]
+        joined = torch.cat([t.reshape(-1).to(torch.float64) for t in ts])
+        values, pos = joined.cpu().numpy(), 0  # the transfer
+        for k, t in zip(keys, ts, strict=True):
+            out[k] = values[pos : pos + t.numel()].reshape(t.shape)
+            pos += t.numel()
+    return out
 
 
 def _fold_together(stats: list[ActivationStatistics]) -> None:
@@ -879,7 +945,7 @@ def _fold_together(stats: list[ActivationStatistics]) -> None:
         thresholds = [math.inf if s.sat_threshold is None else s.sat_threshold for s in group]
         widths = [v.shape[1] for v in vals]
         # numpy fast path: CPU float32 (float64 data could overflow its 4th powers)
-        folded = _fold_numpy(block) if device.type == "cpu" and dtype == torch.float32 else None
+        folded = _fold_numpy(block) if on_host(device) and dtype == torch.float32 else None
         if folded is not None:
             moments, srt = folded
             a = block.numpy()
@@ -887,10 +953,9 @@ def _fold_together(stats: list[ActivationStatistics]) -> None:
             moments["n_sat"] = torch.from_numpy((np.abs(a) > thr).sum(0))
             samples = torch.from_numpy(srt).split(widths, dim=1)
         else:
-            thr_t = torch.repeat_interleave(
-                torch.tensor(thresholds, dtype=dtype, device=device),
-                torch.tensor(widths, device=device),
-            )
+            # repeated on the host: a repeat_interleave on the device would sync (its size)
+            thr_t = torch.as_tensor(np.repeat(thresholds, widths), dtype=dtype)
+            thr_t = thr_t.to(device, non_blocking=True)  # host to device: no sync
             moments, _ = _unit_moments(block, (0,), [1, block.shape[1]], thr_t)
             samples = vals
         start = 0
@@ -954,7 +1019,8 @@ def _histogram_numpy(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     inside = (flat >= lo) & (flat <= hi)
     with np.errstate(over="ignore", invalid="ignore"):
         pos = (flat[inside] - lo) * t(bins) / (hi - lo)
-    k = np.clip(np.nan_to_num(pos, posinf=bins - 1), 0, bins - 1).astype(np.int64)
+    # values inside [lo, hi] give finite positions (the edges fit the dtype): no NaN to clean
+    k = np.clip(pos, 0, bins - 1).astype(np.int64)
     counts = np.bincount(k + 1, minlength=bins + 2)
     counts[0] = (flat < lo).sum()
     counts[-1] = (flat > hi).sum()
@@ -964,7 +1030,7 @@ def _histogram_numpy(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def _finish(host: Mapping[str, np.ndarray], compute_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _finish(host: Mapping[str, np.ndarray], compute_dtype: torch.dtype) -> dict[str, np.ndarray]:
     """Final statistics from a state's declared fields on the host, by name (numpy: cheap on
     ``[units]`` vectors); ``host["sample"]`` holds the quantile values."""
     count, mean = host["count"], host["mean"]
@@ -997,7 +1063,7 @@ def _finish(host: Mapping[str, np.ndarray], compute_dtype: torch.dtype) -> dict[
         "hist": host["hist"].astype(np.int64),
         "quantile_value": host["sample"].astype(cdt, copy=False),
     }
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
 class GradientStatistics:

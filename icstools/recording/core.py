@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from icstools.recording.compiled import NO_BATCH, SiteSwitch, check_stashable
 from icstools.recording.errors import RecorderError
 from icstools.recording.hooks import HookGroup
 from icstools.recording.isolation import RngState, isolated
@@ -70,6 +71,7 @@ class RecorderCore(RunRecords):
         self._in_batch = False  # between begin_batch and end_batch: the root hooks wait
         self._last: dict[str, Any] | None = None  # the latest closed record
         self._steps = OptimizerSteps(self._before_update, self._after_update, ctx.own_forwards)
+        self._switch = SiteSwitch(ctx.model)  # the site hooks, eager or compiled
 
     # ------------------------------------------------------------------------ attributes
     model = property(lambda self: self._ctx.model, doc="The model.")
@@ -99,33 +101,43 @@ class RecorderCore(RunRecords):
     def attach(self) -> RecorderCore:
         """Register the hooks (``with rec:`` does this and :meth:`detach` on exit).
 
-        Only the model's own forward hooks and the optimizer hooks stay registered; the sites'
-        hooks are added when a scheduled training forward starts and removed when it ends, so
-        unscheduled steps run without them.
+        The model's (or its compiled wrapper's) forward hooks, the sites' (idle at unscheduled
+        steps, also under ``torch.compile``: :mod:`icstools.recording.compiled`), the optimizer's.
         """
         if self._hooks:
             raise RecorderError("this recorder is already attached; use one `with rec:` at a time")
         ctx = self._ctx
         for m in ctx.measurements:
             m.check(ctx)
+        root = ctx.wrapper if ctx.wrapper is not None else ctx.model
         try:
-            self._hooks.forward_pre(ctx.model, self._on_root_start, with_kwargs=True)
-            self._hooks.forward(ctx.model, self._on_root_end, always_call=True)
+            self._hooks.forward_pre(root, self._on_root_start, with_kwargs=True)
+            for site in ctx.sites:
+                module = ctx.modules[site.module_name]
+                self._hooks.site(module, site.role, functools.partial(self._switch.site, site))
+            self._hooks.forward(root, self._on_root_end, always_call=True)
             if ctx.optimizer is not None:
                 self._steps.attach(self._hooks, ctx.optimizer)
         except BaseException:
             self.detach()
             raise
+        hooked = [root, *(ctx.modules[s.module_name] for s in ctx.sites)]
+        self._switch.attach(self._observe, hooked, compiled=ctx.wrapper is not None)
+        self._sync_switch()
         return self
 
     def detach(self) -> None:
         """Remove every hook this recorder registered (safe to call twice)."""
         ctx = self._ctx
-        ctx.forward_hooks.remove()
-        ctx.record_hooks.remove()
-        self._hooks.remove()
-        ctx.source = None
-        self._in_batch = self._in_train_forward = False
+        try:
+            self._harvest()  # what compiled forwards left
+        finally:
+            self._switch.detach()
+            ctx.forward_hooks.remove()
+            ctx.record_hooks.remove()
+            self._hooks.remove()
+            ctx.source = None
+            self._in_batch = self._in_train_forward = False
 
     def __enter__(self) -> RecorderCore:
         return self.attach()
@@ -143,13 +155,22 @@ class RecorderCore(RunRecords):
                     raise
                 _report_beside(exc, err)
 
-    def _arm(self) -> None:
-        """Register the site hooks (for one scheduled forward, and the probe's)."""
-        hooks = self._ctx.forward_hooks
-        if not hooks:
-            for site in self._ctx.sites:
-                module = self._ctx.modules[site.module_name]
-                hooks.site(module, site.role, functools.partial(self._observe, site))
+    def _sync_switch(self) -> None:
+        """Compiled forwards stash at scheduled steps (traced root hooks never run)."""
+        self._switch.on = bool(self._hooks) and bool(self.schedule(self._ctx.step))
+
+    def _harvest(self) -> None:
+        """Feed the site tensors that compiled forwards stashed to the measurements, one
+        training forward each (outside the compiled region: at the step, flush or close)."""
+        if not self._switch:
+            return
+        check_stashable(self._switch, self._to["site"])
+        for forward in self._switch.take():
+            with torch.enable_grad():  # the stash holds training forwards only
+                self._forward_start((), {}, stashed=True)
+            for site, x in forward:
+                self._observe(site, x)
+            self._forward_end()
 
     def _observe(self, site: Site, x: torch.Tensor | None) -> None:
         ctx = self._ctx
@@ -162,10 +183,15 @@ class RecorderCore(RunRecords):
 
     # ------------------------------------------------------------------------ events
     def _on_root_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling():  # traced: no bookkeeping in the graph
+            SiteSwitch.mark_forward(module)
+            return
         if not self._in_batch:  # within begin_batch/end_batch, the batch is the forward
             self._forward_start(args, kwargs)
 
     def _on_root_end(self, module: nn.Module, args: tuple, output: object) -> None:
+        if torch.compiler.is_compiling():
+            return
         if not self._in_batch:
             self._forward_end()
 
@@ -198,12 +224,12 @@ class RecorderCore(RunRecords):
             self._in_batch = False
             self._forward_end()
 
-    def _forward_start(self, args: tuple, kwargs: dict) -> None:
+    def _forward_start(self, args: tuple, kwargs: dict, stashed: bool = False) -> None:
         ctx = self._ctx
         if ctx.silent:
             return
         if not (ctx.model.training and torch.is_grad_enabled()):
-            ctx.source = None  # evaluation forwards are not training data
+            ctx.source, self._switch.on = None, False  # evaluation forwards: not training data
             ctx.forward_hooks.remove()
             return
         step = ctx.step
@@ -211,16 +237,18 @@ class RecorderCore(RunRecords):
         if self._pending is not None and self._pending != step:
             self._close_record()
         if not self.schedule(step):
-            ctx.source = None
+            ctx.source, self._switch.on = None, False
             ctx.forward_hooks.remove()
             return
-        self._arm()
+        self._switch.on = True
         first = self._pending is None
         if first:
             self._open_record(step)
         ctx.units.new_forward()
         ctx.source = "train"
         if any(m.wants_batch(ctx) for m in self._to["wants_batch"]):
+            if stashed:
+                raise RecorderError(NO_BATCH)
             # references (no copies) to the step's batch, and the RNG state the forward
             # starts from: recomputations use the same dropout masks
             ctx.batch = StepBatch(args, dict(kwargs), RngState.capture())
@@ -232,6 +260,9 @@ class RecorderCore(RunRecords):
         ctx = self._ctx
         if ctx.silent:
             return
+        if self._switch and ctx.source == "train":  # a compiled forward of the wrapper
+            for site, x in (item for fwd in self._switch.take() for item in fwd):
+                self._observe(site, x)
         ctx.source = None
         ctx.forward_hooks.remove()
         if self._in_train_forward:
@@ -264,6 +295,7 @@ class RecorderCore(RunRecords):
             raise
 
     def _before_update(self) -> None:
+        self._harvest()
         ctx = self._ctx
         if self._pending == ctx.step and not ctx.silent:  # a recorded step
             for m in self._to["before_update"]:
@@ -275,6 +307,7 @@ class RecorderCore(RunRecords):
             for m in self._to["after_update"]:
                 m.after_update(ctx)
         ctx.step += 1
+        self._sync_switch()
 
     def set_target(self, target: Any) -> None:
         """Give the recorder the target of this step's batch (for ``ics`` and ``landscape``).
@@ -313,7 +346,9 @@ class RecorderCore(RunRecords):
                 "steps are already counted by the optimizer given to the Recorder; "
                 "step_done() would count them twice"
             )
+        self._harvest()
         self._ctx.step += 1
+        self._sync_switch()
 
     def log(self, **scalars: float | torch.Tensor) -> None:
         """Attach scalars (``loss=...``) to the record of the latest training forward.

@@ -73,20 +73,19 @@ class HookGroup:
             )
         )
 
-    def site(
-        self, module: nn.Module, role: str, fn: Callable[[torch.Tensor | None], None]
-    ) -> RemovableHandle:
-        """A hook that calls ``fn`` with the first floating-point tensor of the module's
-        inputs (``role="input"``, a pre-hook) or output (``role="output"``), or ``None``."""
+    def site(self, module: nn.Module, role: str, fn: Callable[..., None]) -> RemovableHandle:
+        """A hook that calls ``fn(module, x)`` with the first floating-point tensor ``x`` of the
+        module's inputs (``role="input"``, a pre-hook) or output (``role="output"``), or
+        ``None``."""
         if role == "input":
 
             def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-                fn(find_tensor(args) if args else find_tensor(kwargs))
+                fn(mod, find_tensor(args) if args else find_tensor(kwargs))
 
             return self.forward_pre(module, pre, with_kwargs=True)
 
         def post(mod: nn.Module, args: tuple, output: Any) -> None:
-            fn(find_tensor(output))
+            fn(mod, find_tensor(output))
 
         return self.forward(module, post)
 

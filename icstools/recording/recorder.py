@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from icstools.functional.statistics import DEFAULT_QUANTILES
+from icstools.recording.compiled import unwrap_compiled
 from icstools.recording.core import RecorderCore
 from icstools.recording.layout import SiteTable
 from icstools.recording.measurements import Context, Measurement, build
@@ -75,6 +76,12 @@ class Recorder(RecorderCore):
         range widened by 25% each side); ``|x|`` thresholds of ``sat_frac`` per site glob
         (default 4.585 for sigmoid and 2.993 for tanh inputs: derivative below 0.01); values
         per unit kept for exact quantiles (beyond: a uniform sample; ``None``: always exact).
+    fused : {None, "compile", "eager"}
+        How a site tensor with more values per unit than ``quantile_sample`` is reduced:
+        ``"compile"``, all its statistics in one ``torch.compile``'d pass on its device
+        (:mod:`icstools.functional.fused`; each new shape compiles once, seconds to a minute
+        on a CPU; if compiling fails, the same reduction eagerly); ``"eager"``, that fused
+        reduction uncompiled; ``None`` (default), one eager op per statistic.
     unit_dim : int or dict, optional
         Dimension holding units, for all sites or per site glob; default: last for
         ``[batch, (time,) features]``, 1 for ``[N, C, H, (W)]`` and for 3-D tensors of
@@ -166,6 +173,7 @@ class Recorder(RecorderCore):
         saturation: dict[str, float] | None = None,
         unit_dim: int | dict[str, int] | None = None,
         quantile_sample: int | None = 8192,
+        fused: str | None = None,
         calls: str | None = None,
         chunk_steps: int = 64,
         flush_seconds: float = 30.0,
@@ -186,6 +194,7 @@ class Recorder(RecorderCore):
         on_record: Callable[[Any], Any] | None = None,
     ) -> None:
         # every keyword, as given (measurements read theirs in their from_options)
+        model, wrapper = unwrap_compiled(model)  # torch.compile'd: hook the original
         options = SimpleNamespace(**{k: v for k, v in locals().items() if k != "self"})
         check_options(model, options)
         options.seed = int(seed)
@@ -203,6 +212,7 @@ class Recorder(RecorderCore):
             scaler=scaler,
             seed=options.seed,
         )
+        ctx.wrapper = wrapper
         ctx.measurements = build(options, measurements)
         sink = RecordSink(
             path,

@@ -16,6 +16,7 @@ import numpy as np
 import xarray as xr
 
 from icstools import __version__
+from icstools.functional.statistics import host_arrays
 from icstools.recording.errors import RecorderError
 from icstools.recording.layout import Layout
 from icstools.schema import SCHEMA_VERSION
@@ -54,14 +55,24 @@ class RunRecords:
             return
         if ctx.layout is None:
             ctx.layout = Layout.fix(ctx)
+        # every measurement's device tensors of the record reach the host in one transfer
+        staged = {(m.name, k): t for m in ctx.measurements for k, t in m.stage(ctx).items()}
+        ctx.host = {}
+        for (name, k), v in host_arrays(staged).items():
+            ctx.host.setdefault(name, {})[k] = v
         record = ctx.layout.record(step, [(m.name, m.collect(ctx)) for m in ctx.measurements])
+        ctx.host = {}
         ctx.logs = {}
         self._check_divergence(record, logs)
         self._last = record
         self._sink.emit(record, self._block)
 
+    def _harvest(self) -> None:
+        """Feed what compiled forwards stashed to the measurements (the core defines it)."""
+
     def _close_finished(self) -> None:
         """Close the open record if its step is over (or the recorder is detached)."""
+        self._harvest()
         if self._pending is not None and (self._pending < self.step or not self.attached):
             self._close_record()
 
@@ -107,6 +118,7 @@ class RunRecords:
     def close(self) -> None:
         """Close the open record, flush and close the store; the in-memory records stay."""
         try:
+            self._harvest()
             self._close_record()
             self._sink.flush(self._block if self._ctx.layout is not None else None)
         finally:

@@ -14,10 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from icstools.functional.fused import MODES as FUSED_MODES
 from icstools.functional.statistics import (
     ActivationStatistics,
     choose_hist_edges,
-    compute_many,
+    device_parts_many,
+    finish_many,
 )
 from icstools.recording.errors import RecorderError
 from icstools.recording.layout import Layout, site_option
@@ -99,6 +101,7 @@ class Activations(Measurement):
         saturation: dict[str, float] | None,
         quantile_sample: int | None,
         seed: int,
+        fused: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
@@ -109,6 +112,9 @@ class Activations(Measurement):
         self.saturation = dict(saturation or {})
         self.quantile_sample = quantile_sample
         self.seed = seed
+        if fused not in (None, *FUSED_MODES):
+            raise ValueError(f"fused must be None, 'compile' or 'eager', got {fused!r}")
+        self.fused = fused
         # Validate the options now (not at the first hook call) by resolving them per site.
         self.sat = {s.name: self._saturation_of(s, modules[s.module_name]) for s in sites}
         for s in sites:
@@ -122,10 +128,13 @@ class Activations(Measurement):
         )  # validates the quantile options
         self._stats: dict[tuple[str, str], ActivationStatistics] = {}
         self._edges: dict[str, np.ndarray] = {}
+        self._active: list[tuple[tuple[str, str], ActivationStatistics]] = []  # staged
+        self._fields: list[list[str]] = []
 
     @classmethod
     def from_options(cls, options: Any) -> Activations:
         keywords = ("quantiles", "bins", "hist_range", "saturation", "quantile_sample", "seed")
+        keywords += ("fused",)
         return cls(options.sites, options.modules, **{k: getattr(options, k) for k in keywords})
 
     def _saturation_of(self, site: Site, module: Any) -> float | None:
@@ -158,13 +167,14 @@ class Activations(Measurement):
                 )
 
     def config(self) -> dict[str, Any]:
+        fused = {} if self.fused is None else {"fused": self.fused}
         return {
             "quantiles": self.quantiles.tolist(),
             "bins": self.bins,
             "hist_range": repr(self.hist_range),
             "saturation": {k: float(v) for k, v in self.saturation.items()},
             "quantile_sample": self.quantile_sample,
-        }
+        } | fused
 
     # events ------------------------------------------------------------------------------
     def site(self, ctx: Context, name: str, x: torch.Tensor, source: str) -> None:
@@ -207,6 +217,7 @@ class Activations(Measurement):
             sat_threshold=self.sat[ctx.units.base[name]],
             quantile_sample=self.quantile_sample,
             generator=torch.Generator().manual_seed(seed),
+            fused=self.fused,
         )
         self._stats[(source, name)] = stats
         return stats
@@ -250,10 +261,18 @@ class Activations(Measurement):
             self._set_edges(name, choose_hist_edges(torch.empty(0), self.bins))
         return self._edges[name]
 
+    def stage(self, ctx: Context) -> dict[Any, torch.Tensor]:
+        self._active = [(key, stats) for key, stats in self._stats.items() if stats.calls]
+        parts = device_parts_many([stats for _, stats in self._active])
+        self._fields = [list(p) for p in parts]
+        return {(i, f): t for i, p in enumerate(parts) for f, t in p.items()}
+
     def collect(self, ctx: Context) -> dict[str, np.ndarray]:
         layout = ctx.layout
-        active = [(key, stats) for key, stats in self._stats.items() if stats.calls]
-        outs = compute_many([stats for _, stats in active])  # one device -> host transfer
+        active, self._active = self._active, []
+        host = ctx.host.get(self.name, {})
+        fields = [{f: host[(i, f)] for f in names} for i, names in enumerate(self._fields)]
+        outs = finish_many([stats for _, stats in active], fields)
         rec = layout.empty_all(self.variables)
         for ((source, name), stats), out in zip(active, outs, strict=True):
             calls = stats.calls
@@ -270,7 +289,7 @@ class Activations(Measurement):
         layout: Layout,
         source: str,
         name: str,
-        out: dict[str, torch.Tensor],
+        out: dict[str, np.ndarray],
         calls: int,
         sat: float | None,
         step: int,
@@ -289,9 +308,9 @@ class Activations(Measurement):
         with np.errstate(over="ignore"):
             for field, t in out.items():
                 if field == "hist":
-                    rec["hist"][si, k] = t.numpy()
+                    rec["hist"][si, k] = t
                 else:
-                    rec[field][si, units] = t.numpy()
+                    rec[field][si, units] = t
         rec["calls"][si, k] = calls
         if sat is None:
             rec["sat_frac"][si, units] = np.nan  # no threshold: not a saturating input

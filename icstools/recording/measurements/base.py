@@ -120,6 +120,9 @@ class Context:
     ----------
     model, optimizer, probe, probe_mode, loss_fn, scaler, seed
         The recorder's own arguments (``optimizer`` may be set after construction).
+    wrapper : torch.nn.Module or None
+        The ``torch.compile`` wrapper the recorder was given (``model`` is its original
+        module), whose forward hooks run outside the compiled graph.
     sites : list of Site
         The selected sites.
     units : SiteTable
@@ -134,6 +137,9 @@ class Context:
         The step's target, given by :meth:`Recorder.set_target` (``target_step`` says when).
     logs : dict
         Scalars logged for the open record (``rec.log``).
+    host : dict
+        While a record closes: ``{measurement name: {key: numpy array}}``, the host copies of
+        what each measurement's :meth:`~Measurement.stage` returned (one transfer for all).
     forward_hooks : HookGroup
         Hooks of one scheduled training forward (the sites', and any a measurement adds in
         ``train_forward``), removed by the core when the forward ends or the recorder detaches.
@@ -159,6 +165,7 @@ class Context:
     ) -> None:
         self.model = model
         self.modules = dict(model.named_modules())
+        self.wrapper: nn.Module | None = None
         self.sites = sites
         self.units = units
         self.optimizer = optimizer
@@ -173,6 +180,7 @@ class Context:
         self.target: Any = None
         self.target_step: int | None = None
         self.logs: dict[str, Any] = {}
+        self.host: dict[str, dict[Any, np.ndarray]] = {}  # staged arrays, while a record closes
         self.forward_hooks = HookGroup()
         self.record_hooks = HookGroup()
         self.loss_scale: float | None = None
@@ -296,6 +304,12 @@ class Measurement:
     def declare(self, ctx: Context) -> Declaration:
         """Coordinates and variables it adds to the run, at the first record."""
         return Declaration({}, self.variables)
+
+    def stage(self, ctx: Context) -> dict[Any, torch.Tensor]:
+        """The record closes: the device tensors :meth:`collect` will need on the host. The
+        recorder moves those of all measurements together, in one device-to-host transfer,
+        and gives them to :meth:`collect` as ``ctx.host[self.name]`` (numpy, same keys)."""
+        return {}
 
     def collect(self, ctx: Context) -> dict[str, np.ndarray]:
         """This record's host arrays of its variables (missing ones keep their fill value)."""

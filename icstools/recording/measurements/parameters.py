@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from icstools.recording.errors import RecorderError
-from icstools.recording.layout import to_host
 from icstools.recording.measurements.base import Context, Declaration, Measurement
 from icstools.schema import Coordinate, Variable
 
@@ -106,24 +105,24 @@ class ParameterDynamics(Measurement):
 
     # the update ------------------------------------------------------------------------------
     def before_update(self, ctx: Context) -> None:
-        tensors = [p for _, p, _ in self._parameters(ctx)]
+        params = [p for _, p, _ in self._parameters(ctx)]
+        tensors = [p.detach() for p in params]
         with torch.no_grad():
-            grads = [
-                p.grad.detach().norm() if p.grad is not None else p.new_full((), math.nan)
-                for p in tensors
-            ]
-            self._out["param_grad_norm"] = torch.stack([g.double() for g in grads])
-            self._out["param_norm"] = torch.stack([p.detach().norm().double() for p in tensors])
-            self._before = [p.detach().clone() for p in tensors]
+            # one fused reduction over all parameters (torch._foreach_norm), not one per tensor
+            have = [i for i, p in enumerate(params) if p.grad is not None]
+            grads = _norms([params[i].grad.detach() for i in have])
+            out = torch.full((len(tensors),), math.nan, dtype=torch.float64, device=grads.device)
+            self._out["param_grad_norm"] = out.index_copy(0, _index(have, out.device), grads)
+            self._out["param_norm"] = _norms(tensors)
+            self._before = torch._foreach_mul(tensors, 1.0)  # copies of the weights
 
     def after_update(self, ctx: Context) -> None:
         before, self._before = self._before, None
         if before is None:
             return
-        tensors = [p for _, p, _ in self._params]
+        tensors = [p.detach() for _, p, _ in self._params]
         with torch.no_grad():
-            upd = [(p.detach() - b).norm().double() for p, b in zip(tensors, before, strict=True)]
-        self._out["update_norm"] = torch.stack(upd)
+            self._out["update_norm"] = _norms(torch._foreach_sub(tensors, before))
         lr = torch.tensor([float(g.get("lr", math.nan)) for _, _, g in self._params])
         self._out["lr"] = lr.double()
 
@@ -144,8 +143,12 @@ class ParameterDynamics(Measurement):
         }
         return Declaration(coords, VARIABLES)
 
+    def stage(self, ctx: Context) -> dict[Any, torch.Tensor]:
+        out, self._out = self._out, {}
+        return out
+
     def collect(self, ctx: Context) -> dict[str, np.ndarray]:
-        params, self._out = to_host(self._out), {}
+        params = ctx.host.get(self.name, {})
         self._before = None
         if "param" not in ctx.layout.coords:
             return {}
@@ -162,6 +165,18 @@ class ParameterDynamics(Measurement):
                 normalized = [n in self._normalized for n, _, _ in self._params]
                 out["eff_lr"][:] = np.where(normalized, eff, np.nan)
         return out
+
+
+def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Euclidean norms of ``tensors`` as one float64 vector (fused: ``torch._foreach_norm``
+    groups tensors by device and dtype, a few kernels for all of them)."""
+    if not tensors:
+        return torch.empty(0, dtype=torch.float64)
+    return torch.stack([n.double() for n in torch._foreach_norm(tensors)])
+
+
+def _index(positions: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True)
 
 
 def _seen(ctx: Context, order: list[str], name: str, module: nn.Module, args: tuple) -> None:

@@ -82,12 +82,15 @@ class Scalars(Measurement):
         )
         return Declaration({}, (*VARIABLES, *extra))
 
+    def stage(self, ctx: Context) -> dict[Any, torch.Tensor]:
+        # logged tensors: read once per record, with the other measurements' (one transfer)
+        return {
+            k: v.detach().reshape(()) for k, v in ctx.logs.items() if isinstance(v, torch.Tensor)
+        }
+
     def collect(self, ctx: Context) -> dict[str, np.ndarray]:
         logs = dict(ctx.logs)
-        tensors = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
-        if tensors:  # one transfer for all logged tensors
-            values = torch.stack([logs[k].reshape(()).double() for k in tensors]).cpu()
-            logs.update(zip(tensors, values.tolist(), strict=True))
+        logs.update((k, float(v)) for k, v in ctx.host.get(self.name, {}).items())
         out = {name: np.float64(logs.get(name, math.nan)) for name in ("loss", *self.logged)}
         lr = ctx.optimizer.param_groups[0]["lr"] if ctx.optimizer is not None else math.nan
         out["lr"] = np.float64(float(lr))

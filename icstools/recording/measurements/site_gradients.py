@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from icstools.functional.statistics import GradientStatistics
-from icstools.recording.layout import to_host
 from icstools.recording.measurements.base import Context, Measurement
 from icstools.schema import Variable
 
@@ -67,18 +66,21 @@ class SiteGradients(Measurement):
         for stats in self._stats.values():
             stats.reset()
 
-    def collect(self, ctx: Context) -> dict[str, np.ndarray]:
+    def stage(self, ctx: Context) -> dict[Any, torch.Tensor]:
         grads = {}
         for name, stats in self._stats.items():
             if stats.n:
                 for field, t in stats.compute().items():
                     grads[(name, field)] = t
             stats.reset()
+        return grads
+
+    def collect(self, ctx: Context) -> dict[str, np.ndarray]:
         layout = ctx.layout
         out = layout.empty_all(VARIABLES)
         # AMP: gradients of a scaled loss are scaled; divide by this step's scale
         scale = ctx.loss_scale if ctx.scaler is not None and ctx.loss_scale else 1.0
-        for (name, field), value in to_host(grads).items():
+        for (name, field), value in ctx.host.get(self.name, {}).items():
             if name not in layout.widths:
                 continue
             if field == "grad_norm":
