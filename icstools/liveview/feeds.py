@@ -55,23 +55,22 @@ class RecorderFeed:
         self._block = block
         self._queue.append(record)
 
-    def poll(self) -> tuple[list[xr.Dataset], str]:
-        """The records closed since the last poll, and a status line."""
-        out = []
-        if self._backfill is not None:
-            out.append(self._backfill)
-            self._backfill = None
+    def take(self) -> tuple[list[xr.Dataset], list[dict[str, Any]], Any]:
+        """What arrived since the last call: the records closed before the view started (a
+        dataset, once), the records queued since, and the sink's block builder."""
+        blocks = [] if self._backfill is None else [self._backfill]
+        self._backfill = None
         records = []
         while self._queue:
             records.append(self._queue.popleft())
-        if records and self._block is not None:
-            out.append(self._block(records))
+        return blocks, records, self._block
+
+    def status(self) -> str:
+        """A status line."""
         attached = self.recorder.attached
         if not self.recorder.n_records:
-            status = "waiting for the first record" + ("" if attached else " (not attached yet)")
-        else:
-            status = "recording" if attached else "recorder detached"
-        return out, status
+            return "waiting for the first record" + ("" if attached else " (not attached yet)")
+        return "recording" if attached else "recorder detached"
 
     def done(self) -> bool:
         """Whether the recorder was attached (or recorded) and is detached since: at two calls
@@ -127,9 +126,9 @@ class StoreFeed:
         if n == self.n_read:
             ds.close()
             return [], status
-        names = [v for v in NEEDED if v in ds.data_vars]
-        try:
-            new = ds[names].isel(step=slice(self.n_read, n)).load()
+        unused = [v for v in ds.data_vars if v not in NEEDED]
+        try:  # the coordinates stay (sites, units, levels), the unused variables are dropped
+            new = ds.drop_vars(unused).isel(step=slice(self.n_read, n)).load()
         except StoreError as exc:
             return [], f"cannot read the store: {exc}"
         finally:

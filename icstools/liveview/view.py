@@ -1,29 +1,51 @@
-"""The live view: a thread that takes in new records and redraws, throttled, and its widgets.
+"""The live view in the training process: a light thread that forwards records to the worker
+process (:mod:`icstools.liveview.worker`) and shows the frames it sends back, and the widgets.
 
-The thread wakes every ``interval`` seconds, polls the feed (which never waits for the
-training), takes the new records into its :class:`~icstools.liveview.data.LiveData` and redraws
-the figure when something changed. Its work holds Python's global interpreter lock, which the
-training thread needs too, so the thread keeps its share of the time at most ``max_busy``: after
-a wake-up that took ``t`` seconds it sleeps at least ``t / max_busy``. Drawing happens only
-there (or, once the thread has ended, on the kernel's thread when a widget changes).
+The thread (``icstools-live``) wakes every ``interval / 2`` seconds: it moves the records the
+recorder queued to the worker through a pipe (the arrays as they are, the variables drawn
+only), tells it when the recorder has detached, and puts the PNG frames and status lines it
+receives into the widget (or the ``save`` file). Nothing is computed or drawn in this process.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import os
+import subprocess
+import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-
-from icstools.liveview.data import LiveData
+from icstools.liveview.data import NEEDED
 from icstools.liveview.feeds import RecorderFeed, StoreFeed
-from icstools.liveview.figure import draw, png_bytes
+from icstools.liveview.worker import Connection
 
-__all__ = ["LiveView"]
+__all__ = ["LiveView", "start_worker"]
+
+
+def start_worker(spec: dict[str, Any]) -> tuple[Any, subprocess.Popen]:
+    """Start the worker process at a lower priority (``nice`` 10 before its imports, which
+    would compete with the training too) and connect to it through two pipes."""
+    down_r, down_w = os.pipe()  # view -> worker
+    up_r, up_w = os.pipe()  # worker -> view
+    code = (  # nice first: the imports (torch among them) would compete with the training
+        "import os, sys\ntry:\n    os.nice(10)\nexcept OSError:\n    pass\n"
+        "from icstools.liveview.worker import main\nmain(int(sys.argv[1]), int(sys.argv[2]))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([p for p in sys.path if p])}
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, str(down_r), str(up_w)],
+        pass_fds=(down_r, up_w),
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    os.close(down_r)
+    os.close(up_w)
+    conn = Connection(up_r, down_w)
+    conn.send(spec)
+    return conn, process
+
 
 _MEDIAN = "median over units"
 _MAX_UNIT_OPTIONS = 512
@@ -35,18 +57,20 @@ class LiveView:
     Attributes
     ----------
     updates : int
-        Polls that brought new records (each one a data update).
+        Times the worker took in new records (each one a data update).
     n_records : int
         Records taken in so far.
     draws : int
-        Times the figure was drawn.
+        Frames drawn.
+    png : bytes or None
+        The last frame (PNG).
+    state : str
+        ``"starting"``, ``"following"``, ``"finished"`` (the recorder detached, or no process
+        writes the store any more) or ``"stopped"``.
     status : str
-        What the view is doing: waiting, following, finished or stopped, and the last step.
+        One line: the source, the state, the records and the last step, a divergence.
     error : str or None
-        The last error of the view's thread (the view keeps running; it is shown in the
-        status line too).
-    data : LiveData
-        The series drawn.
+        The last error of the view (it keeps running; shown in the status line too).
     """
 
     def __init__(
@@ -62,186 +86,187 @@ class LiveView:
         widgets: bool,
     ) -> None:
         self.feed = feed
-        self.data = LiveData(max_records)
         self.interval = float(interval)
-        self.max_busy = float(max_busy)
         self.save_path = None if save is None else Path(save)
-        self.site, self.activations, self.unit = site, activations, None
+        self._spec = {
+            "path": str(feed.path) if isinstance(feed, StoreFeed) else None,
+            "label": feed.label,
+            "interval": self.interval,
+            "max_busy": float(max_busy),
+            "max_records": max_records,
+            "site": site,
+            "activations": activations,
+        }
         self.updates = self.n_records = self.draws = 0
-        self.busy_seconds = 0.0  # time the thread spent working (polling, taking in, drawing)
+        self.png: bytes | None = None
         self.state = "starting"
-        self.feed_status = ""
+        self.status = f"{feed.label} · starting"
         self.error: str | None = None
-        self._replaced = 0
-        self._dirty = True
-        self._now = False  # a widget changed: redraw at once
-        self._lock = threading.RLock()  # the data and the figure: one user at a time
+        self.info: dict[str, Any] = {}
+        self.forwarded = 0  # records sent to the worker
+        self._schema_sent = False
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        self._ended = threading.Event()  # finished or stopped
+        self._first_frame = threading.Event()
         self._thread: threading.Thread | None = None
+        self._process: Any = None
+        self._conn: Any = None
+        self._send_lock = threading.Lock()
         self.widget: Any = None
         self._w: dict[str, Any] = {}
+        self._quiet_widgets = False
         if widgets:
             self._build_widgets()
 
     # ------------------------------------------------------------------ public
     @property
-    def status(self) -> str:
-        """One line: the source, the state, the records and the last step."""
-        d = self.data
-        parts = [self.feed.label, self.state]
-        if self.feed_status and self.state != "finished":
-            parts.append(self.feed_status)
-        if d.n_records:
-            parts.append(f"{d.n_records} records, last step {int(d.steps[-1])}")
-        if d.diverged_step is not None:
-            parts.append(f"DIVERGED at step {d.diverged_step} (non-finite values)")
-        if self.error:
-            parts.append(f"error: {self.error}")
-        return " · ".join(parts)
-
-    @property
     def running(self) -> bool:
-        """Whether the view's thread is still following the source."""
-        return self._thread is not None and self._thread.is_alive()
+        """Whether the view still follows its source (not finished, not stopped)."""
+        return self._thread is not None and not self._ended.is_set()
 
     def start(self) -> LiveView:
-        """Start following the source (:func:`icstools.live` does this)."""
+        """Start the worker process and the thread (:func:`icstools.live` does this)."""
+        self._conn, self._process = start_worker(self._spec)
         self.feed.start()
         self.state = "following"
         self._thread = threading.Thread(target=self._run, name="icstools-live", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop following: the thread takes in what has arrived, draws once more and ends; the
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop: the worker takes in what has arrived, draws once more and ends; the
         recorder's tap is removed. Safe to call twice."""
+        if self._thread is None or not self._thread.is_alive():
+            return
         self._stop.set()
-        self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        self.feed.close()
-        if self.state != "finished":
-            self.state = "stopped"
-        self._show()
-
-    def refresh(self) -> LiveView:
-        """Take in what has arrived and redraw now, on the calling thread."""
-        with self._lock:
-            self._take_in()
-            self._draw()
-        return self
-
-    def figure(self) -> Figure:
-        """The current figure (a new :class:`matplotlib.figure.Figure`)."""
-        with self._lock:
-            return draw(self.data, *self._selection(), status=self.status)
-
-    def save(self, path: str | os.PathLike, dpi: int = 80) -> Path:
-        """Write the current figure to ``path`` (PNG) and return the path."""
-        path = Path(path)
-        path.write_bytes(png_bytes(self.figure(), dpi))
-        return path
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait until the view has finished (the recorder detached, or the store's writer
-        closed) or was stopped; True if it has."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return not self.running
+        """Wait until the view has finished (the recorder detached, or no process writes the
+        store any more; its last frame drawn) or was stopped; True if it has. A finished view
+        still redraws when the selection changes, until :meth:`stop`."""
+        return self._ended.wait(timeout)
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the worker process shows its first frame (it starts in a few seconds:
+        it imports icstools and matplotlib at a low priority); True if it has."""
+        return self._first_frame.wait(timeout)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the last frame (PNG) to ``path`` and return the path."""
+        if self.png is None:
+            raise RuntimeError("the live view has drawn no frame yet")
+        path = Path(path)
+        path.write_bytes(self.png)
+        return path
 
     def __repr__(self) -> str:
         return f"<icstools LiveView: {self.status}>"
 
     # ------------------------------------------------------------------ the thread
+    def _send(self, msg: tuple) -> None:
+        with self._send_lock:
+            self._conn.send(msg)
+
+    def _forward(self) -> None:
+        """Records queued by the recorder, to the worker (with the schema first)."""
+        if not isinstance(self.feed, RecorderFeed):
+            return
+        blocks, records, block = self.feed.take()
+        if not self._schema_sent and (blocks or records):
+            schema = blocks[0] if blocks else block(records[:1])
+            keep = [v for v in schema.data_vars if v not in NEEDED]
+            self._send(("schema", schema.isel(step=[0]).drop_vars(keep)))
+            self._schema_sent = True
+        for b in blocks:  # records closed before the view started (read once)
+            recs = [
+                {"step": s, **{v: b[v].isel(step=i).values for v in b.data_vars if v in NEEDED}}
+                for i, s in enumerate(b["step"].values)
+            ]
+            self._send(("records", recs))
+            self.forwarded += len(recs)
+        if records:
+            self._send(("records", [{k: r[k] for k in r if k in NEEDED or k == "step"}
+                                    for r in records]))  # fmt: skip
+            self.forwarded += len(records)
+
+    def _receive(self) -> bool:
+        """Frames from the worker; False once it has ended."""
+        while self._conn.poll(0):
+            msg = self._conn.recv()
+            self._take_info(msg[-1])
+            if msg[0] == "frame" and msg[1] is not None:
+                self._show_frame(msg[1])
+                self._first_frame.set()
+                if self.state in ("finished", "stopped"):
+                    self._ended.set()  # its last frame is shown
+            if msg[0] == "end":
+                return False
+        return True
+
     def _run(self) -> None:
-        next_work = 0.0  # the thread's work is spread out so that it takes ≤ max_busy
-        while not self._stop.is_set():
-            finished = False
-            try:
-                finished = self.feed.done()  # cheap: a flag, or the store's lock file
-                if finished or time.perf_counter() >= next_work or self._now:
-                    self._now = False
-                    start = time.perf_counter()
-                    with self._lock:
-                        self._take_in()
-                        if finished:
-                            self.state = "finished"
-                        if self._dirty or finished:
-                            self._draw()
-                    busy = time.perf_counter() - start
-                    self.busy_seconds += busy
-                    next_work = start + busy / self.max_busy
-            except Exception as exc:  # a view never takes the training down
-                self.error = f"{type(exc).__name__}: {exc}"
-            if finished:
-                break
-            self._wake.wait(self.interval)
-            self._wake.clear()
-        else:  # stopped: what arrived until now, once more
-            with self._lock:
+        told = False  # the worker was told that no more records come
+        try:
+            while True:
+                if self._process.poll() is not None and not self._conn.poll(0):
+                    self.error = self.error or "the live view's worker process ended"
+                    break
+                if not told:
+                    self._forward()
+                    if isinstance(self.feed, RecorderFeed):
+                        self._send(("status", self.feed.status()))
+                        if self.feed.done():
+                            self._forward()
+                            self._send(("finish", "finished"))
+                            told = True
+                if self._stop.is_set():
+                    self._forward()
+                    self._send(("stop",))
+                    self._stop.clear()
+                    told = True
+                if not self._receive():
+                    break
+                self._stop.wait(self.interval / 2)
+        except (EOFError, BrokenPipeError, OSError) as exc:
+            self.error = f"the live view's worker process ended ({type(exc).__name__})"
+        finally:
+            self.feed.close()
+            if self._process is not None:
                 try:
-                    self._take_in()
-                    self._draw()
-                except Exception as exc:
-                    self.error = f"{type(exc).__name__}: {exc}"
-        self.feed.close()
+                    self._process.wait(10)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                self._conn.close()
+            if self.state != "finished":
+                self.state = "stopped"
+            self._ended.set()
+            self._show_status()
 
-    def _take_in(self) -> None:
-        blocks, self.feed_status = self.feed.poll()
-        replaced = getattr(self.feed, "replaced", 0)
-        if replaced != self._replaced:  # a new run replaced the store: start again
-            self._replaced = replaced
-            self.data = LiveData(self.data.max_records)
-            self._dirty = True
-        new = sum(self.data.add(b) for b in blocks)
-        if new:
-            self.updates += 1
-            self.n_records = self.data.n_records
-            self._dirty = True
-            self._fix_selection()
-
-    def _fix_selection(self) -> None:
-        """Defaults once the sites are known: the input of the last hidden sigmoid/tanh (Fig.
-        1's site), else the last site; the probe when recorded."""
-        d = self.data
-        if self.site not in d.sites:
-            if self.site is not None and not getattr(self, "_warned_site", False):
-                self.error = f"no site {self.site!r} in the run; sites: {d.sites}"
-                self._warned_site = True
-            self.site = (d.sat_sites or d.sites)[-1]
-        if self.activations not in d.sources:
-            self.activations = "probe" if "probe" in d.sources else d.sources[0]
+    def _take_info(self, info: dict[str, Any]) -> None:
+        self.info = info
+        self.updates, self.n_records, self.draws = info["updates"], info["n_records"], info["draws"]
+        self.state, self.status, self.error = info["state"], info["status"], info["error"]
+        if self.state in ("finished", "stopped") and self.draws:
+            self.feed.close()
         if self._w:
             self._update_options()
+        self._show_status()
 
-    def _selection(self) -> tuple[str | None, str | None, int | None]:
-        if not self.data.ready:
-            return None, None, None
-        unit = self.unit
-        if unit is not None:
-            n = len(self.data.unit_groups[self.data.sites.index(self.site)])
-            unit = unit if 0 <= unit < n else None
-        return self.site, self.activations, unit
-
-    def _draw(self) -> None:
-        self._dirty = False
-        fig = draw(self.data, *self._selection(), status=self.status)
-        png = png_bytes(fig)
-        self.draws += 1
+    def _show_frame(self, png: bytes) -> None:
+        self.png = png
         if self.save_path is not None:
             tmp = self.save_path.with_name(f".{self.save_path.name}.tmp")
             tmp.write_bytes(png)
             os.replace(tmp, self.save_path)
         if self._w:
             self._w["image"].value = png
-        self._show()
 
-    def _show(self) -> None:
+    def _show_status(self) -> None:
         if self._w:
             when = _dt.datetime.now().strftime("%H:%M:%S")
             self._w["status"].value = f"{self.status} · {when}"
-            self._w["stop"].disabled = not self.running and self._stop.is_set()
+            self._w["stop"].disabled = self.state in ("finished", "stopped")
 
     # ------------------------------------------------------------------ widgets
     def _build_widgets(self) -> None:
@@ -261,39 +286,38 @@ class LiveView:
         self.widget = w.VBox([controls, self._w["status"], self._w["image"]])
         for key in ("site", "source", "unit"):
             self._w[key].observe(self._on_change, names="value")
-        self._w["stop"].on_click(lambda _: self.stop())
+        self._w["stop"].on_click(lambda _: self.stop(timeout=0))
 
     def _update_options(self) -> None:
-        d, w = self.data, self._w
+        info, w = self.info, self._w
+        if not info.get("sites"):
+            return
         self._quiet_widgets = True
         try:
-            if list(w["site"].options) != d.sites:
-                w["site"].options = d.sites
-            w["site"].value = self.site
-            if list(w["source"].options) != d.sources:
-                w["source"].options = d.sources
-            w["source"].value = self.activations
-            n = len(d.unit_groups[d.sites.index(self.site)])
-            units = [_MEDIAN, *range(min(n, _MAX_UNIT_OPTIONS))]
+            if list(w["site"].options) != info["sites"]:
+                w["site"].options = info["sites"]
+            w["site"].value = info["site"]
+            if list(w["source"].options) != info["sources"]:
+                w["source"].options = info["sources"]
+            w["source"].value = info["activations"]
+            units = [_MEDIAN, *range(min(info["units"], _MAX_UNIT_OPTIONS))]
             if list(w["unit"].options) != units:
                 w["unit"].options = units
-                w["unit"].value = _MEDIAN if self.unit is None or self.unit >= n else self.unit
+            w["unit"].value = _MEDIAN if info["unit"] is None else info["unit"]
         finally:
             self._quiet_widgets = False
 
     def _on_change(self, change: dict[str, Any]) -> None:
-        if getattr(self, "_quiet_widgets", False):
+        if self._quiet_widgets:
             return
         w = self._w
-        self.site, self.activations = w["site"].value, w["source"].value
-        self.unit = None if w["unit"].value == _MEDIAN else int(w["unit"].value)
+        unit = None if w["unit"].value == _MEDIAN else int(w["unit"].value)
         if change["owner"] is w["site"]:
-            with self._lock:
-                self._update_options()
-        self._dirty = True
-        if self.running:
-            self._now = True
-            self._wake.set()  # the thread redraws now
-        else:
-            with self._lock:
-                self._draw()
+            unit = None  # another site has other units
+        self.select(w["site"].value, w["source"].value, unit)
+
+    def select(self, site: str, activations: str, unit: int | None = None) -> None:
+        """Show ``site`` (its ``unit``, or the median over its units) of ``activations``
+        (``"probe"`` or ``"train"``): what the widget's selectors do."""
+        if self._process is not None and self._process.poll() is None:
+            self._send(("select", site, activations, unit))
