@@ -146,6 +146,7 @@ def live(
         raise ValueError(f"max_busy must be a number in (0, 1], got {max_busy!r}")
     if not 0 < max_busy <= 1:
         raise ValueError(f"max_busy must be a number in (0, 1], got {max_busy!r}")
+    LiveData(max_records)  # checks it (the worker keeps the data)
     if display not in (None, True, False):
         raise ValueError(f"display must be None, True or False, got {display!r}")
     jupyter = in_jupyter()
