@@ -114,7 +114,7 @@ class _Worker:
     def status(self) -> str:
         d = self.data
         parts = [self.label, self.state]
-        if self.feed_status and self.state == "following":
+        if self.feed_status and self.state != "finished":
             parts.append(self.feed_status)
         if d.n_records:
             parts.append(f"{d.n_records} records, last step {int(d.steps[-1])}")
