@@ -1,7 +1,7 @@
 """The live view in the training process: a light thread that forwards records to the worker
 process (:mod:`icstools.liveview.worker`) and shows the frames it sends back, and the widgets.
 
-The thread (``icstools-live``) wakes every ``interval / 2`` seconds: it moves the records the
+The thread (``icstools-live``) wakes every ``interval`` seconds: it moves the records the
 recorder queued to the worker through a pipe (the arrays as they are, the variables drawn
 only), tells it when the recorder has detached, and puts the PNG frames and status lines it
 receives into the widget (or the ``save`` file). Nothing is computed or drawn in this process.
@@ -227,7 +227,7 @@ class LiveView:
                     told = True
                 if not self._receive():
                     break
-                self._stop.wait(self.interval / 2)
+                self._stop.wait(self.interval)
         except (EOFError, BrokenPipeError, OSError) as exc:
             self.error = f"the live view's worker process ended ({type(exc).__name__})"
         finally:

@@ -64,15 +64,15 @@ class _Worker:
         self.finishing = False  # no more records: draw once more, then only redraw on request
         self.finished = False
         self.stopping = False  # draw once more and end
+        self.pending: list[dict[str, Any]] = []  # records received, not taken in yet
 
     # ---------------------------------------------------------------- messages
     def handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "schema":
             self.schema = msg[1]
-        elif kind == "records":
-            if self.schema is not None and msg[1]:
-                self.take_in([stack_records(self.schema, msg[1])])
+        elif kind == "records":  # taken in together, once per wake-up
+            self.pending.extend(msg[1])
         elif kind == "select":
             self.site, self.activations, self.unit = msg[1:]
             self.dirty, self.next_draw = True, 0.0
@@ -162,6 +162,9 @@ class _Worker:
             while not self.stopping and self.conn.poll(max(0.0, deadline - time.monotonic())):
                 self.handle(self.conn.recv())
             try:
+                if self.pending and self.schema is not None:
+                    records, self.pending = self.pending, []
+                    self.take_in([stack_records(self.schema, records)])
                 if self.feed is not None and not self.finished:
                     done = self.feed.done()
                     self.poll_store()
