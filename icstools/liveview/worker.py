@@ -81,7 +81,9 @@ class _Worker:
         elif kind == "finish":
             self.state, self.finishing = msg[1], True
         elif kind == "stop":
-            self.state, self.stopping = "stopped", True
+            self.stopping = True
+            if not self.finished:
+                self.state = "stopped"
 
     def take_in(self, blocks: list[xr.Dataset]) -> None:
         new = sum(self.data.add(b) for b in blocks)
@@ -159,8 +161,12 @@ class _Worker:
     def run(self) -> None:
         while True:
             deadline = time.monotonic() + self.interval
+            # messages until the deadline, not until none is left: a worker slower than the
+            # messages must still draw
             while not self.stopping and self.conn.poll(max(0.0, deadline - time.monotonic())):
                 self.handle(self.conn.recv())
+                if time.monotonic() >= deadline:
+                    break
             try:
                 if self.pending and self.schema is not None:
                     records, self.pending = self.pending, []
@@ -170,7 +176,8 @@ class _Worker:
                     self.poll_store()
                     if done:
                         self.state, self.finishing = "finished", True
-                final = self.stopping or (self.finishing and not self.finished)
+                # once more at the end (a finished view's last frame stays: it was drawn)
+                final = (self.stopping or self.finishing) and not self.finished
                 if final or (self.dirty and time.monotonic() >= self.next_draw):
                     self.conn.send(("frame", self.draw(), self.info()))
                 self.finished |= self.finishing
