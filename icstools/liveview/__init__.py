@@ -17,13 +17,16 @@ updated block by block), ``feeds`` (a recorder or a store), ``figure`` (matplotl
 ``view`` (the thread and the widgets).
 
 Cost to the training. With a recorder, the training thread only appends each closed record
-(a dict of arrays already made for the store) to a queue: no copy, no dataset. Everything else
--- stacking the records, the drift, drawing -- runs on the view's own thread, which wakes every
-``interval`` seconds and keeps its share of the time under ``max_busy`` (it holds Python's
-lock while it works, which the training thread needs too). ``bench/live.py`` measures the cost.
-A store is read by polling its commit marker; only the new records of the variables drawn are
-loaded. The view ends by itself when the recorder detaches (``with rec:`` ends) or when no
-process writes the store any more; :meth:`LiveView.stop` ends it at any time.
+(a dict of arrays already made for the store) to a queue: no copy, no dataset. A thread of
+the view forwards the queue through a pipe, every ``interval`` seconds, to a worker process
+started at ``nice`` 10 (:mod:`icstools.liveview.worker`), which computes the series from the
+new records and draws (matplotlib, no pyplot), at most once per ``interval`` and within
+``max_busy`` of its own CPU time; the PNG frames come back to the widget. Nothing is computed
+or drawn in the training process: a drawing thread there would hold Python's lock, which
+every torch call of the training waits for. ``bench/live.py`` measures the cost. A store is
+followed by polling its commit marker; only the new records of the variables drawn are read.
+The view ends by itself when the recorder detaches (``with rec:`` ends) or when no process
+writes the store any more; :meth:`LiveView.stop` ends it at any time.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def live(
     site: str | None = None,
     activations: str | None = None,
     interval: float = 1.0,
-    max_busy: float = 0.02,
+    max_busy: float = 0.2,
     max_records: int = 1000,
     display: bool | None = None,
     save: str | os.PathLike | None = None,
@@ -89,10 +92,11 @@ def live(
     activations : {"probe", "train"}, optional
         The source of the activations shown (default ``"probe"`` when recorded).
     interval : float
-        Seconds between two looks at the source (and at most one redraw each).
+        Seconds between two looks at the source (and at most one frame each).
     max_busy : float
-        Largest share of the time the view's thread may work (0 < max_busy ≤ 1): after work
-        that took ``t`` seconds it waits at least ``t / max_busy``.
+        Largest share of one CPU the worker process may spend drawing (0 < max_busy ≤ 1):
+        after a frame that took ``t`` CPU seconds it draws again ``t / max_busy`` later at
+        the earliest.
     max_records : int
         Records kept for drawing; beyond, they are thinned evenly (every 2nd, 4th, ...).
     display : bool, optional

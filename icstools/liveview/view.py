@@ -108,6 +108,8 @@ class LiveView:
         self._stop = threading.Event()
         self._ended = threading.Event()  # finished or stopped
         self._first_frame = threading.Event()
+        self._worker_gone = threading.Event()
+        self._reader: threading.Thread | None = None
         self._thread: threading.Thread | None = None
         self._process: Any = None
         self._conn: Any = None
@@ -127,6 +129,8 @@ class LiveView:
     def start(self) -> LiveView:
         """Start the worker process and the thread (:func:`icstools.live` does this)."""
         self._conn, self._process = start_worker(self._spec)
+        self._reader = threading.Thread(target=self._read, name="icstools-live-read", daemon=True)
+        self._reader.start()
         self.feed.start()
         self.state = "following"
         self._thread = threading.Thread(target=self._run, name="icstools-live", daemon=True)
@@ -191,26 +195,32 @@ class LiveView:
                                     for r in records]))  # fmt: skip
             self.forwarded += len(records)
 
-    def _receive(self) -> bool:
-        """Frames from the worker; False once it has ended."""
-        while self._conn.poll(0):
-            msg = self._conn.recv()
-            self._take_info(msg[-1])
-            if msg[0] == "frame" and msg[1] is not None:
-                self._show_frame(msg[1])
-                self._first_frame.set()
-                if self.state in ("finished", "stopped"):
-                    self._ended.set()  # its last frame is shown
-            if msg[0] == "end":
-                return False
-        return True
+    def _read(self) -> None:
+        """The reader thread: frames from the worker as they come (a thread of its own, so
+        that the worker never waits on a full pipe while this process sends it records)."""
+        try:
+            while True:
+                msg = self._conn.recv()
+                self._take_info(msg[-1])
+                if msg[0] == "frame" and msg[1] is not None:
+                    self._show_frame(msg[1])
+                    self._first_frame.set()
+                    if self.state in ("finished", "stopped"):
+                        self._ended.set()  # its last frame is shown
+                if msg[0] == "end":
+                    break
+        except (EOFError, OSError):
+            pass
+        finally:
+            self._worker_gone.set()
 
     def _run(self) -> None:
         told = False  # the worker was told that no more records come
         try:
             while True:
-                if self._process.poll() is not None and not self._conn.poll(0):
-                    self.error = self.error or "the live view's worker process ended"
+                if self._worker_gone.is_set():
+                    if self.state not in ("finished", "stopped"):
+                        self.error = self.error or "the live view's worker process ended"
                     break
                 if not told:
                     self._forward()
@@ -225,8 +235,6 @@ class LiveView:
                     self._send(("stop",))
                     self._stop.clear()
                     told = True
-                if not self._receive():
-                    break
                 self._stop.wait(self.interval)
         except (EOFError, BrokenPipeError, OSError) as exc:
             self.error = f"the live view's worker process ended ({type(exc).__name__})"
@@ -237,7 +245,7 @@ class LiveView:
                     self._process.wait(10)
                 except subprocess.TimeoutExpired:
                     self._process.kill()
-                self._conn.close()
+                self._reader.join(10)
             if self.state != "finished":
                 self.state = "stopped"
             self._ended.set()

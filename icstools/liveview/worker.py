@@ -154,6 +154,8 @@ class _Worker:
         self.draws += 1
         self.dirty = False
         cost = time.process_time() - start
+        if self.draws == 1:  # the first one loads fonts and the backend: not typical
+            cost = 0.0
         self.next_draw = time.monotonic() + max(self.interval, cost / self.max_busy)
         return png
 
@@ -168,10 +170,11 @@ class _Worker:
                 if time.monotonic() >= deadline:
                     break
             try:
+                updates = self.updates
                 if self.pending and self.schema is not None:
                     records, self.pending = self.pending, []
                     self.take_in([stack_records(self.schema, records)])
-                if self.feed is not None and not self.finished:
+                if self.feed is not None and not self.finished:  # (a store's records)
                     done = self.feed.done()
                     self.poll_store()
                     if done:
@@ -180,6 +183,8 @@ class _Worker:
                 final = (self.stopping or self.finishing) and not self.finished
                 if final or (self.dirty and time.monotonic() >= self.next_draw):
                     self.conn.send(("frame", self.draw(), self.info()))
+                elif self.updates != updates:  # the counts, between two frames
+                    self.conn.send(("frame", None, self.info()))
                 self.finished |= self.finishing
             except Exception as exc:  # shown in the status line; the view goes on
                 self.error = f"{type(exc).__name__}: {exc}"
