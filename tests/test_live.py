@@ -190,7 +190,7 @@ def test_recorder_view_follows_stops_on_detach_and_changes_nothing():
         assert torch.equal(a, b)
     xr.testing.assert_identical(plain_rec.to_dataset(), rec.to_dataset())
     view.stop()
-    assert view._process.returncode == 0 and not view.running
+    assert view._process.wait(60) == 0 and not view.running
     # a view of a recorder that never records waits, and stops on request
     idle = icstools.Recorder(_model(), every=1, probe=torch.randn(8, 10))
     waiting = icstools.live(idle, display=False, interval=0.05)
