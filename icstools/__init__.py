@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 from icstools.analysis import AnalysisError, ICSAccessor  # registers ds.ics
 from icstools.analysis.compare import compare
 from icstools.functional.gradients import check_scale_invariance, gradient_ics, landscape_probe
+from icstools.liveview import live
 from icstools.recording.errors import RecorderError, SharedModuleWarning, SitesNotRecordedWarning
 from icstools.recording.recorder import Recorder
 from icstools.schedules import as_schedule, at_steps, every, log_spaced
@@ -39,6 +40,7 @@ __all__ = [
     "gradient_ics",
     "landscape_probe",
     "list_sites",
+    "live",
     "log_spaced",
     "open_run",
     "select_sites",

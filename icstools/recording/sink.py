@@ -76,6 +76,10 @@ class RecordSink:
             )
         self.on_record = on_record
         self.on_record_errors = 0  # failed calls of on_record (the first one is warned about)
+        # in-process viewers (icstools.live): tap(record, block) gets each closed record as it
+        # is (no dataset is built for it here) and must only queue it: it runs on the
+        # training thread, and building a one-step dataset costs milliseconds
+        self.taps: list[Callable[[dict[str, Any], Callable[[list], xr.Dataset]], None]] = []
         if (
             isinstance(buffer_bytes, bool)
             or not isinstance(buffer_bytes, int | np.integer)
@@ -125,6 +129,8 @@ class RecordSink:
                 or time.monotonic() - self._last_write > self.flush_seconds
             ):
                 self.submit(block)
+        for tap in self.taps:
+            tap(record, block)
         if self.on_record is not None:  # after the record is kept: a failing callback loses none
             self._deliver(block([record]))
 
