@@ -441,3 +441,30 @@ def test_the_run_writer_resumes_and_drops(tmp_path):
         w.append(block(range(10)))
     xr.testing.assert_identical(open_run(path), open_run(whole))
     assert verify_run(path).ok
+
+
+def test_the_readme_example_resumes_as_it_says(tmp_path, monkeypatch):
+    """README's "Resuming after a restart" example: a run stopped at step 150 (checkpoint at
+    100) and started again equals an uninterrupted run."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("## Resuming after a restart", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    stopped = code.replace("range(rec.step, 300)", "range(rec.step, 150)")
+    assert stopped != code
+
+    def run(folder, *codes):
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        torch.manual_seed(0)
+        for c in codes:
+            exec(compile(c, "README.md", "exec"), {})
+        return open_run(folder / "data" / "runs" / "resumable.zarr")
+
+    reference = run(tmp_path / "uninterrupted", code)
+    with pytest.warns(icstools.ResumeWarning, match=r"at step 100.*steps 100, 110, 120, 130, 140"):
+        resumed = run(tmp_path / "restarted", stopped, code)
+    xr.testing.assert_identical(resumed, reference)
+    assert resumed.sizes["step"] == 30

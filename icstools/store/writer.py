@@ -501,9 +501,10 @@ class RunWriter(ResumableWriter):
             if spec.step_axis is None:
                 values = _static_values(name, var)
                 if values.dtype != spec.dtype or not _array_equal(values, spec.values):
+                    resumed = "" if self.resumed is None else " (of the resumed store)"
                     raise ValueError(
-                        f"static variable {name!r} differs from the first block's (static "
-                        "variables and coordinates are written once and must not change)"
+                        f"static variable {name!r} differs from the first block's{resumed} "
+                        "(static variables and coordinates are written once and must not change)"
                     )
                 continue
             values = steps if name == STEP else np.asarray(var.values)
