@@ -281,6 +281,7 @@ def test_the_step_comes_from_start_step_or_the_optimizer(tmp_path):
     model, opt, _ = _restored(saved)
     with icstools.Recorder(model, optimizer=opt, path=path, resume=True, **_KW) as rec:
         assert rec.step == 8  # Adam keeps "step" in its state
+        assert rec.to_dataset().step.values.tolist() == [0, 2, 4, 6]  # the store's records
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sgd.state[next(model.parameters())]["momentum_buffer"] = torch.zeros(1)  # restored state
     for optimizer in (torch.optim.SGD(model.parameters(), lr=0.1), sgd):
@@ -296,6 +297,18 @@ def test_the_step_comes_from_start_step_or_the_optimizer(tmp_path):
     with pytest.raises(icstools.RecorderError, match="pass start_step="):
         icstools.Recorder(model, path=path, resume=True, **_KW)  # no optimizer
     assert open_run(path).step.values.tolist() == [0, 2, 4, 6]  # nothing was dropped
+
+
+def test_start_step_without_resume_numbers_a_new_run_from_there():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    with icstools.Recorder(model, start_step=40, every=5) as rec:
+        for _ in range(6):
+            model(torch.randn(5, 3))
+            rec.step_done()
+    assert rec.to_dataset().step.values.tolist() == [40, 45]
+    for bad, kind in ((-1, ValueError), (2.0, TypeError), (True, TypeError)):
+        with pytest.raises(kind, match="start_step"):
+            icstools.Recorder(model, start_step=bad)
 
 
 def test_steps_never_committed_before_the_restored_one_are_warned_about(tmp_path):
