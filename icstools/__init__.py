@@ -17,7 +17,12 @@ from icstools.analysis import AnalysisError, ICSAccessor  # registers ds.ics
 from icstools.analysis.compare import compare
 from icstools.functional.gradients import check_scale_invariance, gradient_ics, landscape_probe
 from icstools.liveview import live
-from icstools.recording.errors import RecorderError, SharedModuleWarning, SitesNotRecordedWarning
+from icstools.recording.errors import (
+    RecorderError,
+    ResumeWarning,
+    SharedModuleWarning,
+    SitesNotRecordedWarning,
+)
 from icstools.recording.recorder import Recorder
 from icstools.schedules import as_schedule, at_steps, every, log_spaced
 from icstools.sites import SiteSelectionError, list_sites, select_sites
@@ -28,6 +33,7 @@ __all__ = [
     "ICSAccessor",
     "Recorder",
     "RecorderError",
+    "ResumeWarning",
     "SharedModuleWarning",
     "SiteSelectionError",
     "SitesNotRecordedWarning",

@@ -136,7 +136,7 @@ def test_existing_stores_keep_todays_behaviour(tmp_path):
     path = tmp_path / "run.zarr"
     with RunWriter(path, chunk_steps=4) as w:
         w.append(block(0, 3))
-    with pytest.raises(FileExistsError, match=r"already exists \(pass overwrite=True\?\)"):
+    with pytest.raises(FileExistsError, match=r"already exists: pass resume=True.*overwrite=True"):
         RunWriter(path)
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -90,7 +90,7 @@ def test_resume_keeps_finished_runs_and_runs_the_others_again(tmp_path, capsys):
     assert "icstools: running bn/seed-1.zarr again from scratch: its store is damaged" in err
     assert (
         "icstools: running bn/seed-2.zarr again from scratch: its run did not finish (the "
-        "recorder cannot continue a half-written store yet)" in err
+        "presets save no training checkpoints to resume it from)" in err
     )
     assert files_of(folder / "bn" / "seed-0.zarr") == kept  # not rewritten
     m = load_manifest(folder)

@@ -11,7 +11,8 @@ it writes anything to ``<out>/<preset>``:
   naming the keys). A run is finished if the earlier manifest lists it and its store is
   complete: sound (:func:`icstools.store.verify_run`) with the records the manifest says. An
   unfinished run (a store without an entry, a damaged or short store, or no store) is run again
-  from scratch: the recorder cannot continue a half-written store yet;
+  from scratch: ``Recorder(resume=True)`` continues a store only from a checkpoint of the
+  training (model, optimizer and RNG states), and the presets save none;
 * ``force=True`` (``--force``) removes every run store of the folder first (each under its
   lock: a store a live writer holds is an error, nothing is removed then), so the folder holds
   only the runs the new manifest lists.
@@ -230,8 +231,8 @@ def plan_rerun(
             log(f"running {rel} again from scratch: {why}")
         elif rel in found.stores:
             log(
-                f"running {rel} again from scratch: its run did not finish (the recorder cannot"
-                " continue a half-written store yet)"
+                f"running {rel} again from scratch: its run did not finish (the presets save no"
+                " training checkpoints to resume it from)"
             )
     return keep
 

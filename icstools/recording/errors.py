@@ -3,7 +3,7 @@ raises them, and nothing here imports the rest)."""
 
 from __future__ import annotations
 
-__all__ = ["RecorderError", "SharedModuleWarning", "SitesNotRecordedWarning"]
+__all__ = ["RecorderError", "ResumeWarning", "SharedModuleWarning", "SitesNotRecordedWarning"]
 
 
 class RecorderError(ValueError):
@@ -31,4 +31,16 @@ class SharedModuleWarning(UserWarning):
     --------
     >>> import warnings, icstools
     >>> warnings.filterwarnings("ignore", category=icstools.SharedModuleWarning)
+    """
+
+
+class ResumeWarning(UserWarning):
+    """``Recorder(resume=True)`` dropped records of the store (steps at or after the restored
+    one, recorded by the killed run after its checkpoint), or found scheduled steps before the
+    restored one that were never committed (they stay missing). The message names the steps.
+
+    Examples
+    --------
+    >>> import warnings, icstools
+    >>> warnings.filterwarnings("ignore", category=icstools.ResumeWarning)
     """

@@ -60,6 +60,18 @@ def check_options(model: Any, o: SimpleNamespace) -> None:
         or (isinstance(o.gradients, str) and o.gradients == "activations")
     ):
         raise TypeError(f"gradients must be True, False or 'activations', got {o.gradients!r}")
+    if o.start_step is not None:
+        if isinstance(o.start_step, bool) or not isinstance(o.start_step, int):
+            raise TypeError(f"start_step must be an int (or not given), got {o.start_step!r}")
+        if o.start_step < 0:
+            raise ValueError(f"start_step must be ≥ 0, got {o.start_step}")
+    if o.resume and o.overwrite:
+        raise ValueError(
+            "resume=True continues the store at path and overwrite=True deletes it (with its "
+            "records): pass one of them"
+        )
+    if o.resume and o.path is None:
+        raise ValueError("resume=True continues a store: give the Recorder its path=")
     if o.loss_fn is not None and not callable(o.loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(o.loss_fn).__name__}")
 

@@ -8,6 +8,7 @@ user-defined ones.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ from icstools.recording.core import RecorderCore
 from icstools.recording.layout import SiteTable
 from icstools.recording.measurements import Context, Measurement, build
 from icstools.recording.options import check_options, recorder_config
+from icstools.recording.resume import resume_run
 from icstools.recording.sink import DEFAULT_BUFFER_BYTES, RecordSink
 from icstools.recording.steps import unwrap_optimizer
 from icstools.schedules import Schedule, as_schedule
@@ -68,7 +70,21 @@ class Recorder(RecorderCore):
     path : str or Path, optional
         Zarr store to stream the run to (crash-safe); without it the run stays in memory.
     overwrite : bool
-        Replace an existing store at ``path``.
+        Replace an existing store at ``path`` (its records are deleted).
+    resume : bool
+        Continue the store at ``path`` after a restart from a checkpoint (README, "Resuming
+        after a restart"; :mod:`icstools.recording.resume`): the step counter continues from
+        the restored step (``start_step``, or the ``"step"`` in the optimizer's state), records
+        of later steps already in the store are dropped with a :class:`ResumeWarning` naming
+        them (the resumed training records them again), the histogram edges and record sites
+        are the store's, and a configuration that differs from the store's is a
+        :class:`RecorderError` naming the keys. A missing, never committed or damaged store is
+        a :class:`~icstools.store.StoreError`. Create the Recorder after loading the
+        checkpoint; call :meth:`flush` before saving each checkpoint. Not with ``overwrite``.
+    start_step : int, optional
+        The step counter's first value: with ``resume``, the optimizer steps taken by the
+        restored checkpoint (required where the optimizer keeps no step count: SGD, LBFGS, or no
+        optimizer); without ``resume``, a new run's steps simply start there.
     quantiles, bins, hist_range, saturation, quantile_sample
         Activation statistics (:mod:`.measurements.activations`): quantile levels (default:
         the paper's 0.15/0.5/0.85 on a 5% grid + 1%/99%); histogram bins (plus under- and
@@ -167,6 +183,8 @@ class Recorder(RecorderCore):
         probe_sample: int | None = None,
         path: str | Path | None = None,
         overwrite: bool = False,
+        resume: bool = False,
+        start_step: int | None = None,
         quantiles: Sequence[float] = DEFAULT_QUANTILES,
         bins: int = 64,
         hist_range: tuple[float, float] | dict[str, tuple[float, float]] | None = None,
@@ -217,6 +235,7 @@ class Recorder(RecorderCore):
         sink = RecordSink(
             path,
             overwrite=overwrite,
+            resume=resume,
             chunk_steps=chunk_steps,
             flush_seconds=flush_seconds,
             on_record=on_record,
@@ -224,6 +243,15 @@ class Recorder(RecorderCore):
         )
         super().__init__(ctx, schedule, sink)
         self._options = options
+        if start_step is not None:
+            ctx.step = start_step
+        if resume:
+            try:
+                resume_run(self, start_step)
+            except BaseException:
+                with contextlib.suppress(Exception):  # the error above is the one to report
+                    sink.close()  # releases the store's lock
+                raise
 
     @property
     def on_record_errors(self) -> int:

@@ -139,7 +139,9 @@ class RunRecords:
         self._close_finished()
         if self._sink.path is not None:
             self.flush()
-        ds = self._sink.dataset(self._ctx.layout, self._attrs()) if self.n_records else None
+        # a resumed store holds records of the run before the restart
+        held = self.n_records or self._sink.n_committed
+        ds = self._sink.dataset(self._ctx.layout, self._attrs()) if held else None
         if ds is None and self._pending is not None:
             raise RecorderError(
                 f"nothing was recorded yet: step {self._pending} is in progress, and its record "

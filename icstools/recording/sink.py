@@ -59,6 +59,7 @@ class RecordSink:
         *,
         overwrite: bool,
         chunk_steps: int,
+        resume: bool = False,
         flush_seconds: float,
         on_record: Callable[[xr.Dataset], Any] | None = None,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
@@ -104,8 +105,13 @@ class RecordSink:
         self._writer: BackgroundWriter | None = None
         if self.path is not None:
             self._writer = BackgroundWriter(
-                RunWriter(self.path, chunk_steps=chunk_steps, overwrite=overwrite)
+                RunWriter(self.path, chunk_steps=chunk_steps, overwrite=overwrite, resume=resume)
             )
+
+    @property
+    def store_writer(self) -> RunWriter | None:
+        """The store's writer (``resumed``, ``drop_from`` with ``resume=True``), or None."""
+        return None if self._writer is None else self._writer.writer
 
     @property
     def n_committed(self) -> int:

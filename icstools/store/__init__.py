@@ -7,7 +7,8 @@ optimizer step of each record) plus *static* variables and coordinates without `
 :class:`RunWriter` appends blocks of records to a Zarr store, :class:`BackgroundWriter` does the
 same from a worker thread, :func:`open_run` reads a run back, up to its last commit, and
 :func:`verify_run` checks every byte of a store. The package's modules: ``writer`` (RunWriter),
-``background`` (BackgroundWriter), ``reader`` (open_run, verify_run), ``files`` (atomic writes,
+``background`` (BackgroundWriter), ``reader`` (open_run, verify_run), ``resume`` (a writer
+that continues an existing store: ``RunWriter(path, resume=True)``), ``files`` (atomic writes,
 zarr stores), ``checksums`` (format 2's CRC32C of chunks and commit marker), ``owners``
 (ownership records, leftovers, the one-writer lock), ``errors``.
 

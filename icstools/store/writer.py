@@ -44,6 +44,7 @@ from icstools.store.owners import (
     _remove_leftovers,
     _remove_owned_dir,
 )
+from icstools.store.resume import ResumableWriter
 
 __all__ = ["RunWriter"]
 
@@ -184,7 +185,7 @@ def _check_replaceable(path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class RunWriter:
+class RunWriter(ResumableWriter):
     """Appends blocks of records to a Zarr store on disk, crash-safely.
 
     Each :meth:`append` is one *commit*: once it returns, the block is on disk (in the page cache;
@@ -205,6 +206,12 @@ class RunWriter:
         If False, an existing ``path`` raises FileExistsError. If True, an existing icstools store
         (or empty directory) at ``path`` is replaced at the first commit; any other existing path
         still raises FileExistsError.
+    resume : bool, default False
+        Continue the store at ``path`` (it must exist and hold a commit): its schema and steps
+        are adopted, so appends continue after its last record and must match its first block
+        (:mod:`icstools.store.resume`; :meth:`drop_from` removes records the resumed run will
+        write again). A missing, never committed or damaged store is a StoreError. Not with
+        ``overwrite``.
 
     Raises
     ------
@@ -258,8 +265,13 @@ class RunWriter:
         overwrite: bool = False,
         max_chunk_bytes: int = 4 * 2**20,
         fsync: bool = False,
+        resume: bool = False,
     ) -> None:
         self.path = Path(path).expanduser().absolute()
+        if resume and overwrite:
+            raise ValueError(
+                "resume=True continues the store at path and overwrite=True deletes it: pass one"
+            )
         if isinstance(chunk_steps, bool) or not isinstance(chunk_steps, int | np.integer):
             raise TypeError(f"chunk_steps must be an int, got {chunk_steps!r}")
         if chunk_steps < 2:
@@ -270,10 +282,13 @@ class RunWriter:
         self.max_chunk_bytes = int(max_chunk_bytes)
         self.overwrite = bool(overwrite)
         self.fsync = bool(fsync)
-        if os.path.lexists(self.path):
+        if os.path.lexists(self.path) and not resume:
             _check_replaceable(self.path)  # anything but a store or an empty directory: refused
             if not overwrite:
-                raise FileExistsError(f"{self.path} already exists (pass overwrite=True?)")
+                raise FileExistsError(
+                    f"{self.path} already exists: pass resume=True to continue its run after a"
+                    " restart, or overwrite=True to delete it (and its records) for a new run"
+                )
         _check_writable_location(self.path)
         # one writer per store: a live writer's lock is a StoreError, also with overwrite=True
         self._lock = StoreLock.acquire(self.path)
@@ -288,6 +303,13 @@ class RunWriter:
         self._pending_attrs: dict[str, Any] = {}
         self._closed = False
         self._broken: BaseException | None = None
+        if resume:
+            try:
+                self._adopt()
+            except BaseException:
+                self._closed = True
+                self._release_lock()
+                raise
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -479,9 +501,10 @@ class RunWriter:
             if spec.step_axis is None:
                 values = _static_values(name, var)
                 if values.dtype != spec.dtype or not _array_equal(values, spec.values):
+                    resumed = "" if self.resumed is None else " (of the resumed store)"
                     raise ValueError(
-                        f"static variable {name!r} differs from the first block's (static "
-                        "variables and coordinates are written once and must not change)"
+                        f"static variable {name!r} differs from the first block's{resumed} "
+                        "(static variables and coordinates are written once and must not change)"
                     )
                 continue
             values = steps if name == STEP else np.asarray(var.values)

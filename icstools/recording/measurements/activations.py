@@ -130,6 +130,7 @@ class Activations(Measurement):
         self._edges: dict[str, np.ndarray] = {}
         self._active: list[tuple[tuple[str, str], ActivationStatistics]] = []  # staged
         self._fields: list[list[str]] = []
+        self._restored: dict[str, np.ndarray] = {}  # resume=True: the store's edges
 
     @classmethod
     def from_options(cls, options: Any) -> Activations:
@@ -222,6 +223,15 @@ class Activations(Measurement):
         self._stats[(source, name)] = stats
         return stats
 
+    def restore(self, ctx: Context, stored: Any) -> None:
+        """``Recorder(resume=True)``: the histogram edges are the store's (its first record
+        fixed them), not chosen again from the first values after the restart."""
+        if "hist_edges" in stored.coords:
+            sites, edges_ = stored["site"].values.tolist(), stored["hist_edges"].values
+            for name, edges in zip(sites, edges_, strict=True):
+                self._restored[name] = np.array(edges)
+            self._edges.update(self._restored)
+
     def discard_train(self, ctx: Context) -> None:
         for (source, _), stats in self._stats.items():
             if source == "train":
@@ -230,9 +240,9 @@ class Activations(Measurement):
     def reset(self, ctx: Context) -> None:
         for stats in self._stats.values():
             stats.reset()
-        if ctx.layout is None:  # the first record: no edges are fixed yet
+        if ctx.layout is None:  # the first record: no edges are fixed yet (but the store's)
             self._stats.clear()
-            self._edges.clear()
+            self._edges = dict(self._restored)
 
     # the record --------------------------------------------------------------------------
     def declare(self, ctx: Context) -> Declaration:
