@@ -243,14 +243,18 @@ class Recorder(RecorderCore):
         )
         super().__init__(ctx, schedule, sink)
         self._options = options
+        self._start_at(start_step, resume)
+
+    def _start_at(self, start_step: int | None, resume: bool) -> None:
+        """Number the steps from ``start_step``; with ``resume``, continue the store's run."""
         if start_step is not None:
-            ctx.step = start_step
+            self._ctx.step = start_step
         if resume:
             try:
                 resume_run(self, start_step)
             except BaseException:
                 with contextlib.suppress(Exception):  # the error above is the one to report
-                    sink.close()  # releases the store's lock
+                    self._sink.close()  # releases the store's lock
                 raise
 
     @property
