@@ -18,6 +18,7 @@ from torch import nn
 
 from icstools.functional.statistics import DEFAULT_QUANTILES
 from icstools.recording.core import RecorderCore
+from icstools.recording.distributed import detect
 from icstools.recording.layout import SiteTable
 from icstools.recording.measurements import Context, Measurement, build
 from icstools.recording.options import check_options, recorder_config
@@ -37,7 +38,9 @@ class Recorder(RecorderCore):
     model : torch.nn.Module
         The model; it is not modified (hooks only). Its parameters and buffers (and the probe)
         must hold data: CPU or CUDA (accelerator) tensors; ``meta`` tensors are refused when
-        the recorder attaches.
+        the recorder attaches. A ``DistributedDataParallel`` model (its ``.module`` is hooked)
+        or one sharded with ``fully_shard`` records one run of the global batch, merged over
+        the ranks and written by rank 0 (:mod:`icstools.recording.distributed`).
     sites : selector, optional
         Which tensors to record (:func:`icstools.sites.select_sites`): a module type, a name or
         glob (``"fc3"``, ``"features.*"``, ``"fc3:input"``), a predicate ``(name, module) ->
@@ -185,6 +188,12 @@ class Recorder(RecorderCore):
         measurements: Sequence[Measurement] = (),
         on_record: Callable[[Any], Any] | None = None,
     ) -> None:
+        # DDP / fully_shard: hook the module, merge the ranks into rank 0's records
+        ranks = detect(model)
+        if ranks is not None:
+            unsupported = {"probe": probe, "probe_sample": probe_sample, "jacobian": jacobian}
+            ranks.check(**unsupported, ics=ics, landscape=landscape)
+            model = ranks.module
         # every keyword, as given (measurements read theirs in their from_options)
         options = SimpleNamespace(**{k: v for k, v in locals().items() if k != "self"})
         check_options(model, options)
@@ -204,8 +213,10 @@ class Recorder(RecorderCore):
             seed=options.seed,
         )
         ctx.measurements = build(options, measurements)
+        if ranks is not None:
+            ctx.measurements = ranks.localize(ctx)
         sink = RecordSink(
-            path,
+            path if ranks is None or ranks.writer else None,  # rank 0 writes the merged run
             overwrite=overwrite,
             chunk_steps=chunk_steps,
             flush_seconds=flush_seconds,
@@ -214,6 +225,7 @@ class Recorder(RecorderCore):
         )
         super().__init__(ctx, schedule, sink)
         self._options = options
+        self._dist = ranks
 
     @property
     def on_record_errors(self) -> int:

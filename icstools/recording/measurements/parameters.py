@@ -106,11 +106,12 @@ class ParameterDynamics(Measurement):
 
     # the update ------------------------------------------------------------------------------
     def before_update(self, ctx: Context) -> None:
-        tensors = [p for _, p, _ in self._parameters(ctx)]
+        params = [p for _, p, _ in self._parameters(ctx)]
+        tensors = [_local(p) for p in params]
         with torch.no_grad():
             grads = [
-                p.grad.detach().norm() if p.grad is not None else p.new_full((), math.nan)
-                for p in tensors
+                _local(p.grad).detach().norm() if p.grad is not None else t.new_full((), math.nan)
+                for p, t in zip(params, tensors, strict=True)
             ]
             self._out["param_grad_norm"] = torch.stack([g.double() for g in grads])
             self._out["param_norm"] = torch.stack([p.detach().norm().double() for p in tensors])
@@ -120,7 +121,7 @@ class ParameterDynamics(Measurement):
         before, self._before = self._before, None
         if before is None:
             return
-        tensors = [p for _, p, _ in self._params]
+        tensors = [_local(p) for _, p, _ in self._params]
         with torch.no_grad():
             upd = [(p.detach() - b).norm().double() for p, b in zip(tensors, before, strict=True)]
         self._out["update_norm"] = torch.stack(upd)
@@ -130,6 +131,13 @@ class ParameterDynamics(Measurement):
     def discard_train(self, ctx: Context) -> None:
         self._out = {}
         self._before = None
+
+    @property
+    def norms(self) -> dict[str, torch.Tensor]:
+        """This record's per-parameter results so far (``param_grad_norm``, ``param_norm``,
+        ``update_norm``, ``lr``), for :mod:`icstools.recording.distributed`, which sums the
+        norms of the shards of sharded (FSDP) parameters."""
+        return self._out
 
     # the record ------------------------------------------------------------------------------
     def declare(self, ctx: Context) -> Declaration:
@@ -162,6 +170,12 @@ class ParameterDynamics(Measurement):
                 normalized = [n in self._normalized for n, _, _ in self._params]
                 out["eff_lr"][:] = np.where(normalized, eff, np.nan)
         return out
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded parameter's local shard (a ``DTensor`` of ``fully_shard``), else ``t``."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 def _seen(ctx: Context, order: list[str], name: str, module: nn.Module, args: tuple) -> None:
