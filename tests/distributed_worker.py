@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import pickle
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -126,7 +127,9 @@ def fsdp_run(rank: int, world: int, out: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    rank, world, rendezvous, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4])
+    start = time.perf_counter()
+    rank, world, rendezvous, out = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:5]
+    out = Path(out)
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
         "gloo",
@@ -135,6 +138,7 @@ def main() -> None:
         world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
+    print(f"rank {rank}: started in {time.perf_counter() - start:.1f} s", flush=True)
     results: dict[str, Any] = {}
     for name, run in (
         ("ddp", lambda: ddp_run(rank, world, out)),
@@ -142,8 +146,10 @@ def main() -> None:
         ("bn_recorded", lambda: ddp_buffers(rank, world, recorded=True)),
         ("fsdp", lambda: fsdp_run(rank, world, out)),
     ):
+        start = time.perf_counter()
         try:
             results[name] = run()
+            print(f"rank {rank}: {name} {time.perf_counter() - start:.1f} s", flush=True)
         except Exception:
             results[name] = {"error": traceback.format_exc()}
     (out / f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
