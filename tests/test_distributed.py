@@ -179,3 +179,24 @@ def test_a_distributed_model_needs_a_process_group() -> None:
         pytest.skip("a process group is initialized in this process")
     with pytest.raises(RecorderError, match="init_process_group"):
         DistributedRun("ddp", torch.nn.Linear(2, 2), None)
+
+
+@pytest.mark.slow
+def test_readme_distributed_example_runs_with_torchrun(tmp_path: Path) -> None:
+    """README's "Distributed training" script, with the command it names (2 gloo ranks)."""
+    import re
+
+    section = (HERE.parent / "README.md").read_text().split("## Distributed training", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code, "README lost its distributed training example"
+    (tmp_path / "train_ddp.py").write_text(code.group(1))
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run(
+        [*run, "train_ddp.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "2 2 50 128" in done.stdout  # what README says it prints
+    ds = open_run(tmp_path / "data" / "runs" / "ddp.zarr")
+    assert ds.attrs["world_size"] == 2 and ds.sizes["step"] == 50
+    assert np.isfinite(ds["jac_max"].dropna("step", how="all")).all()
