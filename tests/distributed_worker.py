@@ -112,6 +112,16 @@ def ddp_buffers(rank: int, world: int, recorded: bool) -> dict[str, torch.Tensor
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def nothing_recorded(rank: int, world: int) -> dict[str, Any]:
+    """``to_dataset()`` before any record: the same error on every rank (not a hang)."""
+    rec = Recorder(nn.parallel.DistributedDataParallel(make_model()))
+    try:
+        rec.to_dataset()
+    except Exception as err:
+        return {"error_raised": f"{type(err).__name__}: {err}"}
+    return {"error_raised": None}
+
+
 def fsdp_run(rank: int, world: int, out: Path) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
@@ -144,6 +154,7 @@ def main() -> None:
         ("ddp", lambda: ddp_run(rank, world, out)),
         ("bn_plain", lambda: ddp_buffers(rank, world, recorded=False)),
         ("bn_recorded", lambda: ddp_buffers(rank, world, recorded=True)),
+        ("nothing", lambda: nothing_recorded(rank, world)),
         ("fsdp", lambda: fsdp_run(rank, world, out)),
     ):
         start = time.perf_counter()

@@ -152,6 +152,11 @@ def test_ddp_probe_leaves_no_trace(ranks: list[dict]) -> None:
             assert torch.equal(plain[k], recorded[k]), k
 
 
+def test_ddp_errors_of_rank_0_reach_every_rank(ranks: list[dict]) -> None:
+    for res in ranks:  # to_dataset() before any record: rank 0's error, raised on each rank
+        assert res["nothing"]["error_raised"].startswith("RecorderError: nothing was recorded")
+
+
 def test_fully_shard_merges_ranks_and_sums_parameter_norms(ranks: list[dict]) -> None:
     model = worker.make_model()
     want = worker.train(model, model, 0, 1, gradients=True)["ds"]

@@ -29,8 +29,9 @@ What is merged and what runs once:
   user-defined measurements run on rank 0 only, on its underlying module (no collective inside
   them: no DDP buffer broadcast, nothing another rank waits for); ``ics`` and ``landscape``
   evaluate rank 0's local batch with the global update.
-- ``fully_shard``: parameter norms (``param_norm``, ``param_grad_norm``, ``update_norm``) are
-  taken on each rank's shards and summed over the shards (in quadrature). A forward of a
+- ``fully_shard`` (a 1-D mesh of all ranks): parameter norms (``param_norm``,
+  ``param_grad_norm``, ``update_norm``) are taken on each rank's shards and summed over the
+  shards (in quadrature); user-defined measurements run on rank 0, as with DDP. A forward of a
   sharded model gathers parameters on every rank, so rank 0 cannot run one alone: ``probe``,
   ``probe_sample``, ``jacobian``, ``ics`` and ``landscape`` raise :class:`RecorderError`.
 
@@ -88,7 +89,17 @@ def detect(model: nn.Module) -> DistributedRun | None:
             f"(FSDP2) or wrap it in DistributedDataParallel; {_SUPPORTED}"
         )
     if any(isinstance(m, fsdp.FSDPModule) for m in model.modules()):
-        return DistributedRun("fsdp", model, None)
+        run = DistributedRun("fsdp", model, None)
+        meshes = {getattr(p, "device_mesh", None) for p in model.parameters()} - {None}
+        for mesh in meshes:
+            if mesh.ndim != 1 or mesh.size() != run.world_size:
+                raise RecorderError(
+                    f"fully_shard over a device mesh of shape {tuple(mesh.shape)} is not "
+                    f"supported: the recorder merges the {run.world_size} ranks of the default "
+                    "process group and sums parameter norms over their shards, which needs a "
+                    f"1-D mesh of all of them (fully_shard(model) without a mesh); {_SUPPORTED}"
+                )
+        return run
     return None
 
 
@@ -168,7 +179,10 @@ class DistributedRun:
         if act is not None and not self._edges_agreed:
             self._agree_edges(ctx, act)
         payload = {
-            "act": {k: s.to("cpu") for k, s in act.states.items() if s.calls} if act else {},
+            # rank 0 merges into its own objects: it sends none
+            "act": {k: s.to("cpu") for k, s in act.states.items() if s.calls}
+            if act is not None and not self.writer
+            else {},
             "grad": {
                 name: (g.unit_dim, g.n, g.mean.cpu(), g.m2.cpu())
                 for name, g in (grads.states.items() if grads else ())
