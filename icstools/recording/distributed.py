@@ -35,6 +35,10 @@ What is merged and what runs once:
   sharded model gathers parameters on every rank, so rank 0 cannot run one alone: ``probe``,
   ``probe_sample``, ``jacobian``, ``ics`` and ``landscape`` raise :class:`RecorderError`.
 
+Rank 0's recorder holds the run (``n_records``, ``last_record()``, ``diverged_step``, the
+``on_record`` callback); on the other ranks these stay empty, and only ``to_dataset()``
+gives them the merged run.
+
 Every collective uses the model's process group (DDP's ``process_group``; the default group
 for ``fully_shard``), whose timeout bounds a wait for a rank that failed.
 """
