@@ -776,6 +776,7 @@ class ActivationStatistics:
         another process, which merges it with :meth:`merge`."""
         self._fold()
         out = copy.copy(self)
+        out._values = []  # folded: empty, and not shared with this object's later values
         if self._state is not None:
             moved = {k: v.to(device) for k, v in self._state.fields().items()}
             out._state = self._state.replace(**moved)
