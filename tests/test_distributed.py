@@ -205,3 +205,36 @@ def test_readme_distributed_example_runs_with_torchrun(tmp_path: Path) -> None:
     ds = open_run(tmp_path / "data" / "runs" / "ddp.zarr")
     assert ds.attrs["world_size"] == 2 and ds.sizes["step"] == 50
     assert np.isfinite(ds["jac_max"].dropna("step", how="all")).all()
+
+
+def test_rebin_histograms_the_kept_values_on_new_edges() -> None:
+    from icstools.functional.statistics import ActivationStatistics
+
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(0)) * 2
+    s = ActivationStatistics(np.linspace(-1, 1, 5), 1, quantile_sample=None)
+    s.update(x[:20])
+    s.update(x[20:])
+    edges = np.linspace(-3, 3, 7)
+    s.rebin(edges)
+    inner = np.histogram(x.numpy().ravel(), edges)[0]
+    under, over = int((x < -3).sum()), int((x > 3).sum())
+    np.testing.assert_array_equal(s.compute()["hist"].numpy(), [under, *inner, over])
+    sampled = ActivationStatistics(np.linspace(-1, 1, 5), 1, quantile_sample=8)
+    sampled.update(x)  # 50 values per unit, 8 kept: the histogram cannot be redone
+    with pytest.raises(ValueError, match="every value kept"):
+        sampled.rebin(edges)
+
+
+def test_a_statistics_copy_on_the_cpu_merges_like_the_original() -> None:
+    from icstools.functional.statistics import ActivationStatistics
+
+    x = torch.randn(30, 3, generator=torch.Generator().manual_seed(1))
+    a, b, whole = (ActivationStatistics(np.linspace(-4, 4, 9), 1) for _ in range(3))
+    a.update(x[:10])
+    b.update(x[10:])
+    whole.update(x)
+    a.merge(pickle.loads(pickle.dumps(b.to("cpu"))))  # as sent to another process
+    got, want = a.compute(), whole.compute()
+    for k in ("count", "min", "max", "hist", "quantile_value"):
+        np.testing.assert_array_equal(got[k].numpy(), want[k].numpy(), err_msg=k)
+    np.testing.assert_allclose(got["var"].numpy(), want["var"].numpy(), rtol=1e-12)
