@@ -238,3 +238,15 @@ def test_a_statistics_copy_on_the_cpu_merges_like_the_original() -> None:
     for k in ("count", "min", "max", "hist", "quantile_value"):
         np.testing.assert_array_equal(got[k].numpy(), want[k].numpy(), err_msg=k)
     np.testing.assert_allclose(got["var"].numpy(), want["var"].numpy(), rtol=1e-12)
+
+
+def test_the_legacy_fsdp_wrapper_is_refused_with_what_is_supported() -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from icstools.recording.distributed import detect
+
+    # an instance without a process group: detect() decides by its type alone
+    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+    with pytest.raises(RecorderError, match=r"fully_shard.*DistributedDataParallel"):
+        detect(wrapper)
+    assert detect(torch.nn.Linear(2, 2)) is None  # one process: nothing to merge
