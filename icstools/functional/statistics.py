@@ -37,6 +37,7 @@ and a Gaussian unit, 0.014σ at the median.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
@@ -773,6 +774,38 @@ class ActivationStatistics:
             keep = cap / state.sample.shape[0]
             self._state = self._thin(state, keep)
             self._rate *= keep
+
+    def rebin(self, hist_edges: np.ndarray) -> None:
+        """Histogram the values seen so far on new edges (and later values too).
+
+        The histogram is redone from the quantile sample, so every value must have been kept
+        (``quantile_sample=None``, or no more values than it); used when several processes
+        agree on the edges after their first values (:mod:`icstools.recording.distributed`).
+        """
+        self._fold()
+        edges = np.asarray(hist_edges, dtype=np.float64)
+        s = self._state
+        if s is not None and s.total.numel():
+            if s.sample.shape[0] != int(s.total[0]):
+                raise ValueError(
+                    f"rebin needs every value kept for the quantiles: {s.sample.shape[0]} of "
+                    f"{int(s.total[0])} per unit were (set quantile_sample=None)"
+                )
+            finite = torch.where(torch.isfinite(s.sample), s.sample, math.nan)  # NaN: no bin
+            self._state = s.replace(hist=_histogram(finite.reshape(-1), edges))
+        self.hist_edges = edges
+        self._result = None
+
+    def to(self, device: torch.device | str) -> ActivationStatistics:
+        """A shallow copy with its (folded) state on ``device``: e.g. the CPU, to send it to
+        another process, which merges it with :meth:`merge`."""
+        self._fold()
+        out = copy.copy(self)
+        out._values = []  # folded: empty, and not shared with this object's later values
+        if self._state is not None:
+            moved = {k: v.to(device) for k, v in self._state.fields().items()}
+            out._state = self._state.replace(**moved)
+        return out
 
     def reset(self) -> None:
         """Forget all values (the edges, quantiles and thresholds stay)."""

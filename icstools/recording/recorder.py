@@ -20,6 +20,7 @@ from torch import nn
 from icstools.functional.statistics import DEFAULT_QUANTILES
 from icstools.recording.compiled import unwrap_compiled
 from icstools.recording.core import RecorderCore
+from icstools.recording.distributed import detect
 from icstools.recording.layout import SiteTable
 from icstools.recording.measurements import Context, Measurement, build
 from icstools.recording.options import check_options, recorder_config
@@ -40,7 +41,9 @@ class Recorder(RecorderCore):
     model : torch.nn.Module
         The model; it is not modified (hooks only). Its parameters and buffers (and the probe)
         must hold data: CPU or CUDA (accelerator) tensors; ``meta`` tensors are refused when
-        the recorder attaches.
+        the recorder attaches. A ``DistributedDataParallel`` model (its ``.module`` is hooked)
+        or one sharded with ``fully_shard`` records one run of the global batch, merged over
+        the ranks and written by rank 0 (:mod:`icstools.recording.distributed`).
     sites : selector, optional
         Which tensors to record (:func:`icstools.sites.select_sites`): a module type, a name or
         glob (``"fc3"``, ``"features.*"``, ``"fc3:input"``), a predicate ``(name, module) ->
@@ -211,6 +214,12 @@ class Recorder(RecorderCore):
         measurements: Sequence[Measurement] = (),
         on_record: Callable[[Any], Any] | None = None,
     ) -> None:
+        # DDP / fully_shard: hook the module, merge the ranks into rank 0's records
+        ranks = detect(model)
+        if ranks is not None:
+            unsupported = {"probe": probe, "probe_sample": probe_sample, "jacobian": jacobian}
+            ranks.check(**unsupported, ics=ics, landscape=landscape)
+            model = ranks.module
         # every keyword, as given (measurements read theirs in their from_options)
         model, wrapper = unwrap_compiled(model)  # torch.compile'd: hook the original
         options = SimpleNamespace(**{k: v for k, v in locals().items() if k != "self"})
@@ -232,8 +241,10 @@ class Recorder(RecorderCore):
         )
         ctx.wrapper = wrapper
         ctx.measurements = build(options, measurements)
+        if ranks is not None:
+            ctx.measurements = ranks.localize(ctx)
         sink = RecordSink(
-            path,
+            path if ranks is None or ranks.writer else None,  # rank 0 writes the merged run
             overwrite=overwrite,
             resume=resume,
             chunk_steps=chunk_steps,
@@ -243,6 +254,7 @@ class Recorder(RecorderCore):
         )
         super().__init__(ctx, schedule, sink)
         self._options = options
+        self._dist = ranks
         self._start_at(start_step, resume)
 
     def _start_at(self, start_step: int | None, resume: bool) -> None:

@@ -22,6 +22,7 @@ from icstools.recording.layout import Layout
 from icstools.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
+    from icstools.recording.distributed import DistributedRun
     from icstools.recording.measurements import Context
     from icstools.recording.sink import RecordSink
 
@@ -40,6 +41,7 @@ class RunRecords:
     _pending: int | None
     diverged_step: int | None = None
     _last: dict[str, Any] | None = None  # the latest closed record
+    _dist: DistributedRun | None = None  # DDP / fully_shard: the ranks merged into rank 0's
 
     def _close_record(self) -> None:
         step, self._pending = self._pending, None
@@ -48,6 +50,8 @@ class RunRecords:
         ctx = self._ctx
         ctx.record_hooks.remove()  # tensor hooks of the record's activations
         ctx.batch = None
+        if self._dist is not None and not self._dist.exchange(ctx):
+            return  # another rank's: merged into rank 0's record, which rank 0 writes
         logs = ctx.logs
         if ctx.layout is None and not ctx.units.base and not logs:
             for m in ctx.measurements:  # nothing seen: the record is dropped
@@ -102,6 +106,8 @@ class RunRecords:
         }
         if self.diverged_step is not None:
             attrs["diverged_step"] = self.diverged_step
+        if self._dist is not None:
+            attrs.update(self._dist.attrs())
         return attrs
 
     def config(self) -> dict[str, Any]:
@@ -134,9 +140,16 @@ class RunRecords:
         step's record open: the call never changes what is recorded.
 
         With a ``path``, the store is flushed and read back (loaded into memory); without one,
-        the dataset is built from the records held in memory.
+        the dataset is built from the records held in memory. In a distributed run
+        (:mod:`icstools.recording.distributed`) call it on every rank: each gets rank 0's
+        merged run.
         """
         self._close_finished()
+        if self._dist is not None:
+            return self._dist.share(self._dataset)
+        return self._dataset()
+
+    def _dataset(self) -> xr.Dataset:
         if self._sink.path is not None:
             self.flush()
         # a resumed store holds records of the run before the restart

@@ -131,6 +131,10 @@ class Activations(Measurement):
         self._active: list[tuple[tuple[str, str], ActivationStatistics]] = []  # staged
         self._fields: list[list[str]] = []
         self._restored: dict[str, np.ndarray] = {}  # resume=True: the store's edges
+        # keep every value of the statistics made from now on (exact mode), so that their
+        # histograms can be redone on other edges (rebin): distributed runs agree on the
+        # edges after the first record (icstools.recording.distributed)
+        self.keep_all = False
 
     @classmethod
     def from_options(cls, options: Any) -> Activations:
@@ -204,6 +208,24 @@ class Activations(Measurement):
             if (source, name) in self._stats:
                 self._stats[(source, name)].hist_edges = edges
 
+    # for icstools.recording.distributed -----------------------------------------------------
+    @property
+    def states(self) -> dict[tuple[str, str], ActivationStatistics]:
+        """The statistics of the open record by ``(source, record site)``."""
+        return self._stats
+
+    def fixed_range(self, ctx: Context, name: str) -> Any:
+        """The ``hist_range`` given for a record site (``None``: edges from its values)."""
+        return site_option(self.hist_range, ctx.units.base[name], "hist_range", tuple)
+
+    def set_edges(self, name: str, edges: np.ndarray) -> None:
+        """Fix the histogram edges of a record site; its statistics are histogrammed again
+        on them (they must hold every value: :attr:`keep_all`)."""
+        self._edges[name] = edges
+        for source in ("train", "probe"):
+            if (source, name) in self._stats:
+                self._stats[(source, name)].rebin(edges)
+
     def _new_stats(
         self, ctx: Context, name: str, x: torch.Tensor, source: str
     ) -> ActivationStatistics:
@@ -216,7 +238,7 @@ class Activations(Measurement):
             ctx.units.unit_dims[name],
             quantiles=self.quantiles,
             sat_threshold=self.sat[ctx.units.base[name]],
-            quantile_sample=self.quantile_sample,
+            quantile_sample=None if self.keep_all else self.quantile_sample,
             generator=torch.Generator().manual_seed(seed),
             fused=self.fused,
         )

@@ -106,11 +106,11 @@ class ParameterDynamics(Measurement):
     # the update ------------------------------------------------------------------------------
     def before_update(self, ctx: Context) -> None:
         params = [p for _, p, _ in self._parameters(ctx)]
-        tensors = [p.detach() for p in params]
+        tensors = [_local(p).detach() for p in params]
         with torch.no_grad():
             # one fused reduction over all parameters (torch._foreach_norm), not one per tensor
             have = [i for i, p in enumerate(params) if p.grad is not None]
-            grads = _norms([params[i].grad.detach() for i in have])
+            grads = _norms([_local(params[i].grad).detach() for i in have])
             out = torch.full((len(tensors),), math.nan, dtype=torch.float64, device=grads.device)
             self._out["param_grad_norm"] = out.index_copy(0, _index(have, out.device), grads)
             self._out["param_norm"] = _norms(tensors)
@@ -120,7 +120,7 @@ class ParameterDynamics(Measurement):
         before, self._before = self._before, None
         if before is None:
             return
-        tensors = [p.detach() for _, p, _ in self._params]
+        tensors = [_local(p).detach() for _, p, _ in self._params]
         with torch.no_grad():
             self._out["update_norm"] = _norms(torch._foreach_sub(tensors, before))
         lr = torch.tensor([float(g.get("lr", math.nan)) for _, _, g in self._params])
@@ -129,6 +129,13 @@ class ParameterDynamics(Measurement):
     def discard_train(self, ctx: Context) -> None:
         self._out = {}
         self._before = None
+
+    @property
+    def norms(self) -> dict[str, torch.Tensor]:
+        """This record's per-parameter results so far (``param_grad_norm``, ``param_norm``,
+        ``update_norm``, ``lr``), for :mod:`icstools.recording.distributed`, which sums the
+        norms of the shards of sharded (FSDP) parameters."""
+        return self._out
 
     # the record ------------------------------------------------------------------------------
     def declare(self, ctx: Context) -> Declaration:
@@ -177,6 +184,12 @@ def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _index(positions: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(positions, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A sharded parameter's local shard (a ``DTensor`` of ``fully_shard``), else ``t``."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
 
 
 def _seen(ctx: Context, order: list[str], name: str, module: nn.Module, args: tuple) -> None:

@@ -62,6 +62,11 @@ class SiteGradients(Measurement):
 
         return hook
 
+    @property
+    def states(self) -> dict[str, GradientStatistics]:
+        """The gradient statistics of the open record by record site."""
+        return self._stats
+
     def discard_train(self, ctx: Context) -> None:
         for stats in self._stats.values():
             stats.reset()
