@@ -21,6 +21,7 @@ from icstools.functional.statistics import DEFAULT_QUANTILES
 from icstools.recording.compiled import unwrap_compiled
 from icstools.recording.core import RecorderCore
 from icstools.recording.distributed import detect
+from icstools.recording.errors import RecorderError
 from icstools.recording.layout import SiteTable
 from icstools.recording.measurements import Context, Measurement, build
 from icstools.recording.options import check_options, recorder_config
@@ -214,14 +215,11 @@ class Recorder(RecorderCore):
         measurements: Sequence[Measurement] = (),
         on_record: Callable[[Any], Any] | None = None,
     ) -> None:
-        # DDP / fully_shard: hook the module, merge the ranks into rank 0's records
-        ranks = detect(model)
-        if ranks is not None:
-            unsupported = {"probe": probe, "probe_sample": probe_sample, "jacobian": jacobian}
-            ranks.check(**unsupported, ics=ics, landscape=landscape)
-            model = ranks.module
-        # every keyword, as given (measurements read theirs in their from_options)
         model, wrapper = unwrap_compiled(model)  # torch.compile'd: hook the original
+        rank0 = {"probe": probe, "probe_sample": probe_sample, "jacobian": jacobian, "ics": ics}
+        ranks = _distributed(model, resume=resume, landscape=landscape, **rank0)  # DDP, FSDP
+        model = model if ranks is None else ranks.module  # rank 0's records merge the ranks'
+        # every keyword, as given (measurements read theirs in their from_options)
         options = SimpleNamespace(**{k: v for k, v in locals().items() if k != "self"})
         check_options(model, options)
         options.seed = int(seed)
@@ -283,3 +281,18 @@ class Recorder(RecorderCore):
     def config(self) -> dict[str, Any]:
         """The recorder's configuration as JSON-able values (stored in the run's attrs)."""
         return recorder_config(self._options, self.schedule, self._ctx.measurements)
+
+
+def _distributed(model: nn.Module, *, resume: bool, **rank0_only: Any) -> Any:
+    """The ranks of a DDP / ``fully_shard`` model (:mod:`icstools.recording.distributed`), or
+    ``None``; a keyword the distributed run cannot support is a :class:`RecorderError`."""
+    ranks = detect(model)
+    if ranks is None:
+        return None
+    if resume:
+        raise RecorderError(
+            "resume=True is not supported on a distributed (DDP / fully_shard) run yet: resume "
+            "a single-process run, or start a new store (path=...) after the restart"
+        )
+    ranks.check(**rank0_only)
+    return ranks
