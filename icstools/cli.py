@@ -801,7 +801,7 @@ def _export(args: argparse.Namespace) -> int:
 
 _EPILOG_RUN = """\
 Examples:
-  icstools run fig1                      the full experiment (3 seeds × 50,000 steps)
+  icstools run fig1                      the full experiment (10 seeds × 50,000 steps)
   icstools run fig1 --quick              reduced end to end: a few hundred steps, 1 seed
   icstools run lr-sweep --steps 2000 --seeds 0,1 --out /tmp/runs
   icstools run fig1 --resume             finish the runs of an interrupted 'icstools run fig1'

@@ -120,7 +120,8 @@ def test_presets_are_complete_definitions():
         assert p.name == name and "\n" not in p.description and len(p.description) <= 90
         assert p.claims and all(isinstance(c, str) and c for c in p.claims)
         assert p.notes, f"{name}: the preset's docstring documents it"
-        assert len(p.seeds) == 3 and p.steps > p.quick_steps >= 2
+        assert p.seeds == tuple(range(10 if name == "fig1" else 5)), name
+        assert p.steps > p.quick_steps >= 2
         shape = DATA_SHAPES[p.data]
         for cond in p.conditions:
             torch.manual_seed(0)
