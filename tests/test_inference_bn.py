@@ -33,7 +33,7 @@ def trained():
     train(model, 300, lr=1.0, data_dir=data)
     x_train, _ = _load("mnist", "train", data)
     x_test, y_test = _load("mnist", "test", data)
-    return model, x_train, x_test, y_test
+    return model, x_train, x_test, y_test, _numpy_population_stats(model, x_train)
 
 
 def _sigmoid(z):
@@ -81,8 +81,7 @@ def _numpy_inference(model, stats, x):
 
 
 def test_eval_mode_with_population_statistics_is_algorithm_2(trained):
-    model, x_train, x_test, _ = trained
-    stats = _numpy_population_stats(model, x_train)
+    model, x_train, x_test, _, stats = trained
     assert sorted(stats) == [1, 4, 7]  # the three BatchNorm1d layers
     net = population_batchnorm(model, x_train, batch_size=M)
     for k, (mean, var, biased) in stats.items():
@@ -103,8 +102,7 @@ def test_eval_mode_with_population_statistics_is_algorithm_2(trained):
 def test_running_averages_differ_from_the_population_statistics(trained):
     """The running averages of training (EMA, momentum 0.1, over changing weights) are not
     Algorithm 2's statistics; the difference is measured, not assumed small."""
-    model, x_train, x_test, y_test = trained
-    stats = _numpy_population_stats(model, x_train)
+    model, _, x_test, y_test, stats = trained
     for k, (mean, var, _) in stats.items():
         bn = model[k]
         dm = np.abs(bn.running_mean.double().numpy() - mean) / np.sqrt(var)

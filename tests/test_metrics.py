@@ -131,6 +131,22 @@ def test_simple_entries_against_numpy(runs):
     assert METRICS["beta"](ds) == pytest.approx(np.nanmean(ds["beta_smoothness"].values))
 
 
+def test_landscape_and_generalization_entries_against_numpy():
+    nan = np.nan
+    diff = np.array([[1.0, 2.0], [nan, nan], [3.0, 5.0], [nan, nan]])  # (step, eta)
+    gap = np.array([0.0, nan, 0.02, nan])
+    ds = xr.Dataset(
+        {"landscape_grad_diff": (("step", "eta"), diff), "gen_gap_acc": ("step", gap)},
+        coords={"step": [0, 10, 20, 30], "eta": [0.5, 1.0]},
+    )
+    assert METRICS["grad_predictiveness"](ds) == pytest.approx(np.mean([1.5, 4.0]))
+    assert METRICS["final_gen_gap_acc"](ds) == 0.02  # the last measured record
+    with pytest.raises(MissingVariableError, match="gen_test_acc"):
+        METRICS["final_gen_test_acc"](ds)
+    ds.attrs["diverged_step"] = 20
+    assert np.isnan(METRICS["grad_predictiveness"](ds))
+
+
 # --------------------------------------------------------------------------------------------
 # Drift: as compare computed it, as the report computes it
 # --------------------------------------------------------------------------------------------
