@@ -101,7 +101,10 @@ def on_page_markdown(markdown, page, config, files):
         if section is None:
             log.warning("%s: README.md has no section '## %s'", page.file.src_path, match.group(1))
             return ""
-        return section
+        # README's links into docs/ (its images) are relative to the repository root; the
+        # pages that embed a README section are at the root of docs/
+        depth = page.file.src_path.count("/")
+        return section.replace("](docs/", "](" + "../" * depth)
 
     markdown = re.sub(r"<!-- readme: (.+?) -->", readme, markdown)
     if "<!-- cli -->" in markdown:

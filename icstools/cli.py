@@ -9,6 +9,8 @@ Subcommands (``icstools <command> --help`` explains each):
   module type, tensor shape and unit layout;
 * ``info RUN`` — what a run store (or a preset's output folder) holds;
 * ``report INPUT...`` — the drift report (HTML + JSON) of runs;
+* ``figures PRESET_DIR`` — the paper's figures of a preset's runs as PNG files (``fig1``: the
+  paper's Fig. 1 a, b, c);
 * ``verify RUN...`` — check every chunk and the commit marker of run stores (checksums);
 * ``export RUN --tensorboard LOGDIR`` — a run (or every run of a preset folder) as TensorBoard
   event files: per-site scalars and histograms over steps;
@@ -687,6 +689,27 @@ def _verify(args: argparse.Namespace) -> int:
 # ============================================================================================
 
 
+def _figures(args: argparse.Namespace) -> int:
+    """``icstools figures PRESET_DIR``: the paper's figures as PNG files."""
+    from icstools.report.figures import write_figures
+
+    folder = Path(args.preset_dir)
+    if not (folder / "manifest.json").is_file():
+        raise UsageError(
+            f"{args.preset_dir!r} is not a preset's run folder (no manifest.json); give the "
+            "folder an 'icstools run PRESET' wrote, e.g. data/runs/fig1"
+        )
+    out = args.out if args.out is not None else str(folder / "figures")
+    _check_output("--out", out, file=False)
+    try:
+        paths = write_figures(folder, out)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from None
+    for path in paths:
+        print(path)
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     inputs = [Path(p) for p in args.inputs]
     missing = [str(p) for p in inputs if not p.exists()]
@@ -813,7 +836,7 @@ def _export(args: argparse.Namespace) -> int:
 
 _EPILOG_RUN = """\
 Examples:
-  icstools run fig1                      the full experiment (3 seeds × 50,000 steps)
+  icstools run fig1                      the full experiment (10 seeds × 50,000 steps)
   icstools run fig1 --quick              reduced end to end: a few hundred steps, 1 seed
   icstools run lr-sweep --steps 2000 --seeds 0,1 --out /tmp/runs
   icstools run fig1 --resume             finish the runs of an interrupted 'icstools run fig1'
@@ -871,8 +894,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
     sub = p.add_subparsers(dest="command", required=True, metavar="command")
     for add in (
-        _add_run, _add_list, _add_sites, _add_info, _add_report, _add_verify, _add_export,
-        _add_demo,
+        _add_run, _add_list, _add_sites, _add_info, _add_report, _add_figures, _add_verify,
+        _add_export, _add_demo,
     ):  # fmt: skip
         add(sub)
     return p
@@ -1033,6 +1056,28 @@ def _add_report(sub: Any) -> None:
     rp.add_argument("--html", required=True, metavar="PATH", help="path of the HTML report")
     rp.add_argument("--json", metavar="PATH", help="path of the JSON report (optional)")
     rp.set_defaults(func=_report)
+
+
+def _add_figures(sub: Any) -> None:
+    """The ``figures`` subcommand's options."""
+    fp = sub.add_parser(
+        "figures",
+        help="write the paper's figures of a preset's runs as PNG files",
+        description="Write the paper's figures of the finished runs of a preset folder as PNG "
+        "files. fig1: the paper's Fig. 1, fig1.png (three panels) and fig1a.png, fig1b.png, "
+        "fig1c.png: (a) test accuracy over steps, mean ± sd over seeds; (b, c) the 15th, 50th "
+        "and 85th percentiles of a typical unit of the last hidden sigmoid input on the probe "
+        "over steps, without and with BN (first seed).",
+        epilog="Examples:\n"
+        "  icstools figures data/runs/fig1                    PNGs in data/runs/fig1/figures\n"
+        "  icstools figures data/runs/fig1 --out docs/images  the README's images",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fp.add_argument("preset_dir", metavar="PRESET_DIR", help="folder of an 'icstools run'")
+    fp.add_argument(
+        "--out", metavar="DIR", help="folder of the PNG files (default: PRESET_DIR/figures)"
+    )
+    fp.set_defaults(func=_figures)
 
 
 def _add_verify(sub: Any) -> None:

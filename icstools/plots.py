@@ -35,6 +35,7 @@ Examples
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,7 @@ __all__ = [
     "plot_percentiles",
     "plot_saturation",
     "plot_scalar",
+    "save_fig1",
     "typical_unit",
 ]
 
@@ -524,6 +526,74 @@ def plot_fig1(
             label=f"({chr(ord('b') + k)}) {cond}",
         )
     return fig
+
+
+def _save_png(fig: Figure, path: Path, dpi: int) -> Path:
+    # no "Software" entry: the bytes depend on the figure, not on matplotlib's version string
+    fig.savefig(path, format="png", dpi=dpi, metadata={"Software": None})
+    return path
+
+
+def save_fig1(
+    runs: Mapping[str, xr.Dataset | Sequence[xr.Dataset]],
+    out: str | Path,
+    *,
+    dpi: int = 110,
+    acc_ylim: tuple[float, float] | None = (0.7, 1.0),
+) -> list[Path]:
+    """Write the paper's Fig. 1 as PNG files into the folder ``out``.
+
+    ``fig1.png`` holds the three panels side by side (:func:`plot_fig1`); ``fig1a.png``,
+    ``fig1b.png``, ``fig1c.png`` one panel each: (a) test accuracy per condition over steps
+    (mean ± 1 sd over seeds), (b, c) the 15th, 50th and 85th percentiles of a typical unit
+    (:func:`typical_unit`) of the last hidden sigmoid input on the probe, over steps, for the
+    first and the second condition (their first run), with the same y-range in (b) and (c).
+
+    Parameters
+    ----------
+    runs : mapping {condition: dataset or list of datasets}
+        Two conditions, without and with BN (``{"baseline": [...], "bn": [...]}``).
+    out : str or Path
+        Folder (created when missing); existing files of the same names are replaced.
+    dpi : int
+        Resolution.
+    acc_ylim : (float, float) or None
+        y-range of panel (a); the paper's Fig. 1(a) shows 0.7–1 (``None``: matplotlib's).
+
+    Returns
+    -------
+    list of Path
+        The four files.
+
+    Examples
+    --------
+    >>> save_fig1({"baseline": base_runs, "bn": bn_runs}, "docs/images")  # doctest: +SKIP
+    """
+    if not isinstance(runs, Mapping) or len(runs) != 2:
+        raise ValueError(
+            "runs must be a mapping of two conditions {without BN: runs, with BN: runs}, got "
+            f"{list(runs) if isinstance(runs, Mapping) else type(runs).__name__}"
+        )
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    conds = _as_conditions(runs)
+    fig = plot_fig1(conds)
+    if acc_ylim is not None:
+        fig.axes[0].set_ylim(*acc_ylim)
+    ylim = fig.axes[1].get_ylim()
+    paths = [_save_png(fig, folder / "fig1.png", dpi)]
+    single = plot_accuracy(conds)
+    single.axes[0].set_title("(a) test accuracy", fontsize=10)
+    if acc_ylim is not None:
+        single.axes[0].set_ylim(*acc_ylim)
+    paths.append(_save_png(single, folder / "fig1a.png", dpi))
+    colors = _palette(len(conds))
+    for k, ((cond, items), color) in enumerate(zip(conds.items(), colors, strict=True)):
+        panel = chr(ord("b") + k)
+        one = plot_percentiles(items[0], color=color, label=f"({panel}) {cond}")
+        one.axes[0].set_ylim(*ylim)
+        paths.append(_save_png(one, folder / f"fig1{panel}.png", dpi))
+    return paths
 
 
 # ============================================================================================

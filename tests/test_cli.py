@@ -49,7 +49,7 @@ def _one_line_error(err: str) -> str:
 
 
 # ------------------------------------------------------------------------------ help, list
-@pytest.mark.parametrize("command", ["run", "list", "sites", "info", "report", "demo"])
+@pytest.mark.parametrize("command", ["run", "list", "sites", "info", "report", "figures", "demo"])
 def test_every_subcommand_has_help(capsys, command):
     assert cli.main([command, "--help"]) == 0
     out = capsys.readouterr().out
@@ -381,3 +381,39 @@ def test_info_of_a_preset_folder_gives_test_accuracy_at_steps(capsys, runs):
         assert f"{r.test_acc[0]:.4f}" in row  # evaluated at step 0
         assert f"{r.final_test_acc:.4f}" in row  # step 2 is the last: the final accuracy
         assert "not evaluated" in row  # step 7 was never reached
+
+
+# ------------------------------------------------------------------------------------ figures
+def test_figures_writes_the_papers_fig1_as_pngs(capsys, runs, tmp_path):
+    from matplotlib.image import imread
+
+    folder = runs.path.parent
+    code, out, err = _run(capsys, "figures", str(folder), "--out", str(tmp_path / "img"))
+    assert code == 0 and not err, err
+    names = ["fig1.png", "fig1a.png", "fig1b.png", "fig1c.png"]
+    assert out.split() == [str(tmp_path / "img" / n) for n in names]
+    shapes = {}
+    for name in names:
+        data = (tmp_path / "img" / name).read_bytes()
+        assert data.startswith(b"\x89PNG")
+        shapes[name] = imread(tmp_path / "img" / name).shape
+    # three panels side by side: the combined figure is about three single panels wide
+    assert shapes["fig1.png"][1] > 2.5 * shapes["fig1b.png"][1]
+    assert shapes["fig1b.png"] == shapes["fig1c.png"]
+    # the default folder is PRESET_DIR/figures; the same figure gives the same bytes
+    code, out, _ = _run(capsys, "figures", str(folder))
+    assert code == 0 and out.split()[0] == str(folder / "figures" / "fig1.png")
+    assert (folder / "figures" / "fig1b.png").read_bytes() == (
+        tmp_path / "img" / "fig1b.png"
+    ).read_bytes()
+
+
+def test_figures_refuses_folders_without_fig1_runs(capsys, tmp_path):
+    code, _, err = _run(capsys, "figures", str(tmp_path))
+    assert code == 2 and "no manifest.json" in _one_line_error(err)
+    run_preset("cnn", quick=True, steps=2, conditions=["bn"], out=tmp_path, progress=False)
+    code, _, err = _run(capsys, "figures", str(tmp_path / "cnn"))
+    assert code == 2 and "no paper figure is drawn for preset 'cnn'" in _one_line_error(err)
+    run_preset("fig1", quick=True, steps=2, conditions=["bn"], out=tmp_path, progress=False)
+    code, _, err = _run(capsys, "figures", str(tmp_path / "fig1"))
+    assert code == 2 and "no finished run of condition(s) ['baseline']" in _one_line_error(err)

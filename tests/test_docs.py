@@ -89,7 +89,7 @@ def test_generated_parts_of_the_pages_have_their_sources():
     for title in titles:
         assert hooks._readme_section(title), f"README.md lost its section '## {title}'"
     cli = hooks._cli_help()
-    for command in ("run", "list", "sites", "info", "report", "export", "demo"):
+    for command in ("run", "list", "sites", "info", "report", "figures", "export", "demo"):
         assert f"### icstools {command}\n" in cli
     table = hooks._claims_table()
     from icstools.report import CLAIMS

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.special
 import torch
 from torch import nn
 
@@ -35,7 +36,9 @@ from icstools.experiments import (
     set_noise_step,
     small_cnn,
     train,
+    vgg_cnn,
 )
+from icstools.experiments.measures import generalization
 
 ROOT = Path(__file__).parents[1]
 
@@ -86,9 +89,14 @@ PRESET_VARS = {
     "jacobian": {"jac_sv", "jac_mean_sq", "jac_frac_near_one", "grad_norm"},
     "noisy-bn": {"probe_sample", "ics_l2", "ics_cos", "loss_variation", "beta_smoothness"},
     "cnn": {"probe_sample", "grad_norm"},
-}
+    "regularization": {
+        "gen_train_loss", "gen_train_acc", "gen_test_loss", "gen_test_acc", "gen_gap_acc",
+        "gen_gap_loss",
+    },
+    "landscape-cnn": {"loss_variation", "beta_smoothness", "landscape_grad_diff"},
+}  # fmt: skip
 #: Steps of the quick test runs (seconds each).
-QUICK_STEPS = {"cnn": 2, "jacobian": 3}
+QUICK_STEPS = {"cnn": 2, "jacobian": 3, "regularization": 2, "landscape-cnn": 2}
 
 
 @pytest.fixture(autouse=True)
@@ -115,12 +123,15 @@ def test_presets_are_complete_definitions():
         "jacobian",
         "noisy-bn",
         "cnn",
+        "regularization",
+        "landscape-cnn",
     ]
     for name, p in PRESETS.items():
         assert p.name == name and "\n" not in p.description and len(p.description) <= 90
         assert p.claims and all(isinstance(c, str) and c for c in p.claims)
         assert p.notes, f"{name}: the preset's docstring documents it"
-        assert len(p.seeds) == 3 and p.steps > p.quick_steps >= 2
+        assert p.seeds == tuple(range(10 if name == "fig1" else 5)), name
+        assert p.steps > p.quick_steps >= 2
         shape = DATA_SHAPES[p.data]
         for cond in p.conditions:
             torch.manual_seed(0)
@@ -361,6 +372,84 @@ def test_paper_mlp_variants():
         paper_mlp(bn=False, activation="gelu")
     with pytest.raises(ValueError, match="noise"):
         paper_mlp(bn=False, noise=True)
+
+
+def test_dropout_flat_input_and_vgg_models():
+    m = paper_mlp(bn=True, dropout=0.2)
+    assert [type(x).__name__ for x in m[:4]] == ["Linear", "BatchNorm1d", "Sigmoid", "Dropout"]
+    assert sum(isinstance(x, nn.Dropout) for x in m) == 3 and m[3].p == 0.2
+    assert not any(isinstance(x, nn.Dropout) for x in paper_mlp(bn=True))
+    for bad in (-0.1, 1.0, True, "0.2"):
+        with pytest.raises(ValueError, match="dropout must be a probability"):
+            paper_mlp(bn=False, dropout=bad)
+    # the flat-input CNN is the image CNN after a reshape: same weights, same outputs
+    torch.manual_seed(0)
+    flat = small_cnn((4, 8), in_channels=1, pool=True, flat_input=True, dropout=0.1).eval()
+    torch.manual_seed(0)
+    image = small_cnn((4, 8), in_channels=1, pool=True, dropout=0.1).eval()
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(flat(x.reshape(3, 784)), image(x))
+    assert sum(isinstance(y, nn.Dropout) for y in flat) == 2
+    with pytest.raises(ValueError, match="in_channels=1"):
+        small_cnn(in_channels=3, flat_input=True)
+    # VGG-style: 8 convs in 4 stages, He-initialized (std √(2/fan_in)), BN or conv biases
+    torch.manual_seed(0)
+    v = vgg_cnn(((8, 8), (16, 16), (32, 32), (32, 32)), bn=False)
+    convs = [c for c in v if isinstance(c, nn.Conv2d)]
+    assert len(convs) == 8 and all(c.bias is not None and not c.bias.any() for c in convs)
+    w = convs[-1].weight.detach()  # fan_in 32 × 9: std √(2/288) = 0.083
+    assert float(w.std()) == pytest.approx((2 / (32 * 9)) ** 0.5, rel=0.05)
+    assert sum(isinstance(c, nn.BatchNorm2d) for c in vgg_cnn()) == 6
+    assert v(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="stages"):
+        vgg_cnn(())
+
+
+def test_generalization_measure_matches_numpy_and_has_no_side_effects():
+    """Train/test loss and accuracy in eval mode against numpy on the same images."""
+    from icstools.experiments.training import _load
+
+    torch.manual_seed(0)
+    model = paper_mlp(bn=True, dropout=0.5)
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics
+        model(torch.rand(60, 784))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(60, 784)
+    rng = torch.get_rng_state()
+    r = generalization(model, x, train_size=500, test_size=300)
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+    def reference(x, y):  # eval mode: running statistics, no dropout; numpy float64
+        a = x.numpy().astype(np.float64)
+        for mod in model:
+            if isinstance(mod, nn.Linear):
+                a = a @ mod.weight.detach().double().numpy().T
+                if mod.bias is not None:
+                    a = a + mod.bias.detach().double().numpy()
+            elif isinstance(mod, nn.BatchNorm1d):
+                mean, var = mod.running_mean.double().numpy(), mod.running_var.double().numpy()
+                w, b = mod.weight.detach().double().numpy(), mod.bias.detach().double().numpy()
+                a = w * (a - mean) / np.sqrt(var + mod.eps) + b
+            elif isinstance(mod, nn.Sigmoid):
+                a = 1 / (1 + np.exp(-a))
+        y = y.numpy()
+        logp = a - scipy.special.logsumexp(a, axis=1, keepdims=True)
+        return -logp[np.arange(len(y)), y].mean(), (a.argmax(1) == y).mean()
+
+    x_train, y_train = _load("mnist", "train", None)
+    x_test, y_test = _load("mnist", "test", None)
+    train_loss, train_acc = reference(x_train[:500], y_train[:500])
+    test_loss, test_acc = reference(x_test[:300], y_test[:300])
+    assert r["gen_train_loss"] == pytest.approx(train_loss, rel=1e-5)
+    assert r["gen_test_loss"] == pytest.approx(test_loss, rel=1e-5)
+    assert r["gen_train_acc"] == pytest.approx(train_acc) and r["gen_test_acc"] == pytest.approx(
+        test_acc
+    )
+    assert r["gen_gap_acc"] == pytest.approx(train_acc - test_acc)
+    assert r["gen_gap_loss"] == pytest.approx(test_loss - train_loss, rel=1e-4)
 
 
 def test_small_cnn_without_bn_has_conv_biases():

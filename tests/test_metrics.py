@@ -64,6 +64,9 @@ def record(seed: int) -> xr.Dataset:
             with torch.no_grad():
                 acc = (model(x).argmax(1) == y).float().mean()
             rec.log(loss=loss, test_acc=acc, si_output=1e-6 * (k + 1))
+            # what the generalization measure logs (the regularization preset)
+            rec.log(gen_train_acc=acc, gen_test_acc=0.9 * acc, gen_gap_acc=0.1 * acc)
+            rec.log(gen_gap_loss=0.1)
     return rec.to_dataset()
 
 
@@ -129,6 +132,22 @@ def test_simple_entries_against_numpy(runs):
     assert METRICS["grad_explosion"](ds) == pytest.approx(np.log10(g[0, 0] / g[0, -1]))
     assert METRICS["identities"](ds) == pytest.approx(1e-6 * STEPS)
     assert METRICS["beta"](ds) == pytest.approx(np.nanmean(ds["beta_smoothness"].values))
+
+
+def test_landscape_and_generalization_entries_against_numpy():
+    nan = np.nan
+    diff = np.array([[1.0, 2.0], [nan, nan], [3.0, 5.0], [nan, nan]])  # (step, eta)
+    gap = np.array([0.0, nan, 0.02, nan])
+    ds = xr.Dataset(
+        {"landscape_grad_diff": (("step", "eta"), diff), "gen_gap_acc": ("step", gap)},
+        coords={"step": [0, 10, 20, 30], "eta": [0.5, 1.0]},
+    )
+    assert METRICS["grad_predictiveness"](ds) == pytest.approx(np.mean([1.5, 4.0]))
+    assert METRICS["final_gen_gap_acc"](ds) == 0.02  # the last measured record
+    with pytest.raises(MissingVariableError, match="gen_test_acc"):
+        METRICS["final_gen_test_acc"](ds)
+    ds.attrs["diverged_step"] = 20
+    assert np.isnan(METRICS["grad_predictiveness"](ds))
 
 
 # --------------------------------------------------------------------------------------------

@@ -154,8 +154,15 @@ def test_activations_over_time_reports_results(executed):
         assert 0.2 < float(value) <= 1.0  # 300 steps are far above chance (0.1)
     assert re.search(r"^baseline +300 steps in .*: 6 records \(steps 0\.\.250\)", out, re.M), out
     assert re.search(r"^BN +site 8:input: .* typical unit \d+ ", out, re.M), out
-    tables = [o for o in _outputs(nb) if "text/html" in o.get("data", {})]
-    assert len(tables) == 3 and all("Δ median" in t.data["text/html"] for t in tables)
+    tables = [o.data["text/html"] for o in _outputs(nb) if "text/html" in o.get("data", {})]
+    assert len(tables) == 4 and all("Δ median" in t for t in tables[:3])
+    # Algorithm 2: eval mode with the population statistics is the inference network by hand
+    diff = re.search(r"^eval mode vs Algorithm 2 by hand: .* scores ([0-9.e+-]+)$", out, re.M)
+    assert diff and float(diff.group(1)) < 1e-4, out
+    assert "|Δ var| / var, median" in tables[3]
+    acc = re.search(r"^test accuracy with the running averages ([0-9.]+), with the population "
+                    r"statistics ([0-9.]+)$", out, re.M)  # fmt: skip
+    assert acc and abs(float(acc.group(1)) - float(acc.group(2))) < 0.05, out
 
 
 def test_saturation_and_learning_rates_reports_results(executed):

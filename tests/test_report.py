@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 import xarray as xr
 from torch import nn
@@ -453,6 +454,73 @@ def test_noisy_bn_compound_claim_and_missing_variables():
     v = _by_id(assess("noisy-bn", runs))
     assert v["noisy-bn/noisy-trains-as-well"]["verdict"] == "not supported"
     assert v["noisy-bn/not-ics"]["verdict"] == "not supported"
+
+
+def _gen_run(gap: float, test: float) -> xr.Dataset:
+    """A run whose generalization measure was logged at 3 of 5 records, ending at ``gap`` and
+    ``test`` (train − test accuracy, test accuracy)."""
+    nan = np.nan
+    return acc_run(
+        test,
+        extra={
+            "gen_gap_acc": [0.0, nan, gap / 2, nan, gap],
+            "gen_test_acc": [0.1, nan, test - 0.01, nan, test],
+        },
+    )
+
+
+def test_regularization_claims_read_the_measured_gap_and_test_accuracy():
+    gaps = {"bn": (0.010, 0.011, 0.009, 0.0105, 0.0095), "baseline": (0.020, 0.022, 0.018, 0.021,
+            0.019)}  # fmt: skip
+    tests = {"bn": (0.981, 0.982, 0.980, 0.981, 0.982), "baseline-dropout": (0.978, 0.979,
+             0.977, 0.978, 0.980)}  # fmt: skip
+    runs = {
+        "bn": [_gen_run(g, t) for g, t in zip(gaps["bn"], tests["bn"], strict=True)],
+        "baseline": [_gen_run(g, 0.97) for g in gaps["baseline"]],
+        "baseline-dropout": [_gen_run(0.005, t) for t in tests["baseline-dropout"]],
+    }
+    v = _by_id(assess("regularization", runs))
+    gap = v["regularization/bn-narrows-gap"]
+    assert gap["verdict"] == "supported", gap
+    ci = scipy.stats.ttest_ind(gaps["bn"], gaps["baseline"], equal_var=False)
+    ci = ci.confidence_interval(0.95)
+    assert [gap["effect"]["ci_low"], gap["effect"]["ci_high"]] == pytest.approx([ci.low, ci.high])
+    drop = v["regularization/bn-replaces-dropout"]
+    assert drop["verdict"] == "supported", drop  # dropout's network not better
+    est = np.mean(tests["baseline-dropout"]) - np.mean(tests["bn"])
+    assert drop["effect"]["estimate"] == pytest.approx(est)
+    for cid in ("regularization/cnn-bn-narrows-gap", "regularization/cnn-bn-replaces-dropout"):
+        assert v[cid]["verdict"] == "inconclusive" and "has no runs" in v[cid]["reason"]
+    # dropout generalizing better by a point: BN without dropout does not replace it
+    runs["baseline-dropout"] = [_gen_run(0.005, t + 0.01) for t in tests["baseline-dropout"]]
+    drop = _by_id(assess("regularization", runs))["regularization/bn-replaces-dropout"]
+    assert drop["verdict"] == "not supported", drop
+
+
+def test_landscape_cnn_claims_compare_the_three_landscape_measures():
+    def run(scale: float, seed: int) -> xr.Dataset:
+        rng = np.random.default_rng(seed)
+        nan = np.nan
+        ds = acc_run(0.95)
+        noise = 1 + 0.05 * rng.standard_normal()
+        ds["loss_variation"] = ("step", np.array([1.0, nan, 0.8, nan, 0.6]) * scale * noise)
+        ds["beta_smoothness"] = ("step", np.array([10.0, nan, 8.0, nan, 6.0]) * scale * noise)
+        diff = np.full((5, 3), np.nan)
+        diff[[0, 2, 4]] = np.array([[1.0, 2.0, 3.0]]) * scale * noise
+        ds["landscape_grad_diff"] = (("step", "eta"), diff)
+        return ds
+
+    runs = {"bn": [run(0.5, i) for i in range(5)], "baseline": [run(1.0, 10 + i) for i in range(5)]}
+    v = _by_id(assess("landscape-cnn", runs))
+    for cid in ("smoother-loss", "predictive-gradients", "smoother-beta"):
+        got = v[f"landscape-cnn/{cid}"]
+        assert got["verdict"] == "supported", got
+        assert got["effect"]["statistic"] == "ratio"
+        assert got["effect"]["estimate"] == pytest.approx(0.5, rel=0.1)
+        assert got["effect"]["method"].startswith("Fieller")
+    runs["bn"] = [run(1.0, 20 + i) for i in range(5)]
+    v = _by_id(assess("landscape-cnn", runs))
+    assert v["landscape-cnn/smoother-beta"]["verdict"] != "supported"
 
 
 def test_unknown_preset_and_missing_condition_are_inconclusive_not_errors():

@@ -421,6 +421,22 @@ def _loss_variation_mean(ds: xr.Dataset) -> float:
     return _sparse_mean(ds, ds["loss_variation"])
 
 
+def _grad_predictiveness(ds: xr.Dataset) -> float:
+    _require(ds, "landscape_grad_diff")
+    da = ds["landscape_grad_diff"]
+    if "eta" in da.dims:
+        da = da.mean("eta", skipna=False)  # a record measured at some η only: not measured
+    return _sparse_mean(ds, da)
+
+
+def _last_logged(ds: xr.Dataset, name: str) -> float:
+    """The value of a logged ``(step,)`` scalar at the last record where it is not NaN."""
+    _require(ds, name)
+    values = np.asarray(ds[name].values, dtype=np.float64)
+    measured = ~np.isnan(values)
+    return float(values[measured][-1]) if measured.any() else math.nan
+
+
 def _jac_near_one(ds: xr.Dataset) -> float:
     _require(ds, "jac_frac_near_one")
     da = ds["jac_frac_near_one"]
@@ -508,6 +524,24 @@ def _register_builtins() -> None:
         _loss_variation_mean,
         "loss_variation (range of the loss along the gradient), mean over records",
     )
+    METRICS.register(
+        "grad_predictiveness",
+        _grad_predictiveness,
+        "landscape_grad_diff (‖∇L(w) − ∇L(w − ηg)‖: smaller means more predictive gradients), "
+        "mean over the step sizes η and over the records where measured",
+    )
+    for name, what in (
+        ("gen_gap_acc", "train − test accuracy (eval mode)"),
+        ("gen_gap_loss", "test − train loss (eval mode)"),
+        ("gen_test_acc", "test accuracy on all 10,000 test images (eval mode)"),
+        ("gen_train_acc", "accuracy on the first 10,000 training images (eval mode)"),
+    ):
+        METRICS.register(
+            f"final_{name}",
+            functools.partial(_last_logged, name=name),
+            f"{name} ({what}, logged by the generalization measure) at the last record where "
+            "it was measured",
+        )
     METRICS.register(
         "jac_near_one",
         _jac_near_one,

@@ -1,9 +1,12 @@
 """The paper's experiments: models, one training loop, presets and their runner.
 
-- :mod:`~icstools.experiments.models`: the model factories (``paper_mlp``, ``small_cnn``),
+- :mod:`~icstools.experiments.models`: the model factories (``paper_mlp``, ``small_cnn``,
+  ``vgg_cnn``),
   noisy BatchNorm, ``normalized_layers`` and ``load_factory`` (model targets);
 - :mod:`~icstools.experiments.measures`: measurements logged during training
-  (``scale_invariance``);
+  (``scale_invariance``, ``generalization``);
+- :mod:`~icstools.experiments.inference`: Algorithm 2's inference network with population
+  statistics (``population_batchnorm``);
 - :mod:`~icstools.experiments.training`: the one training loop (``train``) and the record
   schedule (``record_steps``);
 - :mod:`~icstools.experiments.presets`: the experiments (``Preset``, ``PRESETS``) and the
@@ -17,7 +20,8 @@ The public names are all importable from here.
 """
 
 from icstools.experiments.cluster import ClusterError, RunsFailedError
-from icstools.experiments.measures import scale_invariance
+from icstools.experiments.inference import population_batchnorm
+from icstools.experiments.measures import generalization, scale_invariance
 from icstools.experiments.models import (
     NoisyBatchNorm1d,
     load_factory,
@@ -25,6 +29,7 @@ from icstools.experiments.models import (
     paper_mlp,
     set_noise_step,
     small_cnn,
+    vgg_cnn,
 )
 from icstools.experiments.presets import (
     CNN_LR,
@@ -65,11 +70,13 @@ __all__ = [
     "RunsFailedError",
     "TrainResult",
     "fig1_lr_sweep",
+    "generalization",
     "get_preset",
     "load_factory",
     "load_manifest",
     "normalized_layers",
     "paper_mlp",
+    "population_batchnorm",
     "record_steps",
     "run_preset",
     "scale_invariance",
@@ -78,4 +85,5 @@ __all__ = [
     "train",
     "train_condition",
     "train_mnist",
+    "vgg_cnn",
 ]

@@ -2,14 +2,17 @@
 
 :func:`scale_invariance` checks the §3.3 identities of BatchNorm (weight-scale invariance of the
 output and of back-propagation) on each BN-normalized layer of a model, for the step's batch.
+:func:`generalization` measures loss and accuracy on training and test images in eval mode, so
+that the gap between them (§3.4) is a measured quantity.
 :data:`_MEASURES` names the measurements a :class:`~icstools.experiments.presets.Preset` can
-ask for (its ``measure``).
+ask for (its ``measure``); each is called as ``measure(model, x, data_dir=...)``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,7 +22,11 @@ from icstools.experiments.models import normalized_layers
 from icstools.recording.hooks import HookGroup
 from icstools.recording.isolation import isolated
 
-__all__ = ["scale_invariance"]
+__all__ = ["GENERALIZATION_TRAIN_SIZE", "generalization", "scale_invariance"]
+
+#: Training images (the first ones) on which :func:`generalization` measures the training loss
+#: and accuracy: enough for a standard error of the accuracy below 0.002 at 97%.
+GENERALIZATION_TRAIN_SIZE = 10_000
 
 
 def _layer_inputs(
@@ -91,6 +98,74 @@ def scale_invariance(
     return out
 
 
-_MEASURES: dict[str, Callable[[nn.Module, torch.Tensor], dict[str, float]]] = {
-    "scale_invariance": scale_invariance,
+def _loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` in eval mode, in chunks of 2,000 images."""
+    loss = 0.0
+    correct = 0
+    with isolated(model, mode="eval", grad=False, buffers=False):
+        for i in range(0, len(x), 2000):
+            scores = model(x[i : i + 2000]).double()  # [chunk, classes]
+            loss += float(nn.functional.cross_entropy(scores, y[i : i + 2000], reduction="sum"))
+            correct += int((scores.argmax(1) == y[i : i + 2000]).sum())
+    return loss / len(x), correct / len(x)
+
+
+def generalization(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    data_dir: str | Path | None = None,
+    train_size: int = GENERALIZATION_TRAIN_SIZE,
+    test_size: int | None = None,
+) -> dict[str, float]:
+    """Loss and accuracy on training and on test images, in eval mode (the deployed network).
+
+    The model is evaluated as it is deployed (eval mode: BN with its running averages, dropout
+    off), without gradients and without side effects, on the first ``train_size`` MNIST
+    training images and on all 10,000 test images, so that the gap between training and test
+    (§3.4: BN regularizes) is measured on the same network, at the same step, in the same way.
+    ``test_size`` uses the first test images only (quick runs).
+    ``x`` (the step's batch) only tells the input layout: ``[batch, 784]`` or ``[batch, 1, 28,
+    28]``.
+
+    Returns
+    -------
+    dict
+        ``gen_train_loss``, ``gen_train_acc``, ``gen_test_loss``, ``gen_test_acc`` (mean
+        cross-entropy, accuracy) and ``gen_gap_acc`` = train − test accuracy, ``gen_gap_loss`` =
+        test − train loss.
+
+    Examples
+    --------
+    >>> from icstools.experiments.models import paper_mlp
+    >>> r = generalization(paper_mlp(bn=True), torch.zeros(60, 784))  # doctest: +SKIP
+    >>> sorted(r)  # doctest: +SKIP
+    ['gen_gap_acc', 'gen_gap_loss', 'gen_test_acc', 'gen_test_loss', 'gen_train_acc', ...]
+    """
+    from icstools.experiments.training import _load  # training imports the presets
+
+    data = "mnist" if x.dim() == 2 else "mnist-image"
+    x_train, y_train = _load(data, "train", data_dir)
+    x_test, y_test = _load(data, "test", data_dir)
+    train_loss, train_acc = _loss_and_accuracy(model, x_train[:train_size], y_train[:train_size])
+    test_loss, test_acc = _loss_and_accuracy(model, x_test[:test_size], y_test[:test_size])
+    return {
+        "gen_train_loss": train_loss,
+        "gen_train_acc": train_acc,
+        "gen_test_loss": test_loss,
+        "gen_test_acc": test_acc,
+        "gen_gap_acc": train_acc - test_acc,
+        "gen_gap_loss": test_loss - train_loss,
+    }
+
+
+def _scale_invariance_measure(
+    model: nn.Module, x: torch.Tensor, *, data_dir: str | Path | None = None
+) -> dict[str, float]:
+    return scale_invariance(model, x)
+
+
+_MEASURES: dict[str, Callable[..., dict[str, float]]] = {
+    "scale_invariance": _scale_invariance_measure,
+    "generalization": generalization,
 }

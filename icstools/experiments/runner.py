@@ -37,6 +37,7 @@ reported as diverged.
 from __future__ import annotations
 
 import datetime
+import functools
 import itertools
 import json
 import logging
@@ -561,6 +562,7 @@ def train_condition(
     recorder: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], Recorder] | None = None,
     data_dir: str | Path | None = None,
     progress: Callable[[int], Any] | None = None,
+    quick: bool = False,
 ) -> TrainResult:
     """Train condition ``cond`` of ``preset`` with ``seed``, as :func:`run_preset` does.
 
@@ -570,7 +572,8 @@ def train_condition(
     :func:`record_steps`), the preset's measurement at every ``measure_every``-th of them, and
     divergence handled as a result. With ``recorder=None`` nothing is recorded and the
     measurement, which is logged into the run, is skipped: the same training at the cost of
-    training alone (``bench/fig1_wall.py`` compares the two).
+    training alone (``bench/fig1_wall.py`` compares the two). ``quick`` applies the preset's
+    ``quick_measure_kwargs``.
 
     Examples
     --------
@@ -581,7 +584,8 @@ def train_condition(
     """
     measure = None
     if recorder is not None and preset.measure is not None:
-        measure = _MEASURES[preset.measure]
+        kwargs = {**preset.measure_kwargs, **(preset.quick_measure_kwargs if quick else {})}
+        measure = functools.partial(_MEASURES[preset.measure], data_dir=data_dir, **kwargs)
     with isolated():
         torch.manual_seed(seed)
         model = cond.build()
@@ -651,7 +655,15 @@ def _run_one(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     result = train_condition(
-        preset, cond, seed, steps, recorded, recorder=make, data_dir=data_dir, progress=progress
+        preset,
+        cond,
+        seed,
+        steps,
+        recorded,
+        recorder=make,
+        data_dir=data_dir,
+        progress=progress,
+        quick=quick,
     )
     rec = result.recorder
     accuracy = dict(result.accuracy)

@@ -232,6 +232,43 @@ CLAIMS: tuple[Claim, ...] = (
           "gradient.",
           f"{_SA} §3",
           "loss_variation_mean", ("bn", "baseline"), "ratio", "lower", 0.10),
+    # ---------------------------------------------------------------- regularization (§3.4)
+    Claim("regularization/bn-narrows-gap", "regularization",
+          "BN regularizes the model: the gap between training and test accuracy of the §4.1 "
+          "MLP is smaller with BN.",
+          f"{_IS} §3.4",
+          "final_gen_gap_acc", ("bn", "baseline"), "diff", "lower", 0.002),
+    Claim("regularization/bn-replaces-dropout", "regularization",
+          "BN reduces the need for Dropout: the §4.1 MLP with BN and without dropout "
+          "generalizes at least as well as without BN and with dropout (test accuracy of the "
+          "dropout network not higher by more than 0.2 points).",
+          f"{_IS} §3.4, §4.2.1",
+          "final_gen_test_acc", ("baseline-dropout", "bn"), "diff", "not-higher", 0.002),
+    Claim("regularization/cnn-bn-narrows-gap", "regularization",
+          "BN regularizes the model: the gap between training and test accuracy of the CNN is "
+          "smaller with BN.",
+          f"{_IS} §3.4",
+          "final_gen_gap_acc", ("cnn-bn", "cnn-baseline"), "diff", "lower", 0.002),
+    Claim("regularization/cnn-bn-replaces-dropout", "regularization",
+          "BN reduces the need for Dropout: the CNN with BN and without dropout generalizes at "
+          "least as well as without BN and with dropout (test accuracy of the dropout network "
+          "not higher by more than 0.2 points).",
+          f"{_IS} §3.4, §4.2.1",
+          "final_gen_test_acc", ("cnn-baseline-dropout", "cnn-bn"), "diff", "not-higher", 0.002),
+    # ---------------------------------------------------------------- landscape-cnn (Santurkar)
+    Claim("landscape-cnn/smoother-loss", "landscape-cnn",
+          "With BN the loss changes less along the gradient (loss landscape, Fig. 4(a)).",
+          f"{_SA} §3, Fig. 4",
+          "loss_variation_mean", ("bn", "baseline"), "ratio", "lower", 0.10),
+    Claim("landscape-cnn/predictive-gradients", "landscape-cnn",
+          "With BN the gradients are more predictive: the gradient changes less along it "
+          "(Fig. 4(b)).",
+          f"{_SA} §3, Fig. 4",
+          "grad_predictiveness", ("bn", "baseline"), "ratio", "lower", 0.10),
+    Claim("landscape-cnn/smoother-beta", "landscape-cnn",
+          "With BN the effective β-smoothness along the gradient is lower (Fig. 4(c)).",
+          f"{_SA} §3, Fig. 4",
+          "beta", ("bn", "baseline"), "ratio", "lower", 0.10),
     # ---------------------------------------------------------------- cnn (§3.2)
     Claim("cnn/higher-accuracy", "cnn",
           "BN normalizing per feature map brings convolutional networks the same benefit: a "

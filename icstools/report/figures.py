@@ -6,6 +6,7 @@ drawn becomes a note; the messages that panels show instead of data
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from icstools import plots
 from icstools.analysis import AnalysisError
 from icstools.analysis.metrics import identity_variables
 
-__all__ = ["preset_figures", "run_figures"]
+__all__ = ["preset_figures", "run_figures", "write_figures"]
 
 #: Errors of a figure that cannot be drawn (said in a note instead).
 _FIGURE_ERRORS = (AnalysisError, ValueError, KeyError, IndexError)
@@ -40,6 +41,59 @@ def preset_figures(
         figs.append((title, fig))
         notes += [f"{title}: {n}" for n in plots.figure_notes(fig)]
     return figs
+
+
+#: The paper figures :func:`write_figures` draws, by preset.
+PAPER_FIGURES = {"fig1": ("baseline", "bn")}
+
+
+def write_figures(preset_dir: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Write the paper's figures of a preset's runs as PNG files (``icstools figures``).
+
+    ``preset_dir`` is the folder of an ``icstools run`` (``<out>/<preset>`` with its
+    ``manifest.json``); only the runs the manifest lists as finished are drawn. For ``fig1``:
+    the paper's Fig. 1 (a, b, c), see :func:`icstools.plots.save_fig1`.
+
+    Parameters
+    ----------
+    preset_dir : str or Path
+        The preset's run folder.
+    out : str or Path, optional
+        Folder of the PNG files; default ``<preset_dir>/figures``.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+
+    Raises
+    ------
+    FileNotFoundError
+        No manifest in ``preset_dir``.
+    ValueError
+        A preset without paper figures, or runs missing a condition the figure needs.
+
+    Examples
+    --------
+    >>> write_figures("data/runs/fig1", "docs/images")  # doctest: +SKIP
+    """
+    from icstools.experiments.runner import load_manifest
+
+    manifest = load_manifest(preset_dir)
+    needs = PAPER_FIGURES.get(manifest.preset)
+    if needs is None:
+        raise ValueError(
+            f"no paper figure is drawn for preset {manifest.preset!r} ({preset_dir}); presets "
+            f"with figures: {sorted(PAPER_FIGURES)}"
+        )
+    conds = manifest.open_runs()
+    missing = [c for c in needs if c not in conds]
+    if missing:
+        raise ValueError(
+            f"{preset_dir} has no finished run of condition(s) {missing}; it has {sorted(conds)}"
+        )
+    folder = Path(preset_dir) / "figures" if out is None else Path(out)
+    return plots.save_fig1({c: conds[c] for c in needs}, folder)
 
 
 def _preset_makers(
