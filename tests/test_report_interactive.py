@@ -263,6 +263,9 @@ def test_two_groups_report_holds_verdicts_for_both_labels(two_groups, runs):
         assert r["mean_reference"] == pytest.approx(np.mean(per_run[LABEL_A]))
         assert r["ratio"] == pytest.approx(r["mean_group"] / r["mean_reference"])
         assert r["verdict"] in COMPARISON_VERDICTS
+    # the page names the interval the verdicts read (Fieller / Welch since issue 15)
+    page = two_groups.html_path.read_text()
+    assert "Fieller" in page and "studentized bootstrap" not in page
     assert all(run.get("group") in (LABEL_A, LABEL_B) for run in data["runs"])
     page = two_groups.html_path.read_text()
     tables = {(r["metric"], r["what"]) for r in c["rows"]}  # w1_std vs previous and vs first

@@ -7,8 +7,9 @@ each other group against the first.
 How a comparison's verdict is reached
 -------------------------------------
 Each run is reduced to one number per site (:data:`COMPARED`); the groups' runs are compared
-as seeds (the seed is the replicate, as for the claims: ratio of the means, studentized
-bootstrap 95% interval over runs). The verdict reads the interval of the ratio (of the
+as seeds (the seed is the replicate, as for the claims: ratio of the means with Fieller's 95%
+interval over runs, the difference with Welch's t interval; ``compare(ci_method="t")``,
+calibrated for 3–10 seeds). The verdict reads the interval of the ratio (of the
 difference when the ratio is undefined) against the equivalence band of ± :data:`MARGIN`
 around no change (for a ratio ``[1/(1+m), 1+m]``):
 

@@ -87,8 +87,9 @@ def comparison_section(comparison: dict[str, Any], traces: dict[str, Any] | None
         )
         + "</tbody></table>",
         f"<p>Each group is compared with <b>{_e(ref)}</b>, site by site: each run reduced to "
-        "one number per site, the ratio of the groups' means with a studentized bootstrap "
-        f"{CONFIDENCE_LEVEL:.0%} interval over runs (seeds). Verdict: <i>higher</i> / "
+        "one number per site, the ratio of the groups' means with Fieller's "
+        f"{CONFIDENCE_LEVEL:.0%} interval over runs (seeds; the difference with Welch's t "
+        "interval). Verdict: <i>higher</i> / "
         "<i>lower</i> when the whole interval lies above / below no change, <i>similar</i> "
         f"when it lies inside ±{MARGIN:.0%}, <i>inconclusive</i> otherwise or without an "
         "interval (a group of one run).</p>",

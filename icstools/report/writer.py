@@ -64,7 +64,7 @@ def write_report(
 
     Each input that holds runs but no preset (a run store, or a folder of runs: its seeds) is
     a **group**; with two groups or more, every group is compared with the first, site by site
-    (:mod:`icstools.report.comparison`: ratio with a bootstrap interval over runs, and a
+    (:mod:`icstools.report.comparison`: ratio with Fieller's interval over runs, and a
     verdict).
 
     Parameters
