@@ -237,3 +237,14 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_without_a_process_the_run_is_written_from_a_thread(tmp_path, monkeypatch, caplog):
+    def no_process(*args, **kwargs):
+        raise OSError("no interpreter here")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    rec = _run(tmp_path / "run.zarr", steps=12, chunk_steps=4)
+    assert isinstance(rec._sink._writer.writer, RunWriter)
+    assert "no writer process" in caplog.text and "no interpreter here" in caplog.text
+    assert open_run(tmp_path / "run.zarr").sizes["step"] == 12

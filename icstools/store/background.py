@@ -104,7 +104,10 @@ class BackgroundWriter:
         if self._blocks or not isinstance(self.writer, RunWriter):
             return
         self.flush()  # attrs queued so far are staged in the RunWriter: the child takes them
-        self.writer = WriterProcess(self.writer)
+        try:
+            self.writer = WriterProcess(self.writer)
+        except (OSError, ValueError) as exc:  # no interpreter to start, no pass_fds (Windows)
+            logger.warning("%s: no writer process (%r); writing from a thread", self.path, exc)
 
     def set_attrs(self, **attrs: Any) -> None:
         """Set run attrs, in order with the submitted blocks.
