@@ -93,22 +93,25 @@ def run_case(name: str, model_name: str, every: int, k: int, rounds: int, tmp: P
         for v, r in recs.items()
     }
     flush_s: dict[str, list[float]] = {"process": [], "thread": []}
+    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}  # the training thread's CPU time
 
     def block(variant: str, n: int) -> float:
         if variant == "plain":
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             for _ in range(n):
                 plain()
+            cpu[variant].append(time.thread_time() - c0)
             return time.perf_counter() - t0
         rec = recs[variant]
         rec.attach()
         try:
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             for _ in range(n):
                 steps[variant]()
             t1 = time.perf_counter()
             rec.flush()
             t2 = time.perf_counter()
+            cpu[variant].append(time.thread_time() - c0)
         finally:
             rec.detach()
         if variant in flush_s:
@@ -117,7 +120,7 @@ def run_case(name: str, model_name: str, every: int, k: int, rounds: int, tmp: P
 
     for v in VARIANTS:  # warm-up: layouts, stores, the writer process
         block(v, max(2 * every, k // 4))
-    for f in flush_s.values():
+    for f in (*flush_s.values(), *cpu.values()):
         f.clear()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for i in range(rounds):
@@ -157,6 +160,13 @@ def run_case(name: str, model_name: str, every: int, k: int, rounds: int, tmp: P
             for v in ("process", "thread")
         },
         "flush_ms_at_block_end": {v: med(f) * 1e3 for v, f in flush_s.items()},
+        # CPU time of the training thread alone (insensitive to other processes' load): what
+        # the loop itself does, without the time it waits (for the GIL, or for a core)
+        "training_thread_cpu_ms_per_step": {v: med(cpu[v]) / k * 1e3 for v in VARIANTS},
+        "training_thread_cpu_vs_memory": {
+            v: med([c / m for c, m in zip(cpu[v], cpu["memory"], strict=True)])
+            for v in ("process", "thread")
+        },
         "block_seconds": times,
         "loadavg_after": loadavg(),
     }
@@ -200,6 +210,7 @@ def _busy(seconds: float) -> tuple[int, list[float]]:
 def gil_share(tmp: Path, data: str, seconds: float) -> dict[str, Any]:
     blocks = _mlp_blocks(400, data)
     idle, idle_gaps = _busy(seconds)
+    print(f"  idle writer: longest pause of the loop {max(idle_gaps, default=0) * 1e3:.1f} ms")
     out: dict[str, Any] = {
         "busy_seconds": seconds,
         "idle_iterations": idle,
@@ -213,7 +224,9 @@ def gil_share(tmp: Path, data: str, seconds: float) -> dict[str, Any]:
         bw.flush()  # the store exists, the child (if any) is up
         for b in blocks[1:]:
             bw.submit(b)
+        c_all, c_main = time.process_time(), time.thread_time()
         n, gaps = _busy(seconds)
+        other_cpu = (time.process_time() - c_all) - (time.thread_time() - c_main)
         committed = bw.n_committed
         bw.close()
         written = committed - 64
@@ -223,11 +236,15 @@ def gil_share(tmp: Path, data: str, seconds: float) -> dict[str, Any]:
             "pauses_over_1ms": sum(g > 1e-3 for g in gaps),
             "longest_pause_ms": max(gaps, default=0) * 1e3,
             "pause_ms_per_record": sum(gaps) * 1e3 / max(written, 1),
+            # CPU time of this process's other threads (the writer, zarr's event loop and
+            # pools): an upper bound of the GIL they can hold, whatever the machine's load
+            "other_threads_cpu_ms_per_record": other_cpu * 1e3 / max(written, 1),
         }
         print(
             f"  GIL, writer {kind}: main-thread loop at {n / idle:.2f} of idle while "
             f"{written} records were written; {out[kind]['pauses_over_1ms']} pauses > 1 ms, "
-            f"longest {out[kind]['longest_pause_ms']:.1f} ms",
+            f"longest {out[kind]['longest_pause_ms']:.1f} ms; CPU of this process's other "
+            f"threads {out[kind]['other_threads_cpu_ms_per_record']:.3f} ms per record",
             flush=True,
         )
     return out
@@ -265,14 +282,18 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print("\nratio = median over rounds; store/memory = store block / memory block, same round")
     head = f"{'case':<12} {'plain':>7} {'memory':>7} {'process':>8} {'thread':>7}   "
-    head += f"{'proc/mem':>8} {'thr/mem':>8} {'flush ms (p, t)':>16}"
+    head += (
+        f"{'proc/mem':>8} {'thr/mem':>8} {'flush ms (p, t)':>16} {'thread CPU p/mem, t/mem':>24}"
+    )
     print(head)
     for r in results:
         ra, sm, fl = r["ratio_vs_plain"], r["store_vs_memory"], r["flush_ms_at_block_end"]
         print(
             f"{r['case']:<12} {r['ms_per_step']['plain']:6.2f}m {ra['memory']:6.3f}x "
             f"{ra['process']:7.3f}x {ra['thread']:6.3f}x   {sm['process']:8.3f} "
-            f"{sm['thread']:8.3f} {fl['process']:8.1f} {fl['thread']:7.1f}"
+            f"{sm['thread']:8.3f} {fl['process']:8.1f} {fl['thread']:7.1f} "
+            f"{r['training_thread_cpu_vs_memory']['process']:12.3f} "
+            f"{r['training_thread_cpu_vs_memory']['thread']:11.3f}"
         )
     info["loadavg_at_end"] = loadavg()
     write_json(
