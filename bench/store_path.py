@@ -208,7 +208,7 @@ def _busy(seconds: float) -> tuple[int, list[float]]:
 
 
 def gil_share(tmp: Path, data: str, seconds: float) -> dict[str, Any]:
-    blocks = _mlp_blocks(400, data)
+    blocks = _mlp_blocks(600, data)
     idle, idle_gaps = _busy(seconds)
     print(f"  idle writer: longest pause of the loop {max(idle_gaps, default=0) * 1e3:.1f} ms")
     out: dict[str, Any] = {
@@ -217,19 +217,19 @@ def gil_share(tmp: Path, data: str, seconds: float) -> dict[str, Any]:
         "idle_longest_pause_ms": max(idle_gaps, default=0) * 1e3,
     }
     for kind in ("thread", "process"):
-        bw = BackgroundWriter(RunWriter(tmp / f"gil_{kind}.zarr"))
+        bw = BackgroundWriter(RunWriter(tmp / f"gil_{kind}.zarr"), max_pending=len(blocks) + 2)
         if kind == "process":
             bw.start_process()
         bw.submit(blocks[0])
         bw.flush()  # the store exists, the child (if any) is up
-        for b in blocks[1:]:
+        for b in blocks[1:]:  # all queued at once: the writer works during the whole loop
             bw.submit(b)
+        before = bw.n_committed
         c_all, c_main = time.process_time(), time.thread_time()
         n, gaps = _busy(seconds)
         other_cpu = (time.process_time() - c_all) - (time.thread_time() - c_main)
-        committed = bw.n_committed
+        written = bw.n_committed - before
         bw.close()
-        written = committed - 64
         out[kind] = {
             "iterations_vs_idle": n / idle,
             "records_written_meanwhile": written,
