@@ -2,7 +2,15 @@
 
 Records are appended in blocks of ``chunk_steps`` (or when ``flush_seconds`` passed since the
 last write, so a crash loses at most that much) by the store's background writer
-(:class:`icstools.store.BackgroundWriter`); the store module does all the I/O.
+(:class:`icstools.store.BackgroundWriter`); the store module does all the I/O. The training
+thread only copies each record into rows of per-variable arrays (a
+:class:`~icstools.store.process.StackedBlock`): the dataset is built, encoded and written
+elsewhere. When the training loop fills the first block, the writer moves to a child process
+(:class:`~icstools.store.process.WriterProcess`) so that zarr's Python does not take the GIL
+from the loop; a run whose first block is written by ``flush``/``close`` (a short run) is
+written by a thread of this process, which avoids starting a process (~1 s) for it. The
+environment variable ``ICSTOOLS_STORE_WRITER`` = ``process`` or ``thread`` forces either
+(default ``auto``).
 
 ``on_record``: each closed record, as a one-step dataset, is handed to user code (W&B, MLflow,
 anything) on the training thread right after the record is closed and queued for the store (so
@@ -10,17 +18,19 @@ it is never lost to the callback). A failing callback is warned about once
 (:class:`RuntimeWarning` naming its error); recording goes on and the callback keeps being
 called for later records.
 
-Memory is bounded in bytes (``buffer_bytes``): the records waiting for the writer, the block
-made of them and the blocks the writer has not committed yet together stay within the bound.
+Memory is bounded in bytes (``buffer_bytes``): the rows of records waiting for the writer, the
+latest record and the blocks the writer has not committed yet together stay within the bound.
 A block is handed over early once the buffered records reach a quarter of it, and the sink
-waits for the writer before making a block that would not fit beside the ones in flight. A
-single record larger than half the bound is written on its own (the peak is then about two
-records). In memory (``path=None``) every record is kept: the bound cannot apply, and the
+waits for the writer before buffering a record that would not fit beside the blocks in
+flight. A single record larger than half the bound is written on its own (the peak is then
+about two records). With a writer process, the child holds its copy of the block it writes
+(in its own memory). In memory (``path=None``) every record is kept: the bound cannot apply, and the
 sink warns once when the run outgrows it.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections import deque
@@ -32,11 +42,15 @@ import numpy as np
 import xarray as xr
 
 from icstools.recording.layout import Layout
+from icstools.schema import STEP
 from icstools.store import BackgroundWriter, RunWriter, open_run
+from icstools.store.process import StackedBlock
 
-__all__ = ["DEFAULT_BUFFER_BYTES", "RecordSink", "record_nbytes"]
+__all__ = ["DEFAULT_BUFFER_BYTES", "WRITER_ENV", "RecordSink", "record_nbytes"]
 
 DEFAULT_BUFFER_BYTES = 256 * 2**20
+WRITER_ENV = "ICSTOOLS_STORE_WRITER"  # auto (default), process or thread
+_WRITERS = ("auto", "process", "thread")
 
 
 def record_nbytes(record: dict[str, Any]) -> int:
@@ -94,15 +108,23 @@ class RecordSink:
         self.path = None if path is None else Path(path)
         self.chunk_steps = chunk_steps
         self.flush_seconds = float(flush_seconds)
-        self.records: list[dict[str, Any]] = []  # all of them (memory), or the buffered ones
+        self.records: list[dict[str, Any]] = []  # all of them (in memory only)
         self.n_records = 0
-        self.buffered_bytes = 0  # of self.records
+        self.buffered_bytes = 0  # of the records not handed to the writer yet
         self.last_record_bytes: int | None = None
         self.peak_bytes = 0  # most bytes held at once: buffered + block + in flight
         self._in_flight: deque[tuple[int, int]] = deque()  # (records up to, bytes) submitted
         self._warned_memory = False
         self._last_write = time.monotonic()
         self._writer: BackgroundWriter | None = None
+        self._rows: _Rows | None = None  # the buffered records of a store, stacked
+        self._template: xr.Dataset | None = None  # the first record as a block
+        self.writer_kind = os.environ.get(WRITER_ENV, "auto") or "auto"
+        if self.writer_kind not in _WRITERS:
+            raise ValueError(
+                f"the environment variable {WRITER_ENV}={self.writer_kind!r} is not valid: "
+                f"use one of {_WRITERS}"
+            )
         if self.path is not None:
             self._writer = BackgroundWriter(
                 RunWriter(self.path, chunk_steps=chunk_steps, overwrite=overwrite, resume=resume)
@@ -120,25 +142,41 @@ class RecordSink:
 
     def emit(self, record: dict[str, Any], block: Callable[[list], xr.Dataset]) -> None:
         """Take one closed record; ``block(records)`` makes a dataset block of records."""
-        self.records.append(record)
         self.n_records += 1
-        self.last_record_bytes = record_nbytes(record)
-        self.buffered_bytes += self.last_record_bytes
+        self.last_record_bytes = size = record_nbytes(record)
         if self._writer is None:
+            self.records.append(record)
+            self.buffered_bytes += size
             self._note_peak(0)
             self._warn_if_outgrown()
         else:
-            self._note_peak(self._bytes_in_flight())
+            self._buffer(record, size, block)
             if (
-                len(self.records) >= self.chunk_steps
+                self._rows.n >= self.chunk_steps
                 or self.buffered_bytes >= self.buffer_bytes // 4
                 or time.monotonic() - self._last_write > self.flush_seconds
             ):
-                self.submit(block)
+                self.submit(block, by_training=True)
         for tap in self.taps:
             tap(record, block)
         if self.on_record is not None:  # after the record is kept: a failing callback loses none
             self._deliver(block([record]))
+
+    def _buffer(self, record: dict[str, Any], size: int, block: Callable[[list], xr.Dataset]):
+        """Copy ``record`` into the rows of the next block (waiting for the writer first if
+        that would exceed ``buffer_bytes``: the rows, the record itself, the blocks in flight).
+        """
+        if self._template is None:  # the first record: the store's chunks, the block's shape
+            self._template = block([record])
+            self._fit_chunks()
+        if self._bytes_in_flight() + self.buffered_bytes + 2 * size > self.buffer_bytes:
+            self._writer.flush()  # back-pressure: only when wide records fill the bound
+            self._in_flight.clear()
+        if self._rows is None:
+            self._rows = _Rows(record, self.chunk_steps)
+        self._rows.add(record)
+        self.buffered_bytes += size
+        self._note_peak(self._bytes_in_flight() + size)  # the recorder still holds the record
 
     def _warn_if_outgrown(self) -> None:
         """In memory every record is kept: say once when the run outgrows ``buffer_bytes``."""
@@ -170,22 +208,17 @@ class RecordSink:
                     stacklevel=2,
                 )
 
-    def submit(self, block: Callable[[list], xr.Dataset]) -> None:
-        """Hand the buffered records to the background writer (no wait, unless the blocks in
-        flight and the new one would exceed ``buffer_bytes``: then it waits for the writer)."""
-        if self._writer is None or not self.records:
+    def submit(self, block: Callable[[list], xr.Dataset], *, by_training: bool = False) -> None:
+        """Hand the buffered records to the background writer (no wait). The first block
+        handed over by the training loop (``by_training``) moves the writer to a process."""
+        if self._writer is None or self._rows is None or not self._rows.n:
             return
-        size = self.buffered_bytes
-        if self.n_records == len(self.records):  # the first block fixes the store's chunks
-            self._fit_chunks()
-        if self._bytes_in_flight() + 2 * size > self.buffer_bytes:
-            self._writer.flush()  # back-pressure: only when wide records fill the bound
-            self._in_flight.clear()
-        self._note_peak(self._bytes_in_flight() + size)  # the block is a copy of the records
-        data = block(self.records)
-        self.records, self.buffered_bytes = [], 0
+        if self.writer_kind == "process" or (by_training and self.writer_kind == "auto"):
+            self._writer.start_process()  # only before the first block
+        data = StackedBlock(self._template, self._rows.taken())
         self._writer.submit(data)
-        self._in_flight.append((self.n_records, size))
+        self._in_flight.append((self.n_records, self.buffered_bytes))
+        self._rows, self.buffered_bytes = None, 0
         self._last_write = time.monotonic()
 
     def _fit_chunks(self) -> None:
@@ -231,3 +264,24 @@ class RecordSink:
         if layout is None or not self.records:
             return None
         return layout.block(self.records, attrs)
+
+
+class _Rows:
+    """Records copied into the rows of per-variable arrays ``[rows, *record shape]``."""
+
+    def __init__(self, first: dict[str, Any], rows: int) -> None:
+        self.arrays = {
+            name: np.empty((rows, *np.shape(v)), np.int64 if name == STEP else np.asarray(v).dtype)
+            for name, v in first.items()
+        }
+        self.n = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        i = self.n
+        for name, rows in self.arrays.items():
+            rows[i] = record[name]
+        self.n = i + 1
+
+    def taken(self) -> dict[str, np.ndarray]:
+        """The filled rows (views): handed to the writer, not written here any more."""
+        return {name: rows[: self.n] for name, rows in self.arrays.items()}

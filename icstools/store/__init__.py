@@ -5,12 +5,15 @@ optimizer step of each record) plus *static* variables and coordinates without `
 ``unit_site (unit)`` strings, ``quantile`` floats, ``hist_edges (site, edge)``) and attrs.
 
 :class:`RunWriter` appends blocks of records to a Zarr store, :class:`BackgroundWriter` does the
-same from a worker thread, :func:`open_run` reads a run back, up to its last commit, and
-:func:`verify_run` checks every byte of a store. The package's modules: ``writer`` (RunWriter),
-``background`` (BackgroundWriter), ``reader`` (open_run, verify_run), ``resume`` (a writer
-that continues an existing store: ``RunWriter(path, resume=True)``), ``files`` (atomic writes,
-zarr stores), ``checksums`` (format 2's CRC32C of chunks and commit marker), ``owners``
-(ownership records, leftovers, the one-writer lock), ``errors``.
+same from a worker thread (which may drive a RunWriter in a child process,
+:meth:`BackgroundWriter.start_process`, so that zarr's Python does not take the caller's GIL),
+:func:`open_run` reads a run back, up to its last commit, and :func:`verify_run` checks every
+byte of a store. The package's modules: ``writer`` (RunWriter), ``background``
+(BackgroundWriter), ``process`` (the writer process and the blocks it takes), ``reader``
+(open_run, verify_run), ``resume`` (a writer that continues an existing store:
+``RunWriter(path, resume=True)``), ``files`` (atomic writes, zarr stores), ``checksums``
+(format 2's CRC32C of chunks and commit marker), ``owners`` (ownership records, leftovers, the
+one-writer lock), ``errors``.
 
 Store layout and commit protocol
 --------------------------------

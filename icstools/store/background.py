@@ -11,6 +11,7 @@ import xarray as xr
 
 from icstools.store.errors import StoreError
 from icstools.store.files import _RESERVED_ATTRS, logger
+from icstools.store.process import StackedBlock, WriterProcess
 from icstools.store.writer import RunWriter, _json_attr
 
 __all__ = ["BackgroundWriter"]
@@ -67,6 +68,7 @@ class BackgroundWriter:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
         self._cond = threading.Condition()
         self._submitted = 0
+        self._blocks = 0  # blocks submitted
         self._done = 0
         self._error: BaseException | None = None
         self._error_reported = False
@@ -81,14 +83,33 @@ class BackgroundWriter:
         """Number of steps committed so far by the worker."""
         return self.writer.n_committed
 
-    def submit(self, block: xr.Dataset) -> None:
-        """Queue ``block`` for appending and return at once (blocks only if the queue is full)."""
+    def submit(self, block: xr.Dataset | StackedBlock) -> None:
+        """Queue ``block`` for appending and return at once (blocks only if the queue is full).
+
+        A :class:`~icstools.store.process.StackedBlock` is turned into a dataset by the worker
+        (or by the writer process), not by the caller."""
         self._raise_if_failed()
         if self._closed:
             raise ValueError(f"BackgroundWriter for {self.path} is closed")
-        if not isinstance(block, xr.Dataset):
+        if not isinstance(block, xr.Dataset | StackedBlock):
             raise TypeError(f"block must be an xarray.Dataset, got {type(block).__name__}")
+        if isinstance(self.writer, WriterProcess) and not isinstance(block, StackedBlock):
+            raise TypeError("a writer process takes StackedBlock blocks only")
+        self._blocks += 1
         self._put(("block", block))
+
+    def start_process(self) -> None:
+        """Write from now on in a child process (:class:`WriterProcess`) instead of this one:
+        the GIL stays with the caller. Only before the first block; does nothing after."""
+        if self._blocks or not isinstance(self.writer, RunWriter):
+            return
+        if self.writer.n_committed:  # a resumed store (RunWriter(resume=True)): the child's
+            return  # fresh RunWriter would start a new store, so its blocks stay in this process
+        self.flush()  # attrs queued so far are staged in the RunWriter: the child takes them
+        try:
+            self.writer = WriterProcess(self.writer)
+        except (OSError, ValueError) as exc:  # no interpreter to start, no pass_fds (Windows)
+            logger.warning("%s: no writer process (%r); writing from a thread", self.path, exc)
 
     def set_attrs(self, **attrs: Any) -> None:
         """Set run attrs, in order with the submitted blocks.
@@ -186,6 +207,8 @@ class BackgroundWriter:
             if self._error is None:
                 try:
                     if kind == "block":
+                        if isinstance(payload, StackedBlock) and isinstance(self.writer, RunWriter):
+                            payload = payload.dataset()
                         self.writer.append(payload)
                     elif self._queue.empty():
                         self.writer.set_attrs(**payload)

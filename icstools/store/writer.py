@@ -311,6 +311,37 @@ class RunWriter(ResumableWriter):
                 self._release_lock()
                 raise
 
+    @classmethod
+    def _adopt_lock(
+        cls,
+        path: str | os.PathLike,
+        lock: StoreLock,
+        *,
+        chunk_steps: int,
+        overwrite: bool,
+        max_chunk_bytes: int,
+        fsync: bool,
+    ) -> RunWriter:
+        """A writer of ``path`` under a lock taken by another writer, which made the checks of
+        the constructor and cleaned the leftovers (a writer process under its parent's lock,
+        see :mod:`icstools.store.process`). Releasing ``lock`` is the owner's business."""
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self.chunk_steps, self.max_chunk_bytes = int(chunk_steps), int(max_chunk_bytes)
+        self.overwrite, self.fsync = bool(overwrite), bool(fsync)
+        self._lock = lock
+        self._release_lock = weakref.finalize(self, lock.release)
+        self._specs = None
+        self._arrays = {}
+        self._store = None
+        self._zmeta = {}
+        self._n = 0
+        self._last_step = None
+        self._pending_attrs = {}
+        self._closed = False
+        self._broken = None
+        return self
+
     # ---- public API -------------------------------------------------------------------------
 
     @property
