@@ -447,26 +447,9 @@ def run_preset(
     >>> print(m.summary())  # doctest: +SKIP
     >>> m = run_preset("fig1", quick=True, out="/tmp/runs", force=True, workers=2)  # doctest: +SKIP
     """
-    from tqdm import tqdm
 
     preset = get_preset(name)
-    if steps is not None:
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise PresetError(f"steps must be an int ≥ 1, got {steps!r}")
-        steps = int(steps)
-    total = steps if steps is not None else (preset.quick_steps if quick else preset.steps)
-    seed_list = _seeds_arg(seeds, preset.seeds[:1] if quick else preset.seeds)
-    if threads is not None and (
-        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
-    ):
-        raise PresetError(f"threads must be an int ≥ 1, got {threads!r}")
-    chosen = list(preset.conditions)
-    if conditions is not None:
-        if isinstance(conditions, str):
-            conditions = [conditions]
-        chosen = [preset.condition(c) for c in dict.fromkeys(conditions)]
-        if not chosen:
-            raise PresetError("conditions must name at least one condition")
+    steps, total, seed_list, chosen = _checked(preset, steps, seeds, quick, threads, conditions)
     folder = Path(out) / preset.name
     call = _call_repr(
         preset.name,
@@ -500,6 +483,57 @@ def run_preset(
                 data_dir=data_dir, threads=threads, quick=quick, log=say,
             )  # fmt: skip
     keep = _plan(folder, manifest, planned, resume=resume, force=force, log=say)
+    serial = (preset, chosen, seed_list, total, folder, data_dir)
+    return _run_serial(*serial, manifest, keep, threads=threads, quick=quick, progress=progress)
+
+
+def _checked(
+    preset: Preset,
+    steps: Any,
+    seeds: Any,
+    quick: bool,
+    threads: Any,
+    conditions: Any,
+) -> tuple[int | None, int, list[int], list[Condition]]:
+    """:func:`run_preset`'s arguments checked: ``(steps, total steps, seeds, conditions)``."""
+    if steps is not None:
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise PresetError(f"steps must be an int ≥ 1, got {steps!r}")
+        steps = int(steps)
+    total = steps if steps is not None else (preset.quick_steps if quick else preset.steps)
+    seed_list = _seeds_arg(seeds, preset.seeds[:1] if quick else preset.seeds)
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
+        raise PresetError(f"threads must be an int ≥ 1, got {threads!r}")
+    chosen = list(preset.conditions)
+    if conditions is not None:
+        if isinstance(conditions, str):
+            conditions = [conditions]
+        chosen = [preset.condition(c) for c in dict.fromkeys(conditions)]
+        if not chosen:
+            raise PresetError("conditions must name at least one condition")
+    return steps, total, seed_list, chosen
+
+
+def _run_serial(
+    preset: Preset,
+    chosen: list[Condition],
+    seed_list: list[int],
+    total: int,
+    folder: Path,
+    data_dir: Any,
+    manifest: Manifest,
+    keep: dict[str, RunInfo],
+    *,
+    threads: int | None,
+    quick: bool,
+    progress: bool,
+) -> Manifest:
+    """The runs of :func:`run_preset` one after the other in this process (a progress bar
+    each; the manifest written after every run, complete at the end)."""
+    from tqdm import tqdm
+
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
