@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["COMPILE_SECONDS", "MODES", "fused_state"]
+__all__ = ["COMPILE_SECONDS", "MODES", "fused_state", "scaled_moments"]
 
 #: ``fused=`` modes: ``"compile"`` (torch.compile, eager if it fails), ``"eager"``.
 MODES = ("compile", "eager")
@@ -38,6 +38,37 @@ COMPILE_SECONDS: dict[str, float] = {}
 _compiled: Any = None
 _failed: str | None = None  # why compiling failed (then the eager function runs)
 _seen: set[tuple] = set()
+
+
+def scaled_moments(
+    z: torch.Tensor, dims: tuple[int, ...], count: torch.Tensor, mean: torch.Tensor, scale: Any
+) -> dict[str, torch.Tensor]:
+    """Mean and central moment sums ``m2``–``m4`` per unit (float64) from the deviations
+    ``z = (x − mean) / scale`` (0 where ``x`` is not finite), reduced over ``dims``.
+
+    Scaling by the unit's range keeps the 3rd and 4th powers from overflowing or underflowing
+    in float32 at any scale; the sums are corrected for the rounding error of ``mean``
+    (corrected two-pass algorithm) and rescaled in float64. The one place of this maths, for
+    :func:`fused_state` and :func:`icstools.functional.statistics.summarize`.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[1.0], [2.0], [4.0]])  # [values, units]
+    >>> m = scaled_moments((x - x.mean(0)) / 3.0, (0,), torch.tensor([3]), x.mean(0), 3.0)
+    >>> round(float(m["m2"][0] / 3), 6)  # the variance (ddof=0)
+    1.555556
+    """
+    z2 = z * z  # same shape as z
+    s1, s2 = z.sum(dims).double(), z2.sum(dims).double()  # [units]
+    s3, s4 = (z2 * z).sum(dims).double(), (z2 * z2).sum(dims).double()
+    n = count.double()
+    c = torch.where(n > 0, s1 / n.clamp(min=1), 0)  # mean error, in units of scale
+    return {
+        "mean": mean.double() + c * scale,
+        "m2": (s2 - n * c**2) * scale**2,
+        "m3": (s3 - 3 * c * s2 + 2 * n * c**3) * scale**3,
+        "m4": (s4 - 4 * c * s3 + 6 * c**2 * s2 - 3 * n * c**4) * scale**4,
+    }
 
 
 def _state(
@@ -60,21 +91,13 @@ def _state(
     scale = scale.clamp(min=float(torch.finfo(x.dtype).tiny))
     inv = (1 / scale).to(x.dtype)[None, :, None]
     z = torch.where(finite, (x - mean[None, :, None]) * inv, 0)
-    z2 = z * z
-    s1, s2 = z.sum(dims).double(), z2.sum(dims).double()
-    s3, s4 = (z2 * z).sum(dims).double(), (z2 * z2).sum(dims).double()
-    n = count.double()
-    c = torch.where(n > 0, s1 / n.clamp(min=1), 0)
     # the histogram's outer bins (its inner bins: torch.histc, outside, see fused_state)
     under = (finite & (x < lo)).sum().view(1)
     over = (finite & (x > hi)).sum().view(1)
     return {
         "count": count,
         "total": total,
-        "mean": mean.double() + c * scale,
-        "m2": (s2 - n * c**2) * scale**2,
-        "m3": (s3 - 3 * c * s2 + 2 * n * c**3) * scale**3,
-        "m4": (s4 - 4 * c * s3 + 6 * c**2 * s2 - 3 * n * c**4) * scale**4,
+        **scaled_moments(z, dims, count, mean, scale),
         "min": mn,
         "max": mx,
         "n_sat": n_sat,

@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from icstools.functional.fused import fused_state
+from icstools.functional.fused import fused_state, scaled_moments
 
 __all__ = [
     "DEFAULT_QUANTILES",
@@ -444,18 +444,10 @@ def _unit_moments(
     z = (x - mean.view(bshape)) * (1 / scale).to(x.dtype).view(bshape)
     if finite is not None:
         z = torch.where(finite, z, 0)
-    z2 = z * z
-    s1, s2 = z.sum(dim=dims).double(), z2.sum(dim=dims).double()
-    s3, s4 = (z2 * z).sum(dim=dims).double(), (z2 * z2).sum(dim=dims).double()
-    n = count.double()
-    c = torch.where(n > 0, s1 / n.clamp(min=1), 0)  # mean error, in units of scale
     moments = {
         "count": count,
         "total": total,
-        "mean": mean.double() + c * scale,
-        "m2": (s2 - n * c**2) * scale**2,
-        "m3": (s3 - 3 * c * s2 + 2 * n * c**3) * scale**3,
-        "m4": (s4 - 4 * c * s3 + 6 * c**2 * s2 - 3 * n * c**4) * scale**4,
+        **scaled_moments(z, dims, count, mean, scale),
         "min": mn,
         "max": mx,
         "n_sat": n_sat,
