@@ -40,6 +40,15 @@ _failed: str | None = None  # why compiling failed (then the eager function runs
 _seen: set[tuple] = set()
 
 
+def unit_scale(mn: torch.Tensor, mx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each unit's range ``max − min`` in float64, the scale of :func:`scaled_moments`'s
+    deviations: 1 where the range is 0 or not finite, and never so small that ``1 / scale``
+    overflows ``dtype``."""
+    scale = mx.double() - mn.double()  # [units]
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 1.0)
+    return scale.clamp(min=float(torch.finfo(dtype).tiny))
+
+
 def scaled_moments(
     z: torch.Tensor, dims: tuple[int, ...], count: torch.Tensor, mean: torch.Tensor, scale: Any
 ) -> dict[str, torch.Tensor]:
@@ -85,10 +94,7 @@ def _state(
     mx = torch.where(finite, x, -math.inf).amax(dims)
     n_zero = (x == 0).sum(dims)
     n_sat = (finite & (x.abs() > thr)).sum(dims)
-    # moments of deviations scaled by the unit's range (see statistics._unit_moments)
-    scale = mx.double() - mn.double()
-    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 1.0)
-    scale = scale.clamp(min=float(torch.finfo(x.dtype).tiny))
+    scale = unit_scale(mn, mx, x.dtype)  # moments of deviations scaled by the unit's range
     inv = (1 / scale).to(x.dtype)[None, :, None]
     z = torch.where(finite, (x - mean[None, :, None]) * inv, 0)
     # the histogram's outer bins (its inner bins: torch.histc, outside, see fused_state)

@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from icstools.functional.fused import fused_state, scaled_moments
+from icstools.functional.fused import fused_state, scaled_moments, unit_scale
 
 __all__ = [
     "DEFAULT_QUANTILES",
@@ -438,9 +438,7 @@ def _unit_moments(
     # Central moments from deviations scaled by the unit's range, so that 3rd and 4th powers
     # neither overflow nor underflow in float32 at any scale; the sums are corrected for the
     # rounding error of the mean (corrected two-pass algorithm) and rescaled in float64.
-    scale = mx.double() - mn.double()  # [units]
-    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 1.0)
-    scale = scale.clamp(min=float(torch.finfo(x.dtype).tiny))  # 1/scale must fit the dtype
+    scale = unit_scale(mn, mx, x.dtype)  # [units]
     z = (x - mean.view(bshape)) * (1 / scale).to(x.dtype).view(bshape)
     if finite is not None:
         z = torch.where(finite, z, 0)
