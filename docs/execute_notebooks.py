@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -64,6 +65,9 @@ def execute(src: Path, dst: Path) -> float:
     from nbclient import NotebookClient
 
     start = time.perf_counter()
+    # the notebook's runs are made again with it: runs of an earlier execution would be
+    # refused by its run_preset calls (RunsExistError)
+    shutil.rmtree(RUNS / src.stem, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp, "kernels", "python3")  # this interpreter's kernel, whatever is installed
         spec.mkdir(parents=True)

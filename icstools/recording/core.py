@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from icstools.recording.compiled import NO_BATCH, SiteSwitch, check_stashable
+from icstools.recording.deferred import DeferredRecords
 from icstools.recording.errors import RecorderError
 from icstools.recording.hooks import HookGroup
 from icstools.recording.isolation import RngState, isolated
@@ -63,7 +64,7 @@ class RecorderCore(RunRecords):
         self._sink = sink
         # each event goes only to the measurements that handle it (hooks are the hot path)
         self._to = {event: [m for m in ctx.measurements if _defines(m, event)] for event in _EVENTS}
-        self.diverged_step: int | None = None
+        self._deferred = DeferredRecords(sink.buffer_bytes)  # records whose host work waits
         self._hooks = HookGroup()  # the model's and the optimizer's, while attached
         self._pending: int | None = None  # step of the open record
         self._last_forward_step: int | None = None
@@ -79,11 +80,6 @@ class RecorderCore(RunRecords):
     step = property(lambda self: self._ctx.step, doc="Optimizer steps completed.")
     path = property(lambda self: self._sink.path, doc="The store's path, or None.")
     measurements = property(lambda self: list(self._ctx.measurements), doc="All measurements.")
-    n_records = property(lambda self: self._sink.n_records, doc="Records closed so far.")
-    n_committed = property(
-        lambda self: self._sink.n_committed,
-        doc="Records safely on disk (readable after a crash); without a path, closed so far.",
-    )
     attached = property(lambda self: bool(self._hooks), doc="Whether the hooks are registered.")
 
     @property
@@ -131,6 +127,7 @@ class RecorderCore(RunRecords):
         ctx = self._ctx
         try:
             self._harvest()  # what compiled forwards left
+            self._complete_deferred()
         finally:
             self._switch.detach()
             ctx.forward_hooks.remove()

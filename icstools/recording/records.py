@@ -17,6 +17,7 @@ import xarray as xr
 
 from icstools import __version__
 from icstools.functional.statistics import host_arrays
+from icstools.recording.deferred import DeferredRecord, DeferredRecords
 from icstools.recording.errors import RecorderError
 from icstools.recording.layout import Layout
 from icstools.schema import SCHEMA_VERSION
@@ -39,9 +40,10 @@ class RunRecords:
     _ctx: Context
     _sink: RecordSink
     _pending: int | None
-    diverged_step: int | None = None
+    _diverged: int | None = None  # the first step with a non-finite loss or value
     _last: dict[str, Any] | None = None  # the latest closed record
     _dist: DistributedRun | None = None  # DDP / fully_shard: the ranks merged into rank 0's
+    _deferred: DeferredRecords  # closed records whose host work waits (set by the core)
 
     def _close_record(self) -> None:
         step, self._pending = self._pending, None
@@ -57,16 +59,69 @@ class RunRecords:
             for m in ctx.measurements:  # nothing seen: the record is dropped
                 m.reset(ctx)
             return
-        if ctx.layout is None:
+        first = ctx.layout is None
+        if first:
             ctx.layout = Layout.fix(ctx)
-        # every measurement's device tensors of the record reach the host in one transfer
-        staged = {(m.name, k): t for m in ctx.measurements for k, t in m.stage(ctx).items()}
+        taken = {} if first or not self._may_defer() else self._take_deferrable(ctx)
+        if not taken:
+            self._complete_deferred()  # the records before go out first, in step order
+        parts = self._collect_now(ctx, skip=taken)
+        ctx.logs = {}
+        if taken:
+            size = sum(int(getattr(t, "nbytes", 0)) for t in taken.values())
+            if self._deferred.add(DeferredRecord(step, parts, taken, logs, size)):
+                self._complete_deferred()
+            return
+        self._emit(step, parts, logs)
+
+    def _may_defer(self) -> bool:
+        """Whether a record's host work may wait for a batch (nothing reads each record as it
+        closes, and no ranks merge them): :mod:`icstools.recording.deferred`."""
+        sink = self._sink
+        return self._dist is None and sink.on_record is None and not sink.taps
+
+    def _take_deferrable(self, ctx: Context) -> dict[str, Any]:
+        taken = {}
+        for m in ctx.measurements:
+            token = m.defer(ctx)
+            if token is not None:
+                taken[m.name] = token
+        return taken
+
+    def _collect_now(
+        self, ctx: Context, skip: dict[str, Any]
+    ) -> list[tuple[str, dict[str, Any] | None]]:
+        """``(name, host arrays)`` of the measurements not in ``skip`` (``None`` for those):
+        every measurement's device tensors of the record reach the host in one transfer."""
+        now = [m for m in ctx.measurements if m.name not in skip]
+        staged = {(m.name, k): t for m in now for k, t in m.stage(ctx).items()}
         ctx.host = {}
         for (name, k), v in host_arrays(staged).items():
             ctx.host.setdefault(name, {})[k] = v
-        record = ctx.layout.record(step, [(m.name, m.collect(ctx)) for m in ctx.measurements])
+        parts = [(m.name, None if m.name in skip else m.collect(ctx)) for m in ctx.measurements]
         ctx.host = {}
-        ctx.logs = {}
+        return parts
+
+    def _complete_deferred(self) -> None:
+        """Collect the waiting records' deferred measurements in one pass each, then send
+        the records to the sink in step order."""
+        items = self._deferred.take()
+        if not items:
+            return
+        done: dict[tuple[int, str], dict[str, Any]] = {}
+        for m in self._ctx.measurements:
+            which = [i for i, item in enumerate(items) if m.name in item.taken]
+            if which:
+                outs = m.collect_many(self._ctx, [items[i].taken[m.name] for i in which])
+                done.update({(i, m.name): out for i, out in zip(which, outs, strict=True)})
+        for i, item in enumerate(items):
+            parts = [(n, done[(i, n)] if a is None else a) for n, a in item.parts]
+            self._emit(item.step, parts, item.logs)
+
+    def _emit(
+        self, step: int, parts: list[tuple[str, dict[str, Any] | None]], logs: dict[str, Any]
+    ) -> None:
+        record = self._ctx.layout.record(step, parts)
         self._check_divergence(record, logs)
         self._last = record
         self._sink.emit(record, self._block)
@@ -79,14 +134,36 @@ class RunRecords:
         self._harvest()
         if self._pending is not None and (self._pending < self.step or not self.attached):
             self._close_record()
+        self._complete_deferred()
+
+    @property
+    def n_records(self) -> int:
+        """Records closed so far."""
+        self._complete_deferred()
+        return self._sink.n_records
+
+    n_committed = property(
+        lambda self: self._sink.n_committed,
+        doc="Records safely on disk (readable after a crash); without a path, closed so far.",
+    )
+
+    @property
+    def diverged_step(self) -> int | None:
+        """The first recorded step with a non-finite loss or activation (``None``: none)."""
+        self._complete_deferred()
+        return self._diverged
+
+    @diverged_step.setter
+    def diverged_step(self, step: int | None) -> None:
+        self._diverged = step
 
     def _check_divergence(self, record: dict[str, Any], logs: dict[str, Any]) -> None:
-        if self.diverged_step is not None:
+        if self._diverged is not None:
             return
         loss_bad = "loss" in logs and not math.isfinite(record["loss"])
         if loss_bad or bool(np.any(record["nonfinite"] > 0)):
-            self.diverged_step = int(record["step"])
-            self._sink.set_attrs(diverged_step=self.diverged_step)
+            self._diverged = int(record["step"])
+            self._sink.set_attrs(diverged_step=self._diverged)
 
     def _block(self, records: list[dict[str, Any]]) -> xr.Dataset:
         return self._ctx.layout.block(records, self._attrs())
@@ -104,8 +181,8 @@ class RunRecords:
                 [s.name for s in self.sites if self._ctx.layout and s.name not in seen]
             ),
         }
-        if self.diverged_step is not None:
-            attrs["diverged_step"] = self.diverged_step
+        if self._diverged is not None:
+            attrs["diverged_step"] = self._diverged
         if self._dist is not None:
             attrs.update(self._dist.attrs())
         return attrs
@@ -126,12 +203,14 @@ class RunRecords:
         try:
             self._harvest()
             self._close_record()
+            self._complete_deferred()
             self._sink.flush(self._block if self._ctx.layout is not None else None)
         finally:
             self._sink.close()
 
     def last_record(self) -> xr.Dataset | None:
         """The latest closed record as a one-step dataset (``None`` before the first)."""
+        self._complete_deferred()
         return None if self._last is None else self._block([self._last])
 
     def to_dataset(self) -> xr.Dataset:

@@ -19,6 +19,7 @@ from icstools.functional.statistics import (
     ActivationStatistics,
     choose_hist_edges,
     device_parts_many,
+    finish_exact_many,
     finish_many,
 )
 from icstools.recording.errors import RecorderError
@@ -300,11 +301,39 @@ class Activations(Measurement):
         return {(i, f): t for i, p in enumerate(parts) for f, t in p.items()}
 
     def collect(self, ctx: Context) -> dict[str, np.ndarray]:
-        layout = ctx.layout
         active, self._active = self._active, []
         host = ctx.host.get(self.name, {})
         fields = [{f: host[(i, f)] for f in names} for i, names in enumerate(self._fields)]
         outs = finish_many([stats for _, stats in active], fields)
+        return self._record(ctx, active, outs)
+
+    def defer(self, ctx: Context) -> _Taken | None:
+        """While every value of the record is kept on the CPU (exact mode, float32): the
+        record's statistics objects, for :meth:`collect_many`."""
+        if self.keep_all:
+            return None
+        active = [(key, stats) for key, stats in self._stats.items() if stats.calls]
+        widths = ctx.layout.widths
+        if not active or not all(
+            stats.exact_on_host and stats.units == widths.get(name, stats.units)
+            for (_, name), stats in active
+        ):
+            return None  # (a width that changed is reported by collect, now)
+        return _Taken([(key, stats.take()) for key, stats in active])
+
+    def collect_many(self, ctx: Context, taken: list[_Taken]) -> list[dict[str, np.ndarray]]:
+        """The records of several steps, all their sites folded in one numpy pass."""
+        outs = finish_exact_many([[stats for _, stats in t.active] for t in taken])
+        return [self._record(ctx, t.active, out) for t, out in zip(taken, outs, strict=True)]
+
+    def _record(
+        self,
+        ctx: Context,
+        active: list[tuple[tuple[str, str], ActivationStatistics]],
+        outs: list[dict[str, np.ndarray]],
+    ) -> dict[str, np.ndarray]:
+        """One record's arrays from its sites' final statistics (and the objects reset)."""
+        layout = ctx.layout
         rec = layout.empty_all(self.variables)
         for ((source, name), stats), out in zip(active, outs, strict=True):
             calls = stats.calls
@@ -346,6 +375,16 @@ class Activations(Measurement):
         rec["calls"][si, k] = calls
         if sat is None:
             rec["sat_frac"][si, units] = np.nan  # no threshold: not a saturating input
+
+
+class _Taken:
+    """The statistics objects of one deferred record (``(source, site)``, object)."""
+
+    __slots__ = ("active", "nbytes")
+
+    def __init__(self, active: list[tuple[tuple[str, str], ActivationStatistics]]) -> None:
+        self.active = active
+        self.nbytes = sum(stats.nbytes for _, stats in active)
 
 
 MEASUREMENT = Activations

@@ -18,7 +18,9 @@ Events of one recorded step, in order (every method is optional):
 4. ``train_forward_end(ctx)``: the training forward returned;
 5. ``before_update(ctx)`` / ``after_update(ctx)``: around ``optimizer.step()``;
 6. ``discard_train(ctx)``: an AMP ``GradScaler`` skipped the iteration: forget its data;
-7. ``declare(ctx)`` (first record only) then ``collect(ctx)``: the record closes.
+7. ``declare(ctx)`` (first record only) then ``collect(ctx)``: the record closes (or
+   ``defer(ctx)`` now and ``collect_many(ctx, taken)`` for several records later:
+   :mod:`icstools.recording.deferred`).
 
 Examples
 --------
@@ -314,6 +316,19 @@ class Measurement:
     def collect(self, ctx: Context) -> dict[str, np.ndarray]:
         """This record's host arrays of its variables (missing ones keep their fill value)."""
         return {}
+
+    def defer(self, ctx: Context) -> Any:
+        """The record closes, and its host work may wait to be done for several records at
+        once (:mod:`icstools.recording.deferred`): return the record's state, taken over (the
+        next record starts afresh), for :meth:`collect_many`; ``None`` (the default) to be
+        collected now (:meth:`stage`, :meth:`collect`). An ``nbytes`` attribute of the
+        returned object counts towards the bound on what waits."""
+        return None
+
+    def collect_many(self, ctx: Context, taken: list[Any]) -> list[dict[str, np.ndarray]]:
+        """The host arrays of the records whose states :meth:`defer` took (in step order),
+        one dict per record, as :meth:`collect` gives them."""
+        raise NotImplementedError(f"{type(self).__name__}.defer returned a state to collect")
 
 
 class StepLossMeasurement(Measurement):
