@@ -7,7 +7,7 @@ Four timed variants of the same training, alternating in rounds (the median per 
   and the step bookkeeping alone (every forward, every optimizer step);
 - ``every1``: the recorder's defaults, a record at every step;
 - ``every1_no_fold``: as ``every1``, with the folding of the kept values (sort, moments,
-  histograms, quantiles, final statistics: :func:`icstools.functional.statistics.
+  histograms, quantiles, final statistics: :func:`icstools.functional.exact.
   finish_exact_many`) replaced by a copy of results computed once: what remains is the
   recorder's Python per record (closing it, layout, sink) and the copies in the hooks.
 
@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, build, machine_info, make_step, mlp_batches, write_json
 
 from icstools import Recorder
+from icstools.functional import exact
 from icstools.functional import statistics as st
 from icstools.recording.measurements import activations
 
@@ -48,11 +49,11 @@ def _fold_ms_per_record(records: int = 32, reps: int = 20) -> float:
             s.update(torch.randn(60, 100, generator=gen))
             rec.append(s)
         objs.append(rec)
-    st.finish_exact_many(objs)
+    exact.finish_exact_many(objs)
     best = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        st.finish_exact_many(objs)
+        exact.finish_exact_many(objs)
         best.append(time.perf_counter() - t0)
     return min(best) * 1e3 / records
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         "every1": Recorder(model, optimizer=opt),
         "every1_no_fold": Recorder(model, optimizer=opt),
     }
-    real_fold = st.finish_exact_many
+    real_fold = exact.finish_exact_many
     cached: dict[str, list] = {}
 
     def no_fold(records):  # results of the first call, copied: no sort, no moments

@@ -11,6 +11,7 @@ import xarray as xr
 from torch import nn
 
 from icstools import Recorder
+from icstools.functional import exact
 from icstools.functional import statistics as st
 from icstools.recording import deferred
 from icstools.recording.records import RunRecords
@@ -138,7 +139,7 @@ def test_finish_exact_many_equals_object_by_object(bad):
         values[3][4, 2] = bad  # that object's group falls back to the torch fold
     objs = _objects(widths, 9, edges, rng, values)
     # records [0, 1] and [2, 3]: a non-finite value sends its whole record to the torch fold
-    got = [g for rec in st.finish_exact_many([objs[:2], objs[2:]]) for g in rec]
+    got = [g for rec in exact.finish_exact_many([objs[:2], objs[2:]]) for g in rec]
     for i, g in enumerate(got):
         same = _objects(widths, 9, edges, rng, values)
         want = st.compute_many(same[:2] if i < 2 else same[2:])[i % 2]
@@ -153,8 +154,8 @@ def test_histograms_numpy_equals_one_site_at_a_time():
     edges = [np.linspace(-1, 1, 11), np.linspace(0, 3, 4), np.linspace(-5, 5, 21)]
     block = (rng.standard_normal((50, 11)) * 2).astype(np.float32)
     block[0, :4] = [-1.0, 1.0, 0.2, -0.2]  # exactly on edges
-    got = st._histograms_numpy(block, widths, edges)
+    got = exact._histograms_numpy(block, widths, edges)
     start = 0
     for w, e, g in zip(widths, edges, got, strict=True):
-        np.testing.assert_array_equal(g, st._histogram_numpy(block[:, start : start + w], e))
+        np.testing.assert_array_equal(g, exact._histogram_numpy(block[:, start : start + w], e))
         start += w

@@ -921,7 +921,8 @@ def test_one_dimensional_tensor_each_value_is_a_unit():
 
 
 def test_numpy_histogram_twin_bins_like_torch_histc_to_the_bit():
-    from icstools.functional.statistics import _histogram, _histogram_numpy
+    from icstools.functional.exact import _histogram_numpy
+    from icstools.functional.statistics import _histogram
 
     rng = np.random.default_rng(0)
     for _ in range(300):

@@ -61,7 +61,6 @@ __all__ = [
     "choose_hist_edges",
     "compute_many",
     "device_parts_many",
-    "finish_exact_many",
     "finish_many",
     "host_arrays",
     "merge_fields",
@@ -673,7 +672,9 @@ class ActivationStatistics:
     def _fold(self) -> None:
         """Reduce the values kept in exact mode to a state (see :meth:`update`)."""
         if self._values:
-            _fold_together([self])
+            from icstools.functional.exact import fold_together  # (it imports this module)
+
+            fold_together([self])
 
     def update(self, x: torch.Tensor) -> None:
         """Add the values of one tensor (one call of the module).
@@ -890,7 +891,9 @@ class ActivationStatistics:
         if s.sample_sorted and sample.shape[0] == s.sample.shape[0] and sample.shape[0] > 0:
             # exact mode folded with numpy: columns ascending, all finite, equal counts, so
             # every unit interpolates at the same positions (numpy's linear method)
-            return torch.from_numpy(_quantiles_of_sorted_columns(sample.numpy(), self.quantiles))
+            from icstools.functional.exact import quantiles_of_sorted_columns
+
+            return torch.from_numpy(quantiles_of_sorted_columns(sample.numpy(), self.quantiles))
         finite = torch.isfinite(sample)
         # Non-finite values sort last as +inf and are excluded by the per-unit count.
         rows = torch.where(finite, sample, math.inf).T.contiguous()  # [units, m]
@@ -901,26 +904,6 @@ class ActivationStatistics:
             sorted_rows = torch.sort(rows, dim=1).values
         q = torch.as_tensor(self.quantiles, dtype=sorted_rows.dtype, device=sorted_rows.device)
         return quantiles_from_sorted(sorted_rows, finite.sum(0), q)
-
-
-_UNIT_BLOCK = 1 << 16  # units per block: bounds the temporaries of wide sites (~5 MiB each)
-
-
-def _quantiles_of_sorted_columns(srt: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    """Quantiles ``[units, nq]`` of ascending, finite columns ``srt`` (``[m, units]``, equal
-    counts): numpy's linear method, in blocks of units so that a wide site (10⁶ units) needs
-    no temporaries of the output's size."""
-    # same arithmetic, in the same dtype, as quantiles_from_sorted: equal bits
-    pos = levels.astype(srt.dtype) * srt.dtype.type(srt.shape[0] - 1)
-    lo_f = np.floor(pos)
-    lo = lo_f.astype(np.int64)
-    hi = np.minimum(lo + 1, srt.shape[0] - 1)
-    frac = (pos - lo_f)[:, None]
-    out = np.empty((srt.shape[1], len(levels)), dtype=srt.dtype)  # [units, nq]
-    for start in range(0, srt.shape[1], _UNIT_BLOCK):
-        cols = srt[:, start : start + _UNIT_BLOCK]  # [m, block]
-        out[start : start + cols.shape[1]] = (cols[lo] + (cols[hi] - cols[lo]) * frac).T
-    return out
 
 
 def compute_many(stats: Sequence[ActivationStatistics]) -> list[dict[str, torch.Tensor]]:
@@ -947,7 +930,9 @@ def device_parts_many(stats: Sequence[ActivationStatistics]) -> list[dict[str, t
     (``{field: tensor}`` per object; quantile values under ``"sample"``). Nothing is read on
     the host, so a caller can move these with other tensors in one transfer
     (:func:`host_arrays`) and finish with :func:`finish_many`."""
-    _fold_together([s for s in stats if s._state is None and s._values])
+    from icstools.functional.exact import fold_together  # (it imports this module)
+
+    fold_together([s for s in stats if s._state is None and s._values])
     return [s._device_parts() for s in stats]
 
 
@@ -968,26 +953,6 @@ def finish_many(
         sizes = [len(p["count"]) for p in parts], [len(p["hist"]) for p in parts]
         _split_into(out, members, done, *sizes)
     return out
-
-
-#: Values folded at once by :func:`finish_exact_many`: its float64 temporaries (~8 of the block's
-#: size) then stay in a core's cache, which is faster than one pass over a larger block.
-_FOLD_VALUES = 1 << 16
-
-
-def _cache_sized(
-    units: list[list[tuple[int, int]]], records: Sequence[Sequence[ActivationStatistics]]
-) -> list[list[list[tuple[int, int]]]]:
-    """The units of work in consecutive chunks of about :data:`_FOLD_VALUES` kept values."""
-    chunks: list[list[list[tuple[int, int]]]] = [[]]
-    size = 0
-    for unit in units:
-        if chunks[-1] and size >= _FOLD_VALUES:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(unit)
-        size += sum(records[r][j]._n_values * (records[r][j].units or 0) for r, j in unit)
-    return chunks
 
 
 def _split_into(
@@ -1041,256 +1006,6 @@ def host_arrays(tensors: Mapping[Any, torch.Tensor]) -> dict[Any, np.ndarray]:
             out[k] = values[pos : pos + t.numel()].reshape(t.shape)
             pos += t.numel()
     return out
-
-
-def _fold_together(stats: list[ActivationStatistics]) -> None:
-    """Fold the exact-mode values of several objects with one reduction per group of equal
-    positions, dtype and device (e.g. all layers of an MLP, or the records of several steps:
-    :func:`fold_exact_many`): the per-op overhead of small tensors is paid once per group
-    instead of once per site."""
-    groups: dict[tuple, list[ActivationStatistics]] = {}
-    for s in stats:
-        v = s._values[0]
-        groups.setdefault((s._n_values, v.dtype, v.device), []).append(s)
-    for (n, dtype, device), group in groups.items():
-        vals = [torch.cat(s._values) if len(s._values) > 1 else s._values[0] for s in group]
-        if n == 0:
-            for s, v in zip(group, vals, strict=True):
-                state = summarize(v, 1, hist_edges=s.hist_edges, sat_threshold=s.sat_threshold)
-                s._state = state.replace(calls=len(s._values))
-                s._values, s._n_values, s._rate = [], 0, 1.0
-            continue
-        block = torch.cat(vals, dim=1) if len(vals) > 1 else vals[0]  # [positions, all units]
-        # numpy fast path: CPU float32 (float64 data could overflow its 4th powers)
-        folded = _fold_numpy(block) if on_host(device) and dtype == torch.float32 else None
-        if folded is not None:
-            _set_folded_numpy(group, vals, block, *folded)
-        else:
-            _set_folded_torch(group, vals, block)
-
-
-def _numpy_fields(
-    group: Sequence[ActivationStatistics], widths: list[int], a: np.ndarray, srt: np.ndarray
-) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None]:
-    """What the numpy fold adds to the moments of a finite block ``a`` (``[positions, all
-    units]``, the objects' columns side by side, ``srt`` sorted by column), one pass each over
-    all columns: saturation counts ``[units]``, each object's histogram, and the quantile
-    values ``[units, nq]`` (``None`` if the objects' levels differ)."""
-    thresholds = [math.inf if s.sat_threshold is None else s.sat_threshold for s in group]
-    thr = np.repeat(np.asarray(thresholds, dtype=a.dtype), widths)
-    n_sat = (np.abs(a) > thr).sum(0)
-    hists = _histograms_numpy(a, widths, [s.hist_edges for s in group])
-    levels = group[0].quantiles
-    same_levels = all(np.array_equal(s.quantiles, levels) for s in group)
-    # exact mode: equal counts, so every column interpolates at the same positions
-    qs = _quantiles_of_sorted_columns(srt, levels) if same_levels else None
-    return n_sat, hists, qs
-
-
-def _set_folded_numpy(
-    group: list[ActivationStatistics],
-    vals: list[torch.Tensor],
-    block: torch.Tensor,
-    moments: dict[str, torch.Tensor],
-    srt: np.ndarray,
-) -> None:
-    """Each object's state from the numpy fold of ``block`` (``[positions, all units]``)."""
-    widths = [v.shape[1] for v in vals]
-    n_sat, hists, qs = _numpy_fields(group, widths, block.numpy(), srt)
-    moments["n_sat"] = torch.from_numpy(n_sat)
-    samples = torch.from_numpy(srt).split(widths, dim=1)
-    start = 0
-    for i, (s, sample) in enumerate(zip(group, samples, strict=True)):
-        stop = start + widths[i]
-        mine = {k: t[start:stop] for k, t in moments.items()}
-        s._state = StatisticsState(
-            **mine,
-            hist=torch.from_numpy(hists[i]),
-            sample=sample,
-            calls=len(s._values),
-            sample_sorted=True,
-        )
-        s._sorted_q = None if qs is None else (s._state, torch.from_numpy(qs[start:stop]))
-        s._values, s._n_values, s._rate = [], 0, 1.0
-        start = stop
-
-
-def finish_exact_many(
-    records: Sequence[Sequence[ActivationStatistics]],
-) -> list[list[dict[str, np.ndarray]]]:
-    """The final statistics of the objects of several records, each as :func:`compute_many`
-    of that record's objects gives them (to the bit), when every value is kept on the host
-    (:attr:`ActivationStatistics.exact_on_host`): the records' columns are folded side by side,
-    one numpy pass per cache-sized chunk (:mod:`icstools.recording.deferred`), with no state
-    per object in between. The objects' values are left as they are (the caller resets them).
-
-    Examples
-    --------
-    >>> a, b = (ActivationStatistics(np.linspace(-3, 3, 7), 1) for _ in range(2))
-    >>> a.update(torch.randn(8, 3)); b.update(torch.randn(8, 5))
-    >>> [[r["quantile_value"].shape for r in rec] for rec in finish_exact_many([[a], [b]])]
-    [[(3, 25)], [(5, 25)]]
-    """
-    out: list[list[dict[str, np.ndarray]]] = [[{} for _ in r] for r in records]
-    # units of work: one record's objects of equal positions (as _fold_together groups them)
-    by_n: dict[int, list[list[tuple[int, int]]]] = {}
-    for r, objs in enumerate(records):
-        groups: dict[int, list[tuple[int, int]]] = {}
-        for j, s in enumerate(objs):
-            if not s.exact_on_host:
-                raise ValueError("finish_exact_many takes objects whose values are on the CPU")
-            groups.setdefault(s._n_values, []).append((r, j))
-        for n, unit in groups.items():
-            by_n.setdefault(n, []).append(unit)
-    rest: list[list[tuple[int, int]]] = []
-    for units in by_n.values():
-        for chunk in _cache_sized(units, records):
-            rest += _fold_chunk(chunk, records, out)
-    for unit in rest:  # non-finite values: the record's objects as compute_many folds them
-        objs = [copy.copy(records[r][j]) for r, j in unit]  # folded copies: the values stay
-        parts = device_parts_many(objs)
-        host = host_arrays({(i, k): t for i, p in enumerate(parts) for k, t in p.items()})
-        fields = [{k: host[(i, k)] for k in p} for i, p in enumerate(parts)]
-        for (r, j), result in zip(unit, finish_many(objs, fields), strict=True):
-            out[r][j] = result
-    return out
-
-
-def _fold_chunk(
-    chunk: list[list[tuple[int, int]]],
-    records: Sequence[Sequence[ActivationStatistics]],
-    out: list[list[dict[str, np.ndarray]]],
-) -> list[list[tuple[int, int]]]:
-    """Fold the units of work of ``chunk`` with numpy into ``out``; returns the units with a
-    non-finite value (or mixed quantile levels), which the caller folds with torch."""
-    members = [m for unit in chunk for m in unit]
-    group = [records[r][j] for r, j in members]
-    vals = [torch.cat(s._values) if len(s._values) > 1 else s._values[0] for s in group]
-    block = torch.cat(vals, dim=1) if len(vals) > 1 else vals[0]  # [positions, all units]
-    a = block.numpy()
-    widths = [v.shape[1] for v in vals]
-    levels = group[0].quantiles
-    mixed = [not np.array_equal(s.quantiles, levels) for s in group]
-    bad_cols = ~np.isfinite(a).all(0) | np.repeat(mixed, widths)  # [units]
-    if bad_cols.any():
-        # the units of work with a bad column go to the caller; the others are folded again
-        unit_of = np.repeat([i for i, unit in enumerate(chunk) for _ in unit], widths)
-        bad = set(unit_of[bad_cols].tolist())
-        good = [unit for i, unit in enumerate(chunk) if i not in bad]
-        again = _fold_chunk(good, records, out) if good else []
-        return [unit for i, unit in enumerate(chunk) if i in bad] + again
-    moments, srt = _fold_numpy(block)  # type: ignore[misc]
-    n_sat, hists, qs = _numpy_fields(group, widths, a, srt)
-    host = {k: t.numpy() for k, t in moments.items()}
-    host.update(n_sat=n_sat, hist=np.concatenate(hists), sample=qs)
-    done = _finish(host, torch.float32)
-    flat: list[dict[str, np.ndarray]] = [{} for _ in members]
-    _split_into(flat, list(range(len(members))), done, widths, [len(h) for h in hists])
-    for (r, j), result in zip(members, flat, strict=True):
-        out[r][j] = result
-    return []
-
-
-def _set_folded_torch(
-    group: list[ActivationStatistics], vals: list[torch.Tensor], block: torch.Tensor
-) -> None:
-    """Each object's state from one torch reduction of ``block`` (any device, any values)."""
-    thresholds = [math.inf if s.sat_threshold is None else s.sat_threshold for s in group]
-    widths = [v.shape[1] for v in vals]
-    # repeated on the host: a repeat_interleave on the device would sync (its size)
-    thr_t = torch.as_tensor(np.repeat(thresholds, widths), dtype=block.dtype)
-    thr_t = thr_t.to(block.device, non_blocking=True)  # host to device: no sync
-    moments, _ = _unit_moments(block, (0,), [1, block.shape[1]], thr_t)
-    start = 0
-    for s, v in zip(group, vals, strict=True):
-        stop = start + v.shape[1]
-        mine = {k: t[start:stop] for k, t in moments.items()}
-        finite = torch.where(torch.isfinite(v), v, math.nan)
-        hist = _histogram(finite.reshape(-1), s.hist_edges)  # NaN is in no bin
-        s._state = StatisticsState(**mine, hist=hist, sample=v, calls=len(s._values))
-        s._values, s._n_values, s._rate = [], 0, 1.0
-        start = stop
-
-
-def _fold_numpy(block: torch.Tensor) -> tuple[dict[str, torch.Tensor], np.ndarray] | None:
-    """Moments of a finite CPU block ``[positions, units]`` with numpy, in float64.
-
-    On CPU, numpy's per-call overhead is a fraction of torch's, which dominates for the small
-    tensors of exact mode; the two-pass moments in float64 need no rescaling (float32's range
-    to the 4th power fits). Returns ``None`` when a value is not finite (torch path then).
-    """
-    a = block.numpy()
-    a64 = a.astype(np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
-        mean = a64.mean(0)
-    if not np.isfinite(mean).all():
-        return None
-    srt = np.sort(a, axis=0)  # [positions, units], each column ascending
-    d = a64 - mean
-    d2 = d * d
-    n, units = a.shape
-    count = np.full(units, n, dtype=np.int64)
-    moments = {
-        "count": count,
-        "total": count.copy(),
-        "mean": mean,
-        "m2": d2.sum(0),
-        "m3": (d2 * d).sum(0),
-        "m4": (d2 * d2).sum(0),
-        "min": srt[0],
-        "max": srt[-1],
-        # booleans summed as bytes into int32 (positions < 2**31): ~3x faster than .sum(0)
-        "n_zero": np.add.reduce((a == 0).view(np.uint8), axis=0, dtype=np.int32).astype(np.int64),
-    }
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in moments.items()}, srt
-
-
-def _histogram_numpy(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """numpy twin of :func:`_histogram` for finite values: the same arithmetic as
-    ``torch.histc``, in the values' dtype, so both give the same bins to the bit."""
-    flat = values.reshape(-1)
-    t = flat.dtype.type
-    lo, hi, bins = t(edges[0]), t(edges[-1]), len(edges) - 1
-    inside = (flat >= lo) & (flat <= hi)
-    with np.errstate(over="ignore", invalid="ignore"):
-        pos = (flat[inside] - lo) * t(bins) / (hi - lo)
-    # values inside [lo, hi] give finite positions (the edges fit the dtype): no NaN to clean
-    k = np.clip(pos, 0, bins - 1).astype(np.int64)
-    counts = np.bincount(k + 1, minlength=bins + 2)
-    counts[0] = (flat < lo).sum()
-    counts[-1] = (flat > hi).sum()
-    return counts.astype(np.int64)
-
-
-def _histograms_numpy(
-    block: np.ndarray, widths: Sequence[int], edges: Sequence[np.ndarray]
-) -> list[np.ndarray]:
-    """:func:`_histogram_numpy` of each group of columns of a finite ``block`` (``[positions,
-    sum(widths)]``, group ``i`` the next ``widths[i]`` columns) on its own ``edges[i]``, in one
-    pass over the block: the same float32 arithmetic per value, so the same bins to the bit.
-    """
-    t = block.dtype.type
-    nbins = np.array([len(e) - 1 for e in edges], dtype=np.int64)
-    per_col = lambda v: np.repeat(np.asarray(v), widths)  # noqa: E731  [units]
-    lo = per_col([t(e[0]) for e in edges]).astype(block.dtype)
-    hi = per_col([t(e[-1]) for e in edges]).astype(block.dtype)
-    bins_col = per_col(nbins)
-    with np.errstate(over="ignore", invalid="ignore"):
-        pos = block - lo  # [positions, units]
-        pos *= bins_col.astype(block.dtype)
-        pos /= hi - lo
-    # the bin of a value inside [lo, hi], 1-based (0 and bins + 1: under- and overflow)
-    top = int(nbins[0]) - 1 if np.all(nbins == nbins[0]) else (bins_col - 1).astype(pos.dtype)
-    np.clip(pos, 0, top, out=pos)
-    k = pos.astype(np.int64)
-    k += 1
-    k[block < lo] = 0
-    over = block > hi
-    k[over] = np.broadcast_to(bins_col + 1, k.shape)[over]
-    starts = np.concatenate([[0], np.cumsum(nbins + 2)[:-1]])  # each group's first bin
-    k += per_col(starts)
-    counts = np.bincount(k.reshape(-1), minlength=int((nbins + 2).sum()))
-    return [counts[a : a + b + 2].astype(np.int64) for a, b in zip(starts, nbins, strict=True)]
 
 
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}

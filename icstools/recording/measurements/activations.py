@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from icstools.functional.exact import finish_exact_many
 from icstools.functional.fused import MODES as FUSED_MODES
 from icstools.functional.statistics import (
     ActivationStatistics,
     choose_hist_edges,
     device_parts_many,
-    finish_exact_many,
     finish_many,
 )
 from icstools.recording.errors import RecorderError
