@@ -158,6 +158,7 @@ def test_no_process_outlives_its_run(tmp_path, how):
 
     def fail(i):
         if i == 9:
+            assert rec.n_records == 9  # read: the closed records go to the store (not deferred)
             pids.append(_child_pid(rec))
             if error is not None:
                 raise error
