@@ -127,7 +127,15 @@ def test_notebook_is_committed_clean(name):
             assert cell.outputs == [] and cell.execution_count is None, "clear the outputs"
 
 
-@pytest.mark.parametrize("name", NOTEBOOKS)
+# Notebook 03 takes about 3 minutes at test scale: `make test` leaves it to `test-all` (`make docs`,
+# which CI runs after `make test`, still executes it and fails on an error in any cell).
+_SLOW_NOTEBOOK = "03-santurkar-counter-claims.ipynb"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n == _SLOW_NOTEBOOK else n for n in NOTEBOOKS],
+)
 def test_notebook_runs_and_draws(executed, name):
     nb = executed(name)
     outputs = _outputs(nb)
@@ -188,8 +196,9 @@ def test_saturation_and_learning_rates_reports_results(executed):
     assert any("diff_lo" in t.data["text/html"] for t in tables)  # the compare table
 
 
+@pytest.mark.slow
 def test_santurkar_counter_claims_reports_results(executed):
-    nb = executed("03-santurkar-counter-claims.ipynb")
+    nb = executed(_SLOW_NOTEBOOK)
     out = _stdout(nb)
     images = [o for o in _outputs(nb) if "image/png" in o.get("data", {})]
     assert len(images) == 3, "drift + accuracy, percentiles, landscape"
