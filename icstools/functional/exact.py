@@ -85,7 +85,7 @@ def _cache_sized(
 def fold_together(stats: list[ActivationStatistics]) -> None:
     """Fold the exact-mode values of several objects with one reduction per group of equal
     positions, dtype and device (e.g. all layers of an MLP, or the records of several steps:
-    :func:`fold_exact_many`): the per-op overhead of small tensors is paid once per group
+    :func:`finish_exact_many`): the per-op overhead of small tensors is paid once per group
     instead of once per site."""
     groups: dict[tuple, list[ActivationStatistics]] = {}
     for s in stats:
@@ -173,7 +173,7 @@ def finish_exact_many(
     [[(3, 25)], [(5, 25)]]
     """
     out: list[list[dict[str, np.ndarray]]] = [[{} for _ in r] for r in records]
-    # units of work: one record's objects of equal positions (as _fold_together groups them)
+    # units of work: one record's objects of equal positions (as fold_together groups them)
     by_n: dict[int, list[list[tuple[int, int]]]] = {}
     for r, objs in enumerate(records):
         groups: dict[int, list[tuple[int, int]]] = {}

@@ -814,7 +814,7 @@ class ActivationStatistics:
     def exact_on_host(self) -> bool:
         """Whether every value so far is kept (exact mode) as CPU float32 copies: then
         folding can wait, and the values of many records fold in one numpy pass
-        (:func:`fold_exact_many`)."""
+        (:func:`~icstools.functional.exact.finish_exact_many`)."""
         v = self._values
         return (
             self._state is None
