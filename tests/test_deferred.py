@@ -43,6 +43,19 @@ def _run(steps=40, nan_at=None, probe=False, **kwargs) -> tuple[xr.Dataset, Reco
     return rec.to_dataset(), rec
 
 
+def _batch_sizes(monkeypatch) -> list[int]:
+    """The number of waiting records at each completion, from now on (appended as they come)."""
+    sizes: list[int] = []
+    real = RunRecords._complete_deferred
+
+    def counted(self):
+        sizes.append(len(self._deferred))
+        real(self)
+
+    monkeypatch.setattr(RunRecords, "_complete_deferred", counted)
+    return sizes
+
+
 def _immediate(monkeypatch, **kwargs):
     with monkeypatch.context() as m:
         m.setattr(RunRecords, "_may_defer", lambda self: False)
@@ -55,14 +68,7 @@ def _immediate(monkeypatch, **kwargs):
     ids=["train", "probe", "every3", "nan", "sampled"],
 )
 def test_deferred_records_equal_record_by_record(monkeypatch, kwargs):
-    calls = []
-    real = RunRecords._complete_deferred
-
-    def counted(self):
-        calls.append(len(self._deferred))
-        real(self)
-
-    monkeypatch.setattr(RunRecords, "_complete_deferred", counted)
+    calls = _batch_sizes(monkeypatch)
     got, rec = _run(**kwargs)
     want, _ = _immediate(monkeypatch, **kwargs)
     xr.testing.assert_identical(got, want)
@@ -93,14 +99,7 @@ def test_records_are_never_missing_when_read(monkeypatch):
 
 def test_waiting_records_are_bounded(monkeypatch):
     monkeypatch.setattr(deferred, "MAX_RECORDS", 4)
-    sizes = []
-    real = RunRecords._complete_deferred
-
-    def seen(self):
-        sizes.append(len(self._deferred))
-        real(self)
-
-    monkeypatch.setattr(RunRecords, "_complete_deferred", seen)
+    sizes = _batch_sizes(monkeypatch)
     _run(steps=20)
     assert max(sizes) == 4
 

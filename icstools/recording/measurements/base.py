@@ -328,7 +328,11 @@ class Measurement:
     def collect_many(self, ctx: Context, taken: list[Any]) -> list[dict[str, np.ndarray]]:
         """The host arrays of the records whose states :meth:`defer` took (in step order),
         one dict per record, as :meth:`collect` gives them."""
-        raise NotImplementedError(f"{type(self).__name__}.defer returned a state to collect")
+        # only reached when a subclass overrides defer() without collect_many()
+        raise NotImplementedError(
+            f"{type(self).__name__} defines defer() but not collect_many(), which must collect "
+            "the records whose states defer() returned"
+        )
 
 
 class StepLossMeasurement(Measurement):
