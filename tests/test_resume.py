@@ -24,7 +24,14 @@ import xarray as xr
 from torch import nn
 
 import icstools
-from icstools.store import RunWriter, StoreError, StoreLockWarning, open_run, verify_run
+from icstools.store import (
+    RunWriter,
+    StoreError,
+    StoreLockWarning,
+    live_writer,
+    open_run,
+    verify_run,
+)
 
 # A seeded training (BN, dropout: the global RNG matters; Adam: the optimizer's state holds the
 # step) that saves model, optimizer and both RNG states every K steps, after rec.flush(), and
@@ -126,6 +133,12 @@ def _kill_at(script, path, ckpt, step, rng) -> int:
             rest = child.stdout.read().split()
         finally:
             child.kill()
+    # its writer process may still be committing the block it was given: the store is read
+    # (for the records after the checkpoint) once that process is gone, as the resume waits too
+    deadline = time.monotonic() + 60
+    while live_writer(path) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert live_writer(path) is None, live_writer(path)
     return max([seen, *map(int, rest)])
 
 

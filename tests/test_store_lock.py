@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +145,70 @@ def test_lock_of_a_gone_process_is_taken_over_with_a_warning(tmp_path):
     w.append(block(0, 2))
     w.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.zarr"]
+
+
+def _helper_lock(path: Path, helper: subprocess.Popen) -> None:
+    """A lock whose owner is gone but names ``helper`` as its writer process."""
+    from icstools.store.owners import _owner_record
+
+    _fake_lock(path, pid=2**22 + 4321, token="x", helpers=[_owner_record(helper.pid)])
+
+
+def test_a_gone_owners_running_writer_process_holds_the_lock_until_it_exits(tmp_path):
+    """A killed training's writer process finishes the commit it is in: the next writer (a
+    resumed run) waits for it, then takes the lock over; live_writer names it meanwhile."""
+    from icstools.store import live_writer
+
+    path = tmp_path / "run.zarr"
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _helper_lock(path, helper)
+        who = live_writer(path)
+        assert who is not None and f"its writer process {helper.pid} still runs" in who
+        ended = threading.Timer(0.5, helper.kill)
+        ended.start()
+        t0 = time.monotonic()
+        with pytest.warns(StoreLockWarning, match="took over the lock"):
+            w = RunWriter(path, chunk_steps=4)
+        assert time.monotonic() - t0 >= 0.4  # it waited for the helper
+        assert helper.poll() is not None
+    finally:
+        helper.kill()
+        helper.wait()
+    w.append(block(0, 2))
+    w.close()
+    assert live_writer(path) is None
+
+
+def test_a_writer_process_that_does_not_end_is_a_clear_error(tmp_path, monkeypatch):
+    from icstools.store import owners
+
+    monkeypatch.setattr(owners, "_HELPER_WAIT", 0.2)
+    path = tmp_path / "run.zarr"
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _helper_lock(path, helper)
+        with pytest.raises(StoreError, match=rf"locked by another writer.*{helper.pid} still runs"):
+            RunWriter(path, chunk_steps=4)
+    finally:
+        helper.kill()
+        helper.wait()
+    assert json.loads(lock_file(path).read_text())["token"] == "x"  # not taken over
+
+
+def test_the_lock_names_the_writer_process_and_stays_the_writers(tmp_path):
+    """WriterProcess adds its child to the lock; the parent's and the child's checks hold."""
+    from icstools.store.process import WriterProcess
+
+    path = tmp_path / "run.zarr"
+    wp = WriterProcess(RunWriter(path, chunk_steps=4))
+    try:
+        record = json.loads(lock_file(path).read_text())
+        assert [h["pid"] for h in record["helpers"]] == [wp.pid]
+        wp.local._lock.check()  # still ours after the rewrite
+    finally:
+        wp.close()
+    assert not lock_file(path).exists()
 
 
 def test_lock_of_a_reused_pid_is_taken_over(tmp_path):

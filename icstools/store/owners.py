@@ -16,8 +16,11 @@ Lock (one writer per store)
     ``overwrite``; an owner that cannot be judged is a :class:`StoreError` that says how to
     remove the lock by hand; a gone owner's lock (a killed writer) is taken over with a
     :class:`StoreLockWarning`: renamed aside (only if it is still the file judged: same content),
-    then created anew. The writer checks at every commit that the lock is still its own and
-    releases it (deletes the file) when it is closed, fails, or is garbage-collected.
+    then created anew. The writer checks at every commit that the lock is still its own (by its
+    token) and releases it (deletes the file) when it is closed, fails, or is garbage-collected.
+    A writer that writes from a child process names it in the lock (``helpers``, ownership
+    records): while a helper runs the lock is held, even if its owner is gone, and a new writer
+    waits up to ``_HELPER_WAIT`` seconds for a killed owner's helper to finish its commit.
 """
 
 from __future__ import annotations
@@ -75,9 +78,10 @@ def _pid_namespace() -> str | None:
         return None
 
 
-def _owner_record() -> dict[str, Any]:
-    """The ownership record of this process (see the module docstring)."""
-    pid = os.getpid()
+def _owner_record(pid: int | None = None) -> dict[str, Any]:
+    """The ownership record of process ``pid`` of this host (default: this process); see the
+    module docstring."""
+    pid = os.getpid() if pid is None else int(pid)
     stat = _proc_stat(pid)
     return {
         "pid": pid,
@@ -273,6 +277,9 @@ _LOCK_SUFFIX = ".icstools-lock"
 _HELD: set[str] = set()
 _HELD_GUARD = threading.Lock()
 _NO_HARD_LINKS = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS)
+# how long a new writer waits for the writer process of a killed owner to finish its commit
+# (one block: seconds at most) before it calls the lock held
+_HELPER_WAIT = 60.0
 
 
 def lock_file(path: Path) -> Path:
@@ -310,7 +317,29 @@ def _create_exclusive(file: Path, data: bytes) -> bool:
 
 
 def _judge_lock(owner: Any) -> tuple[bool | None, str]:
-    """Whether the owner of a lock still writes (None: cannot tell), and who it is."""
+    """Whether the owner of a lock, or a writer process it started, still writes (None: cannot
+    tell), and who it is."""
+    alive, why = _judge_owner(owner)
+    if alive is False:
+        running = _running_helpers(owner)
+        if running:
+            return True, (
+                f"{why}, but its writer process {', '.join(map(str, running))} still runs (it"
+                " commits the records it was given, then exits)"
+            )
+    return alive, why
+
+
+def _running_helpers(owner: Any) -> list[int]:
+    """The pids of the writer processes named in a lock's ``helpers`` that still run."""
+    helpers = owner.get("helpers") if isinstance(owner, dict) else None
+    if not isinstance(helpers, list):
+        return []
+    return [h["pid"] for h in helpers if isinstance(h, dict) and _owner_alive(h)[0]]
+
+
+def _judge_owner(owner: Any) -> tuple[bool | None, str]:
+    """:func:`_judge_lock` for the process that took the lock alone."""
     alive, why = _owner_alive(owner)
     if alive and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
         with _HELD_GUARD:
@@ -364,6 +393,27 @@ class StoreLock:
             " per store"
         )
 
+    def add_helper(self, pid: int) -> None:
+        """Name process ``pid`` in the lock as a writer process of its owner: while it runs,
+        the lock is not stale even if the owner is gone (a killed parent's writer process
+        finishes the commit it is in; the next writer waits for it)."""
+        self.check()
+        data = json.loads(self._data)
+        data.setdefault("helpers", []).append(_owner_record(pid))
+        new = json.dumps(data).encode()
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{self.file.name[1 : -len(_LOCK_SUFFIX)]}.icstools-lk-", dir=self.file.parent
+        )
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(new)
+            os.replace(tmp, self.file)  # the owner lives: nobody takes the lock over meanwhile
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._data = new
+
     def check(self) -> None:
         """Raise :class:`StoreError` unless the lock file is still this writer's."""
         ours = self._is_ours()
@@ -387,11 +437,12 @@ class StoreLock:
         _remove_empty(self._created_parents)
 
     def _is_ours(self) -> bool:
-        # by content (its random token), not by inode: a new file may reuse a freed inode
+        # by its random token (the owner may add helpers to the file), not by inode: a new file
+        # may reuse a freed inode
         try:
             with open(self.file, "rb") as f:
-                return f.read() == self._data
-        except OSError:
+                return json.loads(f.read()).get("token") == self.token
+        except (OSError, ValueError, AttributeError):
             return False
 
 
@@ -436,6 +487,7 @@ def _take_over_if_stale(path: Path, file: Path) -> None:
     except ValueError:
         alive, why = None, "its lock file is unreadable (not an ownership record)"
     else:
+        _wait_for_helpers(owner)
         alive, why = _judge_lock(owner)
     if alive:
         raise StoreError(
@@ -470,6 +522,16 @@ def _take_over_if_stale(path: Path, file: Path) -> None:
     )
     # a warning only (no log record too: without logging set up both would print)
     warnings.warn(message, StoreLockWarning, stacklevel=4)
+
+
+def _wait_for_helpers(owner: Any) -> None:
+    """If the owner of a lock is gone but a writer process it started runs (it commits the
+    block it was given, then exits), wait up to ``_HELPER_WAIT`` seconds for it to end."""
+    deadline = time.monotonic() + _HELPER_WAIT
+    while _judge_owner(owner)[0] is False and _running_helpers(owner):
+        if time.monotonic() > deadline:
+            return  # judged alive by the caller: an error naming the process
+        time.sleep(0.05)
 
 
 def live_writer(path: Path) -> str | None:

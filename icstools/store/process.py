@@ -14,7 +14,10 @@ the training loop, whose own step is largely Python too. A writer process has it
   RunWriter's: commit marker, checksums, crash safety.
 * One writer per store: the parent's :class:`~icstools.store.RunWriter` takes the lock (and
   makes every check of the path) when the recorder is built; the child writes under that lock
-  (:meth:`RunWriter._adopt_lock`), and the parent releases it when the child is done.
+  (:meth:`RunWriter._adopt_lock`), and the parent releases it when the child is done. The lock
+  names the child (:meth:`~icstools.store.StoreLock.add_helper`): if the parent is killed, the
+  child finishes the block it is writing and exits, and a new writer of the store (a resumed
+  run) waits for it instead of taking the lock over in the middle of that commit.
 * The child is a fresh interpreter (``sys.executable``), not a ``multiprocessing`` child: it
   never imports the user's ``__main__`` nor torch (it loads ``icstools.store`` alone, ~1 s), it
   ignores SIGINT (a Ctrl-C reaches the parent, which closes the run in order) and it exits when
@@ -198,6 +201,13 @@ class WriterProcess:
             os.close(from_child)
         self.pid = self.process.pid
         self._reader = os.fdopen(self._in, "rb", buffering=0)
+        try:
+            # if this process is killed, the child finishes the block it is writing: the lock
+            # names it, so that the next writer of the store waits for it
+            lock.add_helper(self.pid)
+        except BaseException:
+            _stop_child(self.process, self._out, self._reader, self._stderr)
+            raise
         # not closed (garbage collected, interpreter exit): the child is stopped and reaped
         self._finalizer = weakref.finalize(
             self, _stop_child, self.process, self._out, self._reader, self._stderr
