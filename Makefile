@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 ICSTOOLS_DATA ?= $(if $(wildcard ../shared/data/mnist/*.gz),$(abspath ../shared/data),$(abspath data))
 export ICSTOOLS_DATA
 
-.PHONY: demo test test-all lint bench clean browser docs
+.PHONY: demo test test-all lint bench bench-cockpit clean browser docs
 
 $(BIN)/.icstools-installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +56,16 @@ docs: $(BIN)/.icstools-docs-installed
 bench: $(BIN)/.icstools-installed
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/memory.py
+
+# Cockpit beside the venv, not in it: its pkg_resources needs setuptools<70, and BackPACK lists
+# torchvision (whose wheel breaks this torch); neither is installed into .venv
+bench/.cockpit/cockpit/__init__.py:
+	$(BIN)/python -m pip install --quiet --no-deps --target bench/.cockpit \
+		cockpit-for-pytorch==1.0.2 backpack-for-pytorch==1.7.1 einops unfoldNd json-tricks \
+		"setuptools<70"
+
+bench-cockpit: $(BIN)/.icstools-installed bench/.cockpit/cockpit/__init__.py
+	$(BIN)/python bench/vs_cockpit.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build/site build/docs
