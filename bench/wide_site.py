@@ -88,6 +88,9 @@ def child(mode: str, steps: int, buffer_mib: int, out: Path) -> None:
     result |= {
         "seconds_per_step": (time.perf_counter() - t0) / steps,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        # the store's writer process (reaped when the recorder closed): its own peak
+        "writer_process_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        / 1024,
         "rss_samples_mib": rss,
     }
     out.write_text(json.dumps(result))
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  plain peak RSS:          {plain['peak_rss_mib']:8.1f} MiB (model's footprint)")
     print(f"  recorded peak RSS:       {recorded['peak_rss_mib']:8.1f} MiB")
     print(f"  recorded − plain:        {extra:8.1f} MiB")
+    writer = recorded["writer_process_peak_rss_mib"]
+    print(f"  writer process peak RSS: {writer:8.1f} MiB (a process of its own)")
     print(f"  last RSS sample:         {recorded['rss_samples_mib'][-1]:8.1f} MiB")
     print(
         f"  s/step plain, recorded:  {plain['seconds_per_step']:.3f}, "
