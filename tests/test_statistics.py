@@ -22,12 +22,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from icstools.functional.gradient_statistics import GradientStatistics
 from icstools.functional.statistics import (
     DEFAULT_QUANTILES,
     SIGMOID_SATURATION,
     TANH_SATURATION,
     ActivationStatistics,
-    GradientStatistics,
     StateField,
     StatisticsState,
     _finish,

@@ -4,7 +4,10 @@ No hook is registered here and nothing is read or written: each module takes ten
 and its inputs) and returns numbers. The recorder's measurements
 (:mod:`icstools.recording.measurements`) call these; users can call them directly.
 
-- :mod:`~icstools.functional.statistics`: streaming, mergeable per-unit activation statistics;
+- :mod:`~icstools.functional.statistics`: streaming, mergeable per-unit activation statistics
+  (:mod:`~icstools.functional.exact`: the exact-mode fold of many records at once);
+- :mod:`~icstools.functional.state`: states declared field by field, and their exact merge;
+- :mod:`~icstools.functional.gradient_statistics`: per-unit moments of a site's gradient;
 - :mod:`~icstools.functional.gradients`: gradient-based ICS, loss-landscape probes, the §3.3
   scale-invariance identities;
 - :mod:`~icstools.functional.jacobians`: singular values of Jacobians of blocks and segments.

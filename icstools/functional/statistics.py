@@ -25,8 +25,10 @@ them; the copies of all sites are reduced together when the record closes
 The state of two :class:`ActivationStatistics` over disjoint values merges exactly
 (:meth:`ActivationStatistics.merge`), so batches, repeated calls of a module and ranks combine
 to what one pass over all the values gives. Each field of a state is declared once
-(:class:`StateField`: name, empty value, reduction; see :class:`StatisticsState`), and merging,
-folding, the host transfer and the final statistics go through the declared fields by name.
+(:class:`StateField`: name, empty value, reduction; see :class:`StatisticsState`, both in
+:mod:`icstools.functional.state` and re-exported here), and merging, folding, the host transfer
+and the final statistics go through the declared fields by name. The gradient's per-unit
+moments are :class:`icstools.functional.gradient_statistics.GradientStatistics`.
 
 Quantiles are exact while the pooled values of a unit number at most ``quantile_sample``;
 beyond that they are taken on a uniform random sample of that many values (drawn with the
@@ -39,23 +41,20 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from icstools.functional.fused import fused_state, scaled_moments, unit_scale
+from icstools.functional.state import StateField, StatisticsState, merge_fields
 
 __all__ = [
     "DEFAULT_QUANTILES",
     "SIGMOID_SATURATION",
     "TANH_SATURATION",
     "ActivationStatistics",
-    "GradientStatistics",
     "StateField",
     "StatisticsState",
     "choose_hist_edges",
@@ -87,228 +86,6 @@ DEFAULT_QUANTILES: tuple[float, ...] = tuple(
         np.concatenate([[0.001, 0.005, 0.01], np.arange(1, 20) * 0.05, [0.99, 0.995, 0.999]]), 4
     )
 )
-
-
-#: Field-by-field reductions of two states over disjoint values (``"moments"``: see
-#: :func:`_merge_moments`).
-_REDUCTIONS: dict[str, Callable[[Any, Any], Any]] = {
-    "sum": operator.add,
-    "min": torch.fmin,  # fmin/fmax ignore the NaN of a unit without values on one side
-    "max": torch.fmax,
-    "cat": lambda a, b: torch.cat([a, b.to(a.dtype)]),
-}
-
-
-@dataclass(frozen=True)
-class StateField:
-    """The declaration of one field of a mergeable state (cf. torchmetrics' ``add_state``).
-
-    Parameters
-    ----------
-    name : str
-        Attribute name of the field.
-    reduce : str
-        How the field of two states over disjoint values combines (see :func:`merge_fields`):
-        ``"sum"``, ``"min"``/``"max"`` (NaN-ignoring ``fmin``/``fmax``: NaN marks a unit
-        without values), ``"cat"`` (concatenation along the first dimension) or
-        ``"moments"``: the fields so declared form *one* group merged jointly, in declaration
-        order the count, the mean and the central moment sums ``M2 .. Mp`` (Pébay 2008).
-    shape : tuple
-        Shape of the empty value: ints and the sizes ``"units"`` and ``"bins+2"``.
-    dtype : torch.dtype, type or None
-        ``None`` for the compute dtype of the values; ``int`` for a host-side Python int (one
-        count for all units).
-    fill : float
-        Every element of the empty value (the field's value over no values).
-
-    Notes
-    -----
-    The reductions map onto ``torch.distributed`` for a later multi-rank merge: ``"sum"`` is
-    ``all_reduce(SUM)``; ``"min"``/``"max"`` are ``all_reduce(MIN/MAX)`` once the NaN of empty
-    units is replaced by ``+inf``/``-inf`` (MIN/MAX do not ignore NaN); ``"cat"`` needs an
-    ``all_gather`` of samples of unequal length (padded, or ``all_gather_object``); the moment
-    group needs an ``all_gather`` of all its fields followed by the pairwise merge (a rank's
-    count, mean and sums cannot be reduced field by field).
-    """
-
-    name: str
-    reduce: str
-    shape: tuple[int | str, ...] = ("units",)
-    dtype: torch.dtype | type | None = None
-    fill: float = 0
-
-    def __post_init__(self) -> None:
-        if self.reduce not in (*_REDUCTIONS, "moments"):
-            raise ValueError(f"field {self.name!r}: unknown reduction {self.reduce!r}")
-
-    def empty(
-        self,
-        units: int | None,
-        *,
-        bins: int = 0,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ) -> torch.Tensor | int | None:
-        """The field over no values; ``None`` for a per-unit field while ``units`` is unknown."""
-        if self.dtype is int:
-            return int(self.fill)
-        if units is None:
-            return None
-        sizes = {"units": units, "bins+2": bins + 2}
-        shape = tuple(sizes.get(d, d) for d in self.shape)
-        return torch.full(shape, self.fill, dtype=self.dtype or dtype, device=device)
-
-
-def merge_fields(fields: Sequence[StateField], a: Any, b: Any) -> dict[str, Any]:
-    """Merge two states over disjoint values, declared field by field (exact).
-
-    ``a`` and ``b`` hold the declared fields as attributes; returns ``{name: merged value}``
-    for every declared field. The ``"moments"`` fields are merged as one group.
-    """
-    out: dict[str, Any] = {}
-    group = []
-    for f in fields:
-        if f.reduce == "moments":
-            group.append(f.name)
-        else:
-            out[f.name] = _REDUCTIONS[f.reduce](getattr(a, f.name), getattr(b, f.name))
-    if group:
-        merged = _merge_moments([getattr(a, k) for k in group], [getattr(b, k) for k in group])
-        out.update(zip(group, merged, strict=True))
-    return out
-
-
-def _merge_moments(a: list[Any], b: list[Any]) -> list[Any]:
-    """Pébay's (2008) pairwise merge of ``[count, mean, M2, .., Mp]`` (``p`` ≤ 4).
-
-    Per-unit integer counts (tensors): a side without values (count 0, NaN moments)
-    contributes nothing. One Python int count for all units (``p`` = 2): Chan et al.'s form,
-    with the weights taken once in double precision; an empty ``a`` gives ``b``.
-    """
-    order = len(a) - 1
-    if not 2 <= order <= 4 or len(b) != len(a):
-        raise ValueError(f"a moment group is count, mean, M2 .. M4; got {len(a)} and {len(b)}")
-    if isinstance(a[0], int):
-        if order != 2:
-            raise ValueError("a moment group with one count for all units has order 2")
-        (na, mean_a, m2_a), (nb, mean_b, m2_b) = a, b
-        if na == 0:
-            return list(b)
-        total = na + nb
-        delta = mean_b - mean_a
-        m2 = m2_a + m2_b + delta.square() * (na * nb / total)
-        return [total, mean_a + delta * (nb / total), m2]
-    na, nb = a[0].double(), b[0].double()
-    n = na + nb
-    safe_n = torch.where(n > 0, n, 1)
-    delta = b[1] - a[1]
-    merged = [
-        a[1] + delta * nb / safe_n,
-        a[2] + b[2] + delta**2 * na * nb / safe_n,
-    ]
-    if order >= 3:
-        merged.append(
-            a[3]
-            + b[3]
-            + delta**3 * na * nb * (na - nb) / safe_n**2
-            + 3 * delta * (na * b[2] - nb * a[2]) / safe_n
-        )
-    if order >= 4:
-        merged.append(
-            a[4]
-            + b[4]
-            + delta**4 * na * nb * (na * na - na * nb + nb * nb) / safe_n**3
-            + 6 * delta**2 * (na * na * b[2] + nb * nb * a[2]) / safe_n**2
-            + 4 * delta * (na * b[3] - nb * a[3]) / safe_n
-        )
-    # A side without finite values (NaN moments) contributes nothing: take the other side.
-    a_empty, b_empty = na == 0, nb == 0
-    return [
-        a[0] + b[0],
-        *(
-            torch.where(a_empty, tb, torch.where(b_empty, ta, t))
-            for t, ta, tb in zip(merged, a[1:], b[1:], strict=True)
-        ),
-    ]
-
-
-class StatisticsState:
-    """Mergeable state of one site's units (tensors on the activations' device).
-
-    Every field is declared once in :attr:`FIELDS`, with its reduction and its empty value;
-    merging (:func:`merge_states`), folding, the host transfer and the final statistics
-    (:func:`compute_many`) go through the declared fields by name:
-
-    ==========  ==========  ===============  ============================================
-    field       reduce      empty            meaning
-    ==========  ==========  ===============  ============================================
-    count       moments     0 int64          finite values per unit
-    total       sum         0 int64          all values per unit
-    mean        moments     NaN float64      mean of the finite values
-    m2, m3, m4  moments     NaN float64      central moment sums
-    min, max    min, max    NaN compute      extremes (compute dtype: float32 or float64)
-    n_sat       sum         0 int64          saturated values per unit
-    n_zero      sum         0 int64          exact zeros per unit
-    hist        sum         0 int64          ``[bins + 2]``: underflow, bins, overflow
-    sample      cat         ``[0, units]``   ``[m, units]`` raw values for the quantiles
-    ==========  ==========  ===============  ============================================
-
-    ``calls`` (tensors merged; added by a merge) and ``sample_sorted`` (each column of
-    ``sample`` ascending; false after a merge) are bookkeeping, not statistics.
-    """
-
-    FIELDS: ClassVar[tuple[StateField, ...]] = (
-        StateField("count", "moments", dtype=torch.int64),
-        StateField("total", "sum", dtype=torch.int64),
-        StateField("mean", "moments", dtype=torch.float64, fill=math.nan),
-        StateField("m2", "moments", dtype=torch.float64, fill=math.nan),
-        StateField("m3", "moments", dtype=torch.float64, fill=math.nan),
-        StateField("m4", "moments", dtype=torch.float64, fill=math.nan),
-        StateField("min", "min", fill=math.nan),
-        StateField("max", "max", fill=math.nan),
-        StateField("n_sat", "sum", dtype=torch.int64),
-        StateField("n_zero", "sum", dtype=torch.int64),
-        StateField("hist", "sum", ("bins+2",), torch.int64),
-        StateField("sample", "cat", (0, "units"), fill=math.nan),
-    )
-    _NAMES: ClassVar[frozenset[str]] = frozenset(f.name for f in FIELDS)
-    __slots__ = (*(f.name for f in FIELDS), "calls", "sample_sorted")
-
-    def __init__(
-        self, *, calls: int = 1, sample_sorted: bool = False, **fields: torch.Tensor
-    ) -> None:
-        if fields.keys() != self._NAMES:
-            missing, unknown = self._NAMES - fields.keys(), fields.keys() - self._NAMES
-            raise TypeError(
-                f"StatisticsState takes exactly the declared fields: missing {sorted(missing)}, "
-                f"unknown {sorted(unknown)}"
-            )
-        for name, value in fields.items():
-            setattr(self, name, value)
-        self.calls = calls
-        self.sample_sorted = sample_sorted
-
-    @classmethod
-    def empty(
-        cls, units: int, *, bins: int, dtype: torch.dtype, device: torch.device | str | None
-    ) -> StatisticsState:
-        """The state of one call without values (``calls`` 1)."""
-        return cls(
-            **{f.name: f.empty(units, bins=bins, dtype=dtype, device=device) for f in cls.FIELDS}
-        )
-
-    def fields(self) -> dict[str, torch.Tensor]:
-        """The declared fields, by name, in declaration order."""
-        return {f.name: getattr(self, f.name) for f in self.FIELDS}
-
-    def replace(self, **changes: Any) -> StatisticsState:
-        """A shallow copy with some fields or bookkeeping changed (as ``dataclasses.replace``)."""
-        kwargs = {**self.fields(), "calls": self.calls, "sample_sorted": self.sample_sorted}
-        return type(self)(**{**kwargs, **changes})
-
-    def __repr__(self) -> str:
-        parts = [f"{k}={tuple(v.shape)} {v.dtype}" for k, v in self.fields().items()]
-        return f"StatisticsState({', '.join(parts)}, calls={self.calls})"
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -1045,90 +822,3 @@ def _finish(host: Mapping[str, np.ndarray], compute_dtype: torch.dtype) -> dict[
         "quantile_value": host["sample"].astype(cdt, copy=False),
     }
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
-
-
-class GradientStatistics:
-    """Per-unit moments of a site's gradient ``dL/dx``, streaming and mergeable.
-
-    The state is the number of positions ``n`` and, per unit, the mean and the sum of squared
-    deviations ``M2`` of the gradient (float64), declared in :attr:`FIELDS` as one moment group
-    of order 2 (:class:`StateField`) and merged with Chan et al.'s formulas, so calls,
-    micro-batches and ranks combine exactly. :meth:`compute` gives per unit ``grad_mean``,
-    ``grad_var`` (ddof=0) and ``grad_unit_norm`` (``sqrt(Σ g²)`` over the unit's positions), and
-    ``grad_norm``, the Euclidean norm of the whole site gradient (all units, positions and
-    calls). Non-finite gradients propagate (NaN/inf results), as a diverged run's should.
-
-    Parameters
-    ----------
-    unit_dim : int
-        Dimension of the gradient holding the units (as for the activation).
-
-    Examples
-    --------
-    >>> g = torch.randn(32, 5)
-    >>> s = GradientStatistics(1)
-    >>> s.update(g[:10]); s.update(g[10:])
-    >>> out = s.compute()
-    >>> bool(torch.allclose(out["grad_norm"], g.double().norm()))
-    True
-    """
-
-    FIELDS: ClassVar[tuple[StateField, ...]] = (
-        StateField("n", "moments", (), int),  # positions: one count for all units
-        StateField("mean", "moments", dtype=torch.float64),  # [units], the gradient's device
-        StateField("m2", "moments", dtype=torch.float64),
-    )
-
-    n: int
-    mean: torch.Tensor | None  # None until the first update (the units are unknown)
-    m2: torch.Tensor | None
-
-    def __init__(self, unit_dim: int) -> None:
-        self.unit_dim = unit_dim
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget everything."""
-        for f in self.FIELDS:
-            setattr(self, f.name, f.empty(None))
-
-    def update(self, g: torch.Tensor) -> None:
-        """Add the gradient of one call (any shape with the units on ``unit_dim``)."""
-        rows = _as_rows(g, self.unit_dim) if g.ndim > 1 else g.detach().view(1, -1)
-        n = rows.shape[0]  # rows: [positions, units]
-        if n == 0:
-            return
-        mean = rows.mean(0)
-        m2 = (rows - mean).square().sum(0)  # two passes: no cancellation
-        self.merge_moments(n, mean.double(), m2.double())
-
-    def merge_moments(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        """Merge another state (``n`` positions, per-unit ``mean`` and ``M2``) into this one."""
-        self._merge(SimpleNamespace(n=n, mean=mean, m2=m2))
-
-    def merge(self, other: GradientStatistics) -> None:
-        """Merge the state of ``other`` (disjoint positions of the same units) into this one."""
-        if other.n and other.mean is not None and other.m2 is not None:
-            self._merge(other)
-
-    def _merge(self, other: Any) -> None:
-        if self.n and self.mean is not None and other.mean.shape != self.mean.shape:
-            raise ValueError(
-                f"cannot merge gradients of {tuple(other.mean.shape)} units into "
-                f"{tuple(self.mean.shape)}"
-            )
-        for name, value in merge_fields(self.FIELDS, self, other).items():
-            setattr(self, name, value)
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        """``grad_mean``, ``grad_var``, ``grad_unit_norm`` ``[units]`` and ``grad_norm`` ``[]``
-        (float64, on the gradient's device)."""
-        if self.mean is None or self.m2 is None or self.n == 0:
-            raise ValueError("no gradient was recorded: call update() first")
-        sumsq = self.m2 + self.n * self.mean.square()  # [units]
-        return {
-            "grad_mean": self.mean,
-            "grad_var": self.m2 / self.n,
-            "grad_unit_norm": sumsq.sqrt(),
-            "grad_norm": sumsq.sum().sqrt(),
-        }

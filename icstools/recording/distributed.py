@@ -6,11 +6,11 @@
 when a record closes, every rank sends the mergeable state of its record to rank 0 (one
 ``gather_object`` per record), which merges it into its own with the states' declared merges
 (:meth:`~icstools.functional.statistics.ActivationStatistics.merge`,
-:meth:`~icstools.functional.statistics.GradientStatistics.merge_moments`: counts, moment sums,
-extremes, histograms, quantile samples thinned to a common rate), so the record describes the
-global batch; rank 0 writes ``P`` (attrs ``world_size``, ``ranks_merged``, ``distributed``),
-the other ranks write nothing, and :meth:`to_dataset` gives rank 0's dataset on every rank (a
-broadcast: call it on every rank, like torchmetrics' ``compute()``).
+:meth:`~icstools.functional.gradient_statistics.GradientStatistics.merge_moments`: counts,
+moment sums, extremes, histograms, quantile samples thinned to a common rate), so the record
+describes the global batch; rank 0 writes ``P`` (attrs ``world_size``, ``ranks_merged``,
+``distributed``), the other ranks write nothing, and :meth:`to_dataset` gives rank 0's dataset
+on every rank (a broadcast: call it on every rank, like torchmetrics' ``compute()``).
 
 What is merged and what runs once:
 
@@ -51,7 +51,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from icstools.functional.statistics import GradientStatistics, choose_hist_edges
+from icstools.functional.gradient_statistics import GradientStatistics
+from icstools.functional.statistics import choose_hist_edges
 from icstools.recording.errors import RecorderError
 from icstools.recording.layout import Layout
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from icstools.functional.statistics import GradientStatistics
+from icstools.functional.gradient_statistics import GradientStatistics
 from icstools.recording.measurements.base import Context, Measurement
 from icstools.schema import Variable
 
