@@ -39,29 +39,23 @@ the value given and what is valid):
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import statistics
 import sys
-import tempfile
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NoReturn
 
-import xarray as xr
+from icstools.commands import info, outputs, run, sites
+from icstools.commands.common import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PIPE,
+    EXIT_USAGE,
+    PROG,
+    UsageError,
+)
 
-__all__ = ["main"]
-
-PROG = "icstools"
-
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 130, 141
-
-
-class UsageError(Exception):
-    """A user mistake detected by the command (exit code 2)."""
+__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PIPE", "EXIT_USAGE", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,764 +64,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         hint = f" (see {self.prog} --help)"
         self.exit(2, f"{PROG}: error: {message}{hint}\n")
-
-
-def _fmt(v: object) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def _print_table(rows: list[dict[str, object]]) -> None:
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols}
-    print("  ".join(c.ljust(widths[c]) for c in cols).rstrip())
-    for r in rows:
-        print("  ".join(_fmt(r[c]).ljust(widths[c]) for c in cols).rstrip())
-
-
-def _check_output(option: str, value: str, *, file: bool, sub: str | None = None) -> None:
-    """Refuse an output path that cannot be written (:class:`UsageError`), before any work.
-
-    ``file``: ``value`` is a file to write, its missing folders created; else a folder, created
-    if missing, in which the command creates ``sub``. Nothing is left behind by the check.
-    """
-    target = Path(value, sub) if sub else Path(value)
-    valid = (
-        "give the path of a file in a writable folder (missing folders are created)"
-        if file
-        else "give a writable folder (created if missing)"
-    )
-    if file and target.is_dir():
-        raise UsageError(
-            f"{option} {value!r} is a folder; give the path of a file, e.g. "
-            f"{target / ('report.' + option.lstrip('-'))}"
-        )
-    base = target.parent if file else target
-    while not os.path.lexists(base) and base != base.parent:
-        base = base.parent  # the folder nearest to the target that exists
-    if not base.is_dir():
-        what = "is a file, not a folder" if base.is_file() else "is not a folder"
-        raise UsageError(f"{option} {value!r}: {base} {what}; {valid}")
-    try:
-        with tempfile.TemporaryFile(dir=base):
-            pass
-    except OSError as exc:
-        raise UsageError(
-            f"{option} {value!r}: cannot write in {base} ({exc.strerror or exc}); {valid}"
-        ) from None
-    if file and target.is_file() and not os.access(target, os.W_OK):
-        raise UsageError(f"{option} {value!r}: the file exists and is read-only; {valid}")
-
-
-# ============================================================================================
-# demo
-# ============================================================================================
-
-
-def _demo(args: argparse.Namespace) -> int:
-    """``icstools run fig1`` at a reduced scale, then ``icstools report`` on its runs."""
-    if args.steps < 1 or args.seeds < 1:
-        raise UsageError(f"--steps and --seeds must be ≥ 1, got {args.steps} and {args.seeds}")
-    out = Path(args.out)
-    t0 = time.perf_counter()
-    run_args = argparse.Namespace(
-        preset="fig1",
-        steps=args.steps,
-        seeds=args.seeds,
-        out=str(out),
-        quick=False,
-        quiet=args.quiet,
-        data_dir=args.data_dir,
-        threads=args.threads,
-        conditions=None,
-        argv=args.argv,
-        # an earlier demo's finished runs are kept (same options), its others run again
-        resume=not args.force,
-        force=args.force,
-        workers=None,
-        scheduler=None,
-    )
-    code = _run(run_args)
-    if code:
-        return code
-    report = argparse.Namespace(
-        inputs=[str(out / "fig1")],
-        html=str(out / "fig1-report.html"),
-        json=str(out / "fig1-report.json"),
-    )
-    print()
-    code = _report(report)
-    print(f"demo: {time.perf_counter() - t0:.0f} s; open {report.html} in a browser (offline).")
-    return code
-
-
-# ============================================================================================
-# run, list
-# ============================================================================================
-
-
-def _parse_seeds(text: str) -> int | list[int]:
-    """``"3"`` → 3 (seeds 0, 1, 2); ``"0,4,7"`` or ``"5,"`` → that list."""
-    text = text.strip()
-    try:
-        if "," in text:
-            seeds = [int(s) for s in text.split(",") if s.strip()]
-            if not seeds or any(s < 0 for s in seeds):
-                raise ValueError
-            return seeds
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of seeds (e.g. 3) or a comma list of seeds ≥ 0 (e.g. 0,4 or 5,), "
-            f"got {text!r}"
-        ) from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"the number of seeds must be ≥ 1, got {n}")
-    return n
-
-
-def _steps_list(text: str) -> list[int]:
-    try:
-        steps = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected steps as a comma list of whole numbers, got {text!r}"
-        ) from None
-    if not steps or min(steps) < 0:
-        raise argparse.ArgumentTypeError(f"expected steps ≥ 0, got {text!r}")
-    return steps
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 1, got {n}")
-    return n
-
-
-def _run(args: argparse.Namespace) -> int:
-    from icstools.experiments import get_preset, run_preset
-    from icstools.experiments.cluster import RunsFailedError
-
-    preset = get_preset(args.preset)  # PresetError (exit 2) before anything is written
-    _check_output("--out", args.out, file=False, sub=preset.name)
-    try:
-        manifest = run_preset(
-            preset,
-            steps=args.steps,
-            seeds=args.seeds,
-            out=args.out,
-            quick=args.quick,
-            progress=not args.quiet,
-            data_dir=args.data_dir,
-            threads=args.threads,
-            conditions=args.conditions or None,
-            command=[PROG, *args.argv],
-            resume=args.resume,
-            force=args.force,
-            log=lambda line: print(f"{PROG}: {line}", file=sys.stderr),
-            workers=args.workers,
-            scheduler=args.scheduler,
-        )
-    except RunsFailedError as exc:  # on a cluster: the other runs finished and are kept
-        print(exc.manifest.summary())
-        print(f"\nmanifest: {exc.manifest.path}")
-        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EXIT_USAGE if exc.user_error else EXIT_ERROR
-    print(manifest.summary())
-    diverged = sum(r.diverged for r in manifest.runs)
-    if diverged:
-        print(f"\n{diverged} of {len(manifest.runs)} runs diverged (a result, not an error).")
-    print(f"\nmanifest: {manifest.path}")
-    return 0
-
-
-def _list(args: argparse.Namespace) -> int:
-    from icstools.experiments import PRESETS
-
-    width = max(len(n) for n in PRESETS)
-    for name, p in PRESETS.items():
-        print(f"{name.ljust(width)}  {p.description}")
-        if args.verbose:
-            print(
-                f"{''.ljust(width)}  {len(p.conditions)} conditions "
-                f"({', '.join(c.name for c in p.conditions)}) × {len(p.seeds)} seeds × "
-                f"{p.steps:,} steps (quick: {p.quick_steps:,} steps, 1 seed)"
-            )
-            for claim in p.claims:
-                print(f"{''.ljust(width)}  - {claim}")
-    return 0
-
-
-# ============================================================================================
-# sites
-# ============================================================================================
-
-
-def _guess_input_shape(model: Any) -> tuple[int, ...] | None:
-    """One example's shape from the first leaf module (Linear / Conv), else None."""
-    from torch import nn
-
-    for _, m in model.named_modules():
-        if list(m.children()):
-            continue
-        if isinstance(m, nn.Linear):
-            return (m.in_features,)
-        if isinstance(m, nn.Conv1d):
-            return (m.in_channels, 32)
-        if isinstance(m, nn.Conv2d):
-            return (m.in_channels, 28, 28)
-        if isinstance(m, nn.Conv3d):
-            return (m.in_channels, 8, 8, 8)
-        return None
-    return None
-
-
-def _site_rows(model: Any, input_shape: tuple[int, ...] | None) -> list[dict[str, str]]:
-    """One row per site: name, module type, tensor shape and unit layout, default mark."""
-    import torch
-
-    from icstools.recording.hooks import HookGroup
-    from icstools.recording.isolation import isolated
-    from icstools.sites import (
-        Site,
-        SiteSelectionError,
-        default_unit_dim,
-        find_tensor,
-        layout_module,
-        list_sites,
-        select_sites,
-    )
-
-    try:
-        default = {s.name for s in select_sites(model, None)}
-    except SiteSelectionError:
-        default = set()
-    shapes: dict[str, tuple[int, ...]] = {}
-    if input_shape is not None:
-        with HookGroup() as hooks:
-            for name, module in model.named_modules():
-                if not name:
-                    continue
-
-                def pre(mod, args, kwargs, name=name):
-                    t = find_tensor(args) if args else find_tensor(kwargs)
-                    if t is not None:
-                        shapes.setdefault(f"{name}:input", tuple(t.shape))
-
-                def post(mod, args, output, name=name):
-                    t = find_tensor(output)
-                    if t is not None:
-                        shapes.setdefault(f"{name}:output", tuple(t.shape))
-
-                hooks.forward_pre(module, pre, with_kwargs=True)
-                hooks.forward(module, post)
-            try:
-                with isolated(model, mode="eval", grad=False):
-                    model(torch.rand(2, *input_shape))
-            except Exception as exc:
-                raise UsageError(
-                    f"the model does not accept inputs of shape [batch, "
-                    f"{', '.join(map(str, input_shape))}]: {exc} (give one example's shape "
-                    "with --input-shape)"
-                ) from None
-    rows = []
-    for site_name in list_sites(model):
-        module_name, _, role = site_name.rpartition(":")
-        module = model.get_submodule(module_name)
-        shape = shapes.get(site_name)
-        if shape is None:
-            shown, units = "-", "-" if input_shape is not None else "?"
-        else:
-            x = torch.empty(shape, device="meta")
-            ud = default_unit_dim(layout_module(model, Site(module_name, role)), x)
-            dims = ["B", *map(str, shape[1:])]
-            shown = "[" + ", ".join(dims) + "]"
-            pooled = [n for d, n in enumerate(_dim_names(len(shape), ud)) if d != ud]
-            units = f"{shape[ud]} (dim {ud}; pooled over {', '.join(pooled)})"
-        rows.append(
-            {
-                "": "*" if site_name in default else "",
-                "site": site_name,
-                "module": type(module).__name__,
-                "shape": shown,
-                "units": units,
-            }
-        )
-    return rows
-
-
-def _dim_names(ndim: int, unit_dim: int) -> list[str]:
-    """Conventional names of a site tensor's dimensions (``N`` the batch)."""
-    known = {
-        2: ["N", "F"],
-        3: ["N", "C", "L"] if unit_dim == 1 else ["N", "T", "F"],
-        4: ["N", "C", "H", "W"],
-        5: ["N", "C", "D", "H", "W"],
-    }
-    return known.get(ndim, ["N", *(f"d{d}" for d in range(1, ndim))])
-
-
-def _print_sites(title: str, model: Any, input_shape: tuple[int, ...] | None) -> None:
-    shape = "?" if input_shape is None else "[batch, " + ", ".join(map(str, input_shape)) + "]"
-    rows = _site_rows(model, input_shape)
-    print(f"{title}  (input {shape})")
-    if not rows:
-        print("  (no submodules: nothing to hook)")
-        return
-    _print_table(rows)
-
-
-def _sites(args: argparse.Namespace) -> int:
-    import torch
-    from torch import nn
-
-    from icstools.experiments import DATA_SHAPES, PRESETS, get_preset, load_factory
-    from icstools.recording.isolation import isolated
-
-    input_shape = args.input_shape
-    if ":" in args.target:
-        try:
-            kwargs = json.loads(args.kwargs) if args.kwargs else {}
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--kwargs is not valid JSON: {exc}") from None
-        if not isinstance(kwargs, dict):
-            raise UsageError(f"--kwargs must be a JSON object, got {args.kwargs!r}")
-        try:
-            factory = load_factory(args.target)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        try:
-            model = factory(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise UsageError(
-                f"calling {args.target}(**{json.dumps(kwargs)}) failed: {exc}"
-            ) from None
-        if not isinstance(model, nn.Module):
-            raise UsageError(f"{args.target} returned a {type(model).__name__}, not an nn.Module")
-        if input_shape is None:
-            input_shape = _guess_input_shape(model)
-        _print_sites(f"{args.target} {json.dumps(kwargs)}", model, input_shape)
-    else:
-        if args.kwargs:
-            raise UsageError("--kwargs applies to a model factory target, not to a preset")
-        if args.target not in PRESETS:
-            raise UsageError(
-                f"unknown preset {args.target!r}; valid presets: {', '.join(PRESETS)}; or give "
-                "a model factory as package.module:factory"
-            )
-        preset = get_preset(args.target)
-        input_shape = input_shape or DATA_SHAPES[preset.data]
-        seen: dict[str, list[str]] = {}
-        for cond in preset.conditions:
-            key = json.dumps(cond.settings()["model"]) + json.dumps(cond.settings()["kwargs"])
-            seen.setdefault(key, []).append(cond.name)
-        first = True
-        for names in seen.values():
-            cond = preset.condition(names[0])
-            with isolated():
-                torch.manual_seed(0)
-                model = cond.build()
-            if not first:
-                print()
-            first = False
-            _print_sites(f"{preset.name} / {', '.join(names)}", model, input_shape)
-    print("\n* recorded by default (inputs of element-wise nonlinearities, the paper's sites)")
-    return 0
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
-    except ValueError:
-        dims = ()
-    if not dims or any(d < 1 for d in dims):
-        raise argparse.ArgumentTypeError(
-            f"expected one example's shape without the batch, e.g. 784 or 1,28,28; got {text!r}"
-        )
-    return dims
-
-
-# ============================================================================================
-# info
-# ============================================================================================
-
-
-def _disk_size(path: Path) -> int:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.lstat(os.path.join(root, f)).st_size
-            except OSError:
-                pass
-    return total
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"  # pragma: no cover
-
-
-def _info_manifest(path: Path, at: Sequence[int] = ()) -> int:
-    from icstools.experiments import load_manifest
-
-    try:
-        manifest = load_manifest(path)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    print(f"preset folder {path.resolve()} ({_human(_disk_size(path))} on disk)")
-    print(
-        f"created {manifest.created}, icstools {manifest.icstools_version}, "
-        f"{'complete' if manifest.complete else 'INCOMPLETE (still running, or failed)'}"
-    )
-    if manifest.command:
-        print(f"command {' '.join(manifest.command)}")
-    print()
-    if manifest.runs:
-        print(manifest.summary())
-    else:
-        print(f"{manifest.preset}: no run finished yet")
-    if at:
-        print(f"\ntest accuracy at steps {', '.join(map(str, at))} (mean ± sd over seeds)")
-        rows = []
-        for cond in dict.fromkeys(r.condition for r in manifest.runs):
-            runs = [r for r in manifest.runs if r.condition == cond]
-            row: dict[str, object] = {"condition": cond, "runs": len(runs)}
-            for step in at:
-                vals = [
-                    r.test_acc[step] if step in r.test_acc else r.final_test_acc
-                    for r in runs
-                    if step in r.test_acc or step == r.steps_done
-                ]
-                row[f"step {step}"] = (
-                    "not evaluated"
-                    if not vals
-                    else f"{statistics.fmean(vals):.4f} ± "
-                    f"{statistics.stdev(vals) if len(vals) > 1 else math.nan:.4f}"
-                )
-            rows.append(row)
-        _print_table(rows)
-    print("\nstores:")
-    for r in manifest.runs:
-        print(f"  {manifest.run_path(r)}")
-    return 0
-
-
-def _info(args: argparse.Namespace) -> int:
-    from icstools.store import StoreError, open_run
-
-    path = Path(args.run)
-    if path.is_dir() and (path / "manifest.json").is_file() and not (path / ".zmetadata").exists():
-        return _info_manifest(path, args.at or ())
-    try:
-        ds = open_run(path, chunks={})  # lazy: metadata only
-    except FileNotFoundError as exc:
-        raise UsageError(str(exc)) from None
-    except StoreError as exc:
-        raise UsageError(str(exc)) from None
-    try:
-        if args.at:
-            raise UsageError(
-                f"--at applies to a preset folder (with manifest.json), not to the run store "
-                f"{path}; give the preset's folder, e.g. data/runs/fig1, or leave out --at"
-            )
-        _load_shown(path, ds)
-        lines = _info_lines(path, ds)  # all of it before printing: no partial output
-    finally:
-        ds.close()
-    print("\n".join(lines))
-    return 0
-
-
-def _load_shown(path: Path, ds: xr.Dataset) -> None:
-    """Read the values ``info`` shows (coordinates, loss, test_acc) into ``ds``.
-
-    A damaged chunk becomes a :class:`~icstools.store.StoreError` naming the variable, as in
-    :func:`~icstools.store.open_run`; the other variables are not read, so their damage goes
-    unnoticed here (``report`` reads them).
-    """
-    from icstools.store import StoreError
-
-    for name in [*ds.coords, *(n for n in ("loss", "test_acc") if n in ds.data_vars)]:
-        try:
-            ds.variables[name].load()  # in place
-        except Exception as exc:  # zarr/numcodecs/xarray errors on damaged chunks
-            raise StoreError(
-                f"{path.absolute()} is corrupt: cannot decode its variable {name!r} "
-                f"({type(exc).__name__}: {exc}); a file of the store was truncated or "
-                "overwritten after it was written: restore the store from a copy or record the "
-                "run again"
-            ) from None
-
-
-def _short(text: str, width: int = 90) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _info_lines(path: Path, ds: xr.Dataset) -> list[str]:
-    """What ``info`` prints about the run store at ``path``, one string a line."""
-    lines: list[str] = []
-    add = lines.append
-    steps = ds["step"].values
-    attrs = ds.attrs
-    add(f"run        {path.resolve()} ({_human(_disk_size(path))} on disk)")
-    if len(steps):
-        add(f"steps      {int(steps[0])} … {int(steps[-1])}, {len(steps)} records")
-    else:
-        add("steps      none recorded")
-    if "source" in ds.coords:
-        add(f"sources    {', '.join(map(str, ds['source'].values))}")
-    if "site" in ds.coords:
-        sites = [str(s) for s in ds["site"].values]
-        units = [int(u) for u in ds["site_units"].values] if "site_units" in ds.coords else None
-        per = (
-            ", ".join(f"{s} ({u})" for s, u in zip(sites, units, strict=True))
-            if units is not None
-            else ", ".join(sites)
-        )
-        n_units = ds.sizes.get("unit", 0)
-        add(f"sites      {len(sites)}, {n_units} units: {per}")
-    for dim, label in (("param", "params"), ("layer", "layers"), ("block", "blocks")):
-        if dim in ds.coords:
-            names = [str(v) for v in ds[dim].values]
-            add(f"{label:<10} {len(names)}: {', '.join(names)}")
-    groups: dict[tuple[str, ...], list[str]] = {}
-    for name, var in ds.data_vars.items():
-        groups.setdefault(tuple(var.dims), []).append(str(name))
-    add("variables")
-    for dims, names in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[0])):
-        add(f"  ({', '.join(dims)})".ljust(36) + ", ".join(sorted(names)))
-    if "loss" in ds and len(steps):
-        loss = ds["loss"].values
-        add(f"loss       first {loss[0]:.4g}, last {loss[-1]:.4g}")
-    if "test_acc" in ds and len(steps):
-        acc = ds["test_acc"].values
-        finite = acc[~(acc != acc)]
-        if finite.size:
-            add(f"test_acc   last measured {finite[-1]:.4f}, best {finite.max():.4f}")
-    diverged = attrs.get("diverged_step")
-    add(f"diverged   {'no' if diverged is None else f'at recorded step {diverged}'}")
-    shown = ("icstools_version", "schema_version", "seed", "model_class", "n_committed")
-    add("attrs      " + ", ".join(f"{k}={attrs[k]}" for k in shown if k in attrs))
-    config = attrs.get("recorder_config")
-    if isinstance(config, str):
-        try:
-            cfg = json.loads(config)
-        except ValueError:
-            cfg = None
-        if isinstance(cfg, dict):
-            keys = (
-                "schedule",
-                "probe_shape",
-                "probe_mode",
-                "probe_sample",
-                "gradients",
-                "ics",
-                "landscape",
-                "jacobian",
-            )
-            parts = [_short(f"{k}={cfg[k]}") for k in keys if cfg.get(k) not in (None, False)]
-            add("recorder   " + "; ".join(parts))
-    return lines
-
-
-# ============================================================================================
-# verify
-# ============================================================================================
-
-
-def _verify(args: argparse.Namespace) -> int:
-    """Check run stores byte for byte; exit 2 if any is damaged or not a run store."""
-    from icstools.experiments import load_manifest
-    from icstools.store import StoreError, verify_run
-
-    targets: list[Path] = []
-    for given in args.runs:
-        p = Path(given)
-        if not os.path.lexists(p):
-            raise UsageError(f"no such run store or preset folder: {given}")
-        if p.is_dir() and (p / "manifest.json").is_file() and not (p / ".zmetadata").exists():
-            try:
-                manifest = load_manifest(p)
-            except ValueError as exc:
-                raise UsageError(str(exc)) from None
-            if not manifest.runs:
-                print(f"{p}: its manifest lists no finished run")
-            targets += [manifest.run_path(r) for r in manifest.runs]
-        else:
-            targets.append(p)
-    bad = 0
-    for target in targets:
-        try:
-            result = verify_run(target)
-        except (StoreError, FileNotFoundError) as exc:
-            print(f"DAMAGED: {target}: {' '.join(str(exc).split())}")
-            bad += 1
-            continue
-        print(result.summary())
-        for problem in result.problems:
-            print(f"  {problem}")
-        bad += not result.ok
-    if bad:
-        print(
-            f"{PROG}: error: {bad} of {len(targets)} run stores are damaged or not run stores "
-            "(listed above); restore them from a copy or record those runs again",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    return EXIT_OK
-
-
-# ============================================================================================
-# report
-# ============================================================================================
-
-
-def _figures(args: argparse.Namespace) -> int:
-    """``icstools figures PRESET_DIR``: the paper's figures as PNG files."""
-    from icstools.report.figures import write_figures
-
-    folder = Path(args.preset_dir)
-    if not (folder / "manifest.json").is_file():
-        raise UsageError(
-            f"{args.preset_dir!r} is not a preset's run folder (no manifest.json); give the "
-            "folder an 'icstools run PRESET' wrote, e.g. data/runs/fig1"
-        )
-    out = args.out if args.out is not None else str(folder / "figures")
-    _check_output("--out", out, file=False)
-    try:
-        paths = write_figures(folder, out)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UsageError(str(exc)) from None
-    for path in paths:
-        print(path)
-    return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    inputs = [Path(p) for p in args.inputs]
-    missing = [str(p) for p in inputs if not p.exists()]
-    if missing:
-        raise UsageError(f"no such run or folder: {', '.join(missing)}")
-    try:
-        from icstools.report import write_report
-    except ImportError as exc:
-        print(f"{PROG}: error: the drift report is not available: {exc}", file=sys.stderr)
-        return 1
-    from icstools.store import StoreError
-
-    _check_output("--html", args.html, file=True)
-    if args.json is not None:
-        _check_output("--json", args.json, file=True)
-        if Path(args.json).absolute() == Path(args.html).absolute():
-            raise UsageError(
-                f"--html and --json are the same file ({args.html}); give two different paths"
-            )
-    try:
-        result = write_report(
-            inputs,
-            Path(args.html),
-            None if args.json is None else Path(args.json),
-            labels=getattr(args, "label", None),
-        )
-    except (ValueError, TypeError, StoreError, FileNotFoundError) as exc:
-        raise UsageError(str(exc)) from None
-    rows = [
-        {
-            "verdict": str(v.get("verdict", "")),
-            "claim": str(v.get("claim", "")),
-            "measurement": str(v.get("measurement", "")),
-        }
-        for v in getattr(result, "verdicts", [])
-    ]
-    if rows:
-        _print_table(rows)
-    print(f"\nreport: {args.html}" + (f", {args.json}" if args.json else ""))
-    data = getattr(result, "data", {})
-    for note in _notes(data, "skipped the run "):
-        print(f"{PROG}: note: {' '.join(note.split())}", file=sys.stderr)
-    skipped = _unreadable_runs(data)
-    for note in skipped:
-        print(
-            f"{PROG}: error: {' '.join(note.split())}; it is left out of the report",
-            file=sys.stderr,
-        )
-    return EXIT_USAGE if skipped else EXIT_OK
-
-
-def _unreadable_runs(data: dict[str, Any]) -> list[str]:
-    """The report's notes on runs it found but could not read (damaged or not a store)."""
-    return _notes(data, "cannot open the run ")
-
-
-def _notes(data: dict[str, Any], prefix: str) -> list[str]:
-    """The report's notes (its own and its presets') that start with ``prefix``."""
-    notes = [
-        *data.get("notes", []),
-        *(n for p in data.get("presets", []) for n in p.get("notes", [])),
-    ]
-    return [n for n in notes if isinstance(n, str) and n.startswith(prefix)]
-
-
-# ============================================================================================
-# export
-# ============================================================================================
-
-
-def _export_targets(run: Path, logdir: Path) -> list[tuple[Path, Path]]:
-    """(store, logdir) pairs: one run store, or each store under a folder of runs, into
-    ``logdir/<its path under the folder, without .zarr>`` (one TensorBoard run each)."""
-    if not run.exists():
-        raise UsageError(f"no such run or folder: {run}")
-    if (run / ".zmetadata").exists() or (run / "zarr.json").exists() or run.suffix == ".zarr":
-        return [(run, logdir)]
-    stores = sorted(p for p in run.rglob("*.zarr") if p.is_dir())
-    if not stores:
-        raise UsageError(
-            f"{run} is neither a run store nor a folder holding run stores (*.zarr); give e.g. "
-            "data/runs/readme.zarr or a preset's output folder such as data/runs/fig1"
-        )
-    return [(s, logdir / s.relative_to(run).with_suffix("")) for s in stores]
-
-
-def _export(args: argparse.Namespace) -> int:
-    from icstools.store import StoreError
-
-    try:
-        from icstools.export import export_tensorboard
-        from icstools.export.tensorboard import _summary_writer
-
-        _summary_writer()  # the tensorboard package is there, before any work
-    except ImportError as exc:
-        raise UsageError(str(exc)) from None
-    targets = _export_targets(Path(args.run), Path(args.tensorboard))
-    _check_output("--tensorboard", args.tensorboard, file=False)
-    for store, logdir in targets:
-        try:
-            out = export_tensorboard(
-                store,
-                logdir,
-                sources=args.source,
-                drift_metric=None if args.drift == "none" else args.drift,
-                histograms=not args.no_histograms,
-                overwrite=args.overwrite,
-            )
-        except (ValueError, StoreError) as exc:
-            raise UsageError(f"{store}: {exc}") from None
-        print(
-            f"{store}: {out.steps} steps, {len(out.scalar_tags)} scalar and "
-            f"{len(out.histogram_tags)} histogram tags -> {logdir}"
-        )
-        for note in out.notes:
-            print(f"  note: {note}")
-    print(f"\nview with: tensorboard --logdir {args.tensorboard}")
-    return EXIT_OK
 
 
 # ============================================================================================
@@ -916,11 +152,14 @@ def _add_run(sub: Any) -> None:
     )
     r.add_argument("preset", help="preset name (icstools list)")
     r.add_argument(
-        "--steps", type=_positive, metavar="N", help="optimizer steps per run (default: preset's)"
+        "--steps",
+        type=run.positive,
+        metavar="N",
+        help="optimizer steps per run (default: preset's)",
     )
     r.add_argument(
         "--seeds",
-        type=_parse_seeds,
+        type=run.parse_seeds,
         metavar="N|LIST",
         help="number of seeds N (0..N-1) or a comma list, e.g. 0,3 or 5, (default: preset's)",
     )
@@ -935,7 +174,7 @@ def _add_run(sub: Any) -> None:
     )
     r.add_argument("--quick", action="store_true", help="reduced end-to-end run: 1 seed, few steps")
     r.add_argument(
-        "--threads", type=_positive, default=1, metavar="N", help="torch intra-op threads (1)"
+        "--threads", type=run.positive, default=1, metavar="N", help="torch intra-op threads (1)"
     )
     r.add_argument(
         "--data-dir", metavar="DIR", help="MNIST base folder (default: $ICSTOOLS_DATA, ./data)"
@@ -957,7 +196,7 @@ def _add_run(sub: Any) -> None:
     where = r.add_mutually_exclusive_group()
     where.add_argument(
         "--workers",
-        type=_positive,
+        type=run.positive,
         metavar="N",
         help="run the runs on a local dask cluster of N processes (pip install icstools[cluster])",
     )
@@ -967,7 +206,7 @@ def _add_run(sub: Any) -> None:
         help="run the runs on the dask cluster at ADDRESS (tcp://host:8786), whose workers see"
         " --out at the same path",
     )
-    r.set_defaults(func=_run)
+    r.set_defaults(func=run.run)
 
 
 def _add_list(sub: Any) -> None:
@@ -980,7 +219,7 @@ def _add_list(sub: Any) -> None:
     ls.add_argument(
         "-v", "--verbose", action="store_true", help="also conditions, size and claims tested"
     )
-    ls.set_defaults(func=_list)
+    ls.set_defaults(func=run.list_presets)
 
 
 def _add_sites(sub: Any) -> None:
@@ -1000,11 +239,11 @@ def _add_sites(sub: Any) -> None:
     )
     s.add_argument(
         "--input-shape",
-        type=_shape,
+        type=sites.shape,
         metavar="SHAPE",
         help="one example's shape, e.g. 784 or 1,28,28 (default: from the first layer)",
     )
-    s.set_defaults(func=_sites)
+    s.set_defaults(func=sites.sites)
 
 
 def _add_info(sub: Any) -> None:
@@ -1019,11 +258,11 @@ def _add_info(sub: Any) -> None:
     i.add_argument("run", help="path of a run store (…/seed-0.zarr) or of a preset folder")
     i.add_argument(
         "--at",
-        type=_steps_list,
+        type=run.steps_list,
         metavar="STEPS",
         help="preset folder: also the test accuracy at these steps, e.g. 5000,10000,50000",
     )
-    i.set_defaults(func=_info)
+    i.set_defaults(func=info.info)
 
 
 def _add_report(sub: Any) -> None:
@@ -1055,7 +294,7 @@ def _add_report(sub: Any) -> None:
     )
     rp.add_argument("--html", required=True, metavar="PATH", help="path of the HTML report")
     rp.add_argument("--json", metavar="PATH", help="path of the JSON report (optional)")
-    rp.set_defaults(func=_report)
+    rp.set_defaults(func=outputs.report)
 
 
 def _add_figures(sub: Any) -> None:
@@ -1077,7 +316,7 @@ def _add_figures(sub: Any) -> None:
     fp.add_argument(
         "--out", metavar="DIR", help="folder of the PNG files (default: PRESET_DIR/figures)"
     )
-    fp.set_defaults(func=_figures)
+    fp.set_defaults(func=outputs.figures)
 
 
 def _add_verify(sub: Any) -> None:
@@ -1092,7 +331,7 @@ def _add_verify(sub: Any) -> None:
         "(written before checksums) are checked for missing and undecodable chunks only.",
     )
     v.add_argument("runs", nargs="+", metavar="RUN", help="run stores or preset folders")
-    v.set_defaults(func=_verify)
+    v.set_defaults(func=info.verify)
 
 
 def _add_export(sub: Any) -> None:
@@ -1126,7 +365,7 @@ def _add_export(sub: Any) -> None:
     )
     e.add_argument("--no-histograms", action="store_true", help="scalars only")
     e.add_argument("--overwrite", action="store_true", help="delete event files already in LOGDIR")
-    e.set_defaults(func=_export)
+    e.set_defaults(func=outputs.export)
 
 
 def _add_demo(sub: Any) -> None:
@@ -1155,7 +394,7 @@ def _add_demo(sub: Any) -> None:
         help="remove the runs of an earlier demo in DIR/fig1 first (default: keep its finished "
         "runs if the options are the same, else stop)",
     )
-    d.set_defaults(func=_demo)
+    d.set_defaults(func=run.demo)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

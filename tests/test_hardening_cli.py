@@ -19,6 +19,7 @@ from torch import nn
 
 import icstools
 from icstools import cli
+from icstools.commands import info as info_command
 
 ROOT = Path(__file__).parents[1]
 EXE = Path(sys.executable).with_name("icstools")
@@ -107,7 +108,7 @@ def test_info_bug_while_formatting_is_still_exit_1(capsys, store, monkeypatch):
     def bug(*args, **kwargs):
         raise TypeError("unsupported format string")
 
-    monkeypatch.setattr(cli, "_info_lines", bug)
+    monkeypatch.setattr(info_command, "_info_lines", bug)
     code, out, err = _run(capsys, "info", str(store))
     assert code == 1 and not out
     assert "TypeError: unsupported format string" in _one_line_error(err)
