@@ -52,6 +52,35 @@ def test_wide_records_stay_within_the_bound_and_read_back_whole(tmp_path):
     xr.testing.assert_identical(stored.drop_attrs(deep=False), memory.drop_attrs(deep=False))
 
 
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_a_record_over_half_the_bound_is_written_alone_without_a_copy(
+    tmp_path, monkeypatch, writer
+):
+    """Two such records never sit in the sink at once: each is handed to the writer as a block
+    of its own made of the record's arrays (no rows are filled), and waited for."""
+    from icstools.recording import sink as sink_module
+
+    monkeypatch.setenv(sink_module.WRITER_ENV, writer)
+    made = []
+    real = sink_module._Rows.__init__
+
+    def counted(self, first, rows):
+        made.append(rows)
+        real(self, first, rows)
+
+    monkeypatch.setattr(sink_module._Rows, "__init__", counted)
+    bound = 8 * 2**20
+    rec = _train(tmp_path / "run.zarr", buffer_bytes=bound)
+    per_record = rec.record_bytes
+    assert 2 * per_record > bound  # every record is over half the bound
+    assert rec._sink.peak_bytes == per_record  # held once, never beside another or a copy
+    assert not made  # no record was copied into rows
+    stored = open_run(tmp_path / "run.zarr")
+    assert stored.sizes["step"] == 12 and rec.n_committed == 12
+    memory = _train(None).to_dataset()
+    xr.testing.assert_identical(stored.drop_attrs(deep=False), memory.drop_attrs(deep=False))
+
+
 def test_narrow_records_keep_the_configured_chunks(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 8), nn.ReLU())

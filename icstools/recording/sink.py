@@ -22,8 +22,9 @@ Memory is bounded in bytes (``buffer_bytes``): the rows of records waiting for t
 latest record and the blocks the writer has not committed yet together stay within the bound.
 A block is handed over early once the buffered records reach a quarter of it, and the sink
 waits for the writer before buffering a record that would not fit beside the blocks in
-flight. A single record larger than half the bound is written on its own (the peak is then
-about two records). With a writer process, the child holds its copy of the block it writes
+flight. A record larger than half the bound is written on its own, from its own arrays, and
+the training waits for that write: the sink then holds one record at most. With a writer
+process, the child holds its copy of the block it writes
 (in its own memory). In memory (``path=None``) every record is kept: the bound cannot apply, and the
 sink warns once when the run outgrows it.
 """
@@ -149,6 +150,8 @@ class RecordSink:
             self.buffered_bytes += size
             self._note_peak(0)
             self._warn_if_outgrown()
+        elif 2 * size > self.buffer_bytes:
+            self._write_alone(record, size, block)
         else:
             self._buffer(record, size, block)
             if (
@@ -177,6 +180,30 @@ class RecordSink:
         self._rows.add(record)
         self.buffered_bytes += size
         self._note_peak(self._bytes_in_flight() + size)  # the recorder still holds the record
+
+    def _write_alone(
+        self, record: dict[str, Any], size: int, block: Callable[[list], xr.Dataset]
+    ) -> None:
+        """A record larger than half the bound: handed to the writer as a block of its own,
+        made of the record's arrays (no copy), and waited for. The sink then never holds more
+        than that record (a copy into rows, or the next record beside a block in flight, would
+        make two), at the cost of the training waiting for each such write."""
+        if self._template is None:
+            self._template = block([record])
+            self._fit_chunks()
+        self.submit(block, by_training=True)  # smaller records buffered before it go first
+        if self.writer_kind != "thread":  # as submit does for the training loop's blocks
+            self._writer.start_process()  # (only before the first block)
+        self._writer.flush()
+        self._in_flight.clear()
+        arrays = {  # [1, *record shape]: views of the record's arrays
+            name: np.asarray(v, np.int64 if name == STEP else None)[None]
+            for name, v in record.items()
+        }
+        self._writer.submit(StackedBlock(self._template, arrays))
+        self._note_peak(size)  # the record, held once: by the recorder and by the writer
+        self._writer.flush()
+        self._last_write = time.monotonic()
 
     def _warn_if_outgrown(self) -> None:
         """In memory every record is kept: say once when the run outgrows ``buffer_bytes``."""
