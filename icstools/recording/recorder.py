@@ -117,9 +117,10 @@ class Recorder(RecorderCore):
         Bound on the memory of records not yet committed to the store (default 256 MiB): the
         records are written early, and the loop waits for the writer, rather than exceed it.
         With the default statistics a record costs about ``44 + 4 × len(quantiles)`` bytes per
-        unit and source (128 MB for a site of 1,000,000 units); :attr:`record_bytes` tells the
-        exact figure after the first record. In memory (no ``path``) every record is kept; a
-        ``ResourceWarning`` says so once the run outgrows the bound.
+        unit and source (144 MB for a site of 1,000,000 units with the 25 default levels);
+        :attr:`record_bytes` tells the exact figure after the first record. A record larger
+        than half the bound is written on its own and waited for. In memory (no ``path``)
+        every record is kept; a ``ResourceWarning`` says so once the run outgrows the bound.
     seed : int
         Seed of the recorder's own generators (quantile and probe sampling); the global RNG is
         never touched.
