@@ -24,9 +24,9 @@ A block is handed over early once the buffered records reach a quarter of it, an
 waits for the writer before buffering a record that would not fit beside the blocks in
 flight. A record larger than half the bound is written on its own, from its own arrays, and
 the training waits for that write: the sink then holds one record at most. With a writer
-process, the child holds its copy of the block it writes
-(in its own memory). In memory (``path=None``) every record is kept: the bound cannot apply, and the
-sink warns once when the run outgrows it.
+process, the child holds its copy of the block it writes (in its own memory). In memory
+(``path=None``) every record is kept: the bound cannot apply, and the sink warns once when the
+run outgrows it.
 """
 
 from __future__ import annotations
