@@ -10,5 +10,7 @@ and its inputs) and returns numbers. The recorder's measurements
 - :mod:`~icstools.functional.gradient_statistics`: per-unit moments of a site's gradient;
 - :mod:`~icstools.functional.gradients`: gradient-based ICS, loss-landscape probes, the §3.3
   scale-invariance identities;
-- :mod:`~icstools.functional.jacobians`: singular values of Jacobians of blocks and segments.
+- :mod:`~icstools.functional.jacobians`: singular values of Jacobians of blocks and segments
+  (:mod:`~icstools.functional.jacobian_operator`: the per-example operator and its block-Krylov
+  solver; :mod:`~icstools.functional.jacobian_blocks`: whole models and segments).
 """
