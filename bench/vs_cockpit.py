@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, build, machine_info, mlp_batches, write_json
+from _common import RESULTS, build, machine_info, make_step, mlp_batches, write_json
 
 from icstools import Recorder
 
@@ -59,25 +59,6 @@ def _import_cockpit() -> tuple[object, object, object, object] | str:
             f"{COCKPIT_DIR} and runs this benchmark"
         )
     return Cockpit, configuration, schedules, extend
-
-
-def _plain_step(model: nn.Module, opt: torch.optim.Optimizer, data) -> Callable[[], None]:
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        x, y = next(data)
-        loss = loss_fn(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
-def _icstools_variant(model, opt, data, every: int) -> tuple[Callable[[], None], Recorder]:
-    rec = Recorder(model, optimizer=opt, every=every)
-    plain = _plain_step(model, opt, data)
-    return plain, rec
 
 
 def _cockpit_step(model, opt, data, every: int, api) -> Callable[[], None]:
@@ -145,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         every = 10 if name.endswith("every10") else 1
         if name == "plain":
-            variants[name] = (_plain_step(model, opt, data), None)
-        elif name.startswith("icstools"):
-            variants[name] = _icstools_variant(model, opt, data, every)
+            variants[name] = (make_step(model, opt, data), None)
+        elif name.startswith("icstools"):  # the plain step, with the recorder attached per block
+            rec = Recorder(model, optimizer=opt, every=every)
+            variants[name] = (make_step(model, opt, data), rec)
         else:
             variants[name] = (_cockpit_step(model, opt, data, every, api), None)
     names = list(variants)
