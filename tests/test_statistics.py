@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from icstools.functional import kernels
 from icstools.functional.gradient_statistics import GradientStatistics
 from icstools.functional.statistics import (
     DEFAULT_QUANTILES,
@@ -279,6 +280,20 @@ def test_one_tensor_matches_numpy_scipy(xa, edge_kind, bins, sat, cap):
     )
     fused._state = summarize(x, unit_dim, hist_edges=edges, sat_threshold=sat, fused="eager")
     assert_matches_reference(fused.compute(), ref, x.dtype, f"fused {tuple(x.shape)} {x.dtype}")
+
+    # the eager paths the compiled kernels replace (numba absent or ICSTOOLS_KERNELS=0)
+    was, kernels.ENABLED = kernels.ENABLED, False
+    try:
+        eager = ActivationStatistics(
+            edges, unit_dim, quantiles=QUANTILES, sat_threshold=sat, quantile_sample=cap
+        )
+        eager.update(x)
+        assert_matches_reference(eager.compute(), ref, x.dtype, f"eager {tuple(x.shape)}")
+        eager._state = summarize(x, unit_dim, hist_edges=edges, sat_threshold=sat)
+        eager._values, eager._result = [], None
+        assert_matches_reference(eager.compute(), ref, x.dtype, f"eager state {tuple(x.shape)}")
+    finally:
+        kernels.ENABLED = was
 
     # summarize's raw state agrees with the same reference
     s = summarize(x, unit_dim, hist_edges=edges, sat_threshold=sat)

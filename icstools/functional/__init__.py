@@ -5,7 +5,8 @@ and its inputs) and returns numbers. The recorder's measurements
 (:mod:`icstools.recording.measurements`) call these; users can call them directly.
 
 - :mod:`~icstools.functional.statistics`: streaming, mergeable per-unit activation statistics
-  (:mod:`~icstools.functional.exact`: the exact-mode fold of many records at once);
+  (:mod:`~icstools.functional.exact`: the exact-mode fold of many records at once;
+  :mod:`~icstools.functional.kernels`: their compiled passes on the CPU);
 - :mod:`~icstools.functional.state`: states declared field by field, and their exact merge;
 - :mod:`~icstools.functional.gradient_statistics`: per-unit moments of a site's gradient;
 - :mod:`~icstools.functional.gradients`: gradient-based ICS, loss-landscape probes, the §3.3

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from icstools.functional import kernels as _kernels  # ENABLED is read per call (patchable)
 from icstools.functional import statistics as _statistics  # its on_host decides, patchable
 from icstools.functional.statistics import (
     StatisticsState,
@@ -100,12 +101,14 @@ def fold_together(stats: list[ActivationStatistics]) -> None:
                 s._values, s._n_values, s._rate = [], 0, 1.0
             continue
         block = torch.cat(vals, dim=1) if len(vals) > 1 else vals[0]  # [positions, all units]
-        # numpy fast path: CPU float32 (float64 data could overflow its 4th powers)
-        folded = (
-            _fold_numpy(block) if _statistics.on_host(device) and dtype == torch.float32 else None
-        )
+        # host fast path: CPU float32 (float64 data could overflow its 4th powers)
+        widths = [v.shape[1] for v in vals]
+        host = _statistics.on_host(device) and dtype == torch.float32
+        folded = _fold_host(group, widths, block.numpy()) if host else None
         if folded is not None:
-            _set_folded_numpy(group, vals, block, *folded)
+            moments, srt, hists, qs = folded
+            moments = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in moments.items()}
+            _set_folded_numpy(group, vals, block, moments, srt, hists, qs)
         else:
             _set_folded_torch(group, vals, block)
 
@@ -121,11 +124,8 @@ def _numpy_fields(
     thr = np.repeat(np.asarray(thresholds, dtype=a.dtype), widths)
     n_sat = (np.abs(a) > thr).sum(0)
     hists = _histograms_numpy(a, widths, [s.hist_edges for s in group])
-    levels = group[0].quantiles
-    same_levels = all(np.array_equal(s.quantiles, levels) for s in group)
     # exact mode: equal counts, so every column interpolates at the same positions
-    qs = quantiles_of_sorted_columns(srt, levels) if same_levels else None
-    return n_sat, hists, qs
+    return n_sat, hists, _quantile_values(group, srt)
 
 
 def _set_folded_numpy(
@@ -134,11 +134,11 @@ def _set_folded_numpy(
     block: torch.Tensor,
     moments: dict[str, torch.Tensor],
     srt: np.ndarray,
+    hists: list[np.ndarray],
+    qs: np.ndarray | None,
 ) -> None:
-    """Each object's state from the numpy fold of ``block`` (``[positions, all units]``)."""
+    """Each object's state from the host fold of ``block`` (``[positions, all units]``)."""
     widths = [v.shape[1] for v in vals]
-    n_sat, hists, qs = _numpy_fields(group, widths, block.numpy(), srt)
-    moments["n_sat"] = torch.from_numpy(n_sat)
     samples = torch.from_numpy(srt).split(widths, dim=1)
     start = 0
     for i, (s, sample) in enumerate(zip(group, samples, strict=True)):
@@ -211,7 +211,7 @@ def _fold_chunk(
     a = block.numpy()
     widths = [v.shape[1] for v in vals]
     levels = group[0].quantiles
-    mixed = [not np.array_equal(s.quantiles, levels) for s in group]
+    mixed = [not _same_levels(s.quantiles, levels) for s in group]
     bad_cols = ~np.isfinite(a).all(0) | np.repeat(mixed, widths)  # [units]
     if bad_cols.any():
         # the units of work with a bad column go to the caller; the others are folded again
@@ -220,16 +220,54 @@ def _fold_chunk(
         good = [unit for i, unit in enumerate(chunk) if i not in bad]
         again = _fold_chunk(good, records, out) if good else []
         return [unit for i, unit in enumerate(chunk) if i in bad] + again
-    moments, srt = _fold_numpy(block)  # type: ignore[misc]
-    n_sat, hists, qs = _numpy_fields(group, widths, a, srt)
-    host = {k: t.numpy() for k, t in moments.items()}
-    host.update(n_sat=n_sat, hist=np.concatenate(hists), sample=qs)
+    host, _, hists, qs = _fold_host(group, widths, a)  # type: ignore[misc]
+    host.update(hist=np.concatenate(hists), sample=qs)
     done = _finish(host, torch.float32)
     flat: list[dict[str, np.ndarray]] = [{} for _ in members]
     _split_into(flat, list(range(len(members))), done, widths, [len(h) for h in hists])
     for (r, j), result in zip(members, flat, strict=True):
         out[r][j] = result
     return []
+
+
+def _fold_host(
+    group: Sequence[ActivationStatistics], widths: list[int], a: np.ndarray
+) -> tuple[dict[str, np.ndarray], np.ndarray, list[np.ndarray], np.ndarray | None] | None:
+    """The host fold of a CPU float32 block ``a`` (``[positions, all units]``, the objects'
+    columns side by side, ``widths`` each): the state's fields but the histogram and sample
+    (``[units]`` each), the columns sorted, each object's histogram and the quantile values
+    ``[units, nq]`` (``None`` if the objects' levels differ); ``None`` when a value is not
+    finite (the torch path then). The compiled kernel (:mod:`icstools.functional.kernels`)
+    where it runs, numpy otherwise."""
+    if not _kernels.ENABLED:
+        folded = _fold_numpy(a)
+        if folded is None:
+            return None
+        moments, srt = folded
+        n_sat, hists, qs = _numpy_fields(group, widths, a, srt)
+        return {**moments, "n_sat": n_sat}, srt, hists, qs
+    if not np.isfinite(a).all():
+        return None
+    srt = np.sort(a, axis=0)  # [positions, units], each column ascending
+    thresholds = [math.inf if s.sat_threshold is None else s.sat_threshold for s in group]
+    fields, hists = _kernels.block_fields(a, widths, [s.hist_edges for s in group], thresholds)
+    count = np.full(a.shape[1], a.shape[0], dtype=np.int64)
+    fields.update(count=count, total=count.copy(), min=srt[0], max=srt[-1])
+    return fields, srt, hists, _quantile_values(group, srt)
+
+
+def _same_levels(a: np.ndarray, b: np.ndarray) -> bool:
+    # the sites of a recorder share one array of levels: identity first (array_equal is ~3 µs)
+    return a is b or np.array_equal(a, b)
+
+
+def _quantile_values(group: Sequence[ActivationStatistics], srt: np.ndarray) -> np.ndarray | None:
+    """The quantiles ``[units, nq]`` of sorted equal-count columns, ``None`` if the objects'
+    levels differ."""
+    levels = group[0].quantiles
+    if not all(_same_levels(s.quantiles, levels) for s in group):
+        return None
+    return quantiles_of_sorted_columns(srt, levels)
 
 
 def _set_folded_torch(
@@ -253,14 +291,13 @@ def _set_folded_torch(
         start = stop
 
 
-def _fold_numpy(block: torch.Tensor) -> tuple[dict[str, torch.Tensor], np.ndarray] | None:
+def _fold_numpy(a: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
     """Moments of a finite CPU block ``[positions, units]`` with numpy, in float64.
 
     On CPU, numpy's per-call overhead is a fraction of torch's, which dominates for the small
     tensors of exact mode; the two-pass moments in float64 need no rescaling (float32's range
     to the 4th power fits). Returns ``None`` when a value is not finite (torch path then).
     """
-    a = block.numpy()
     a64 = a.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         mean = a64.mean(0)
@@ -283,7 +320,7 @@ def _fold_numpy(block: torch.Tensor) -> tuple[dict[str, torch.Tensor], np.ndarra
         # booleans summed as bytes into int32 (positions < 2**31): ~3x faster than .sum(0)
         "n_zero": np.add.reduce((a == 0).view(np.uint8), axis=0, dtype=np.int32).astype(np.int64),
     }
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in moments.items()}, srt
+    return moments, srt
 
 
 def _histogram_numpy(values: np.ndarray, edges: np.ndarray) -> np.ndarray:

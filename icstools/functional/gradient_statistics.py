@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
 
+from icstools.functional import kernels as _kernels  # ENABLED is read per call (patchable)
+from icstools.functional import statistics as _statistics
 from icstools.functional.state import StateField, merge_fields
-from icstools.functional.statistics import _as_rows
+from icstools.functional.statistics import _as_rows, _unit_dim
 
 __all__ = ["GradientStatistics"]
 
@@ -60,6 +63,14 @@ class GradientStatistics:
 
     def update(self, g: torch.Tensor) -> None:
         """Add the gradient of one call (any shape with the units on ``unit_dim``)."""
+        host = _statistics.on_host(g.device)  # (a test makes it say no: the device paths)
+        if g.ndim > 1 and g.numel() and _kernels.ENABLED and host and g.dtype == torch.float32:
+            dim = _unit_dim(g, self.unit_dim)
+            g3 = g.detach().reshape(math.prod(g.shape[:dim]), g.shape[dim], -1)  # [pre, u, post]
+            # the compiled two passes in float64, no copy of a contiguous gradient
+            mean, m2 = _kernels.unit_mean_m2(g3.numpy())
+            self.merge_moments(g3.shape[0] * g3.shape[2], *map(torch.from_numpy, (mean, m2)))
+            return
         rows = _as_rows(g, self.unit_dim) if g.ndim > 1 else g.detach().view(1, -1)
         n = rows.shape[0]  # rows: [positions, units]
         if n == 0:

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from icstools.functional import kernels as _kernels  # ENABLED is read per call (patchable)
 from icstools.functional.fused import fused_state, scaled_moments, unit_scale
 from icstools.functional.state import StateField, StatisticsState, merge_fields
 
@@ -129,8 +130,10 @@ def summarize(
         CPU generator for the quantile sample; required when ``sample_rate < 1``.
     fused : {None, "compile", "eager"}
         ``"compile"``/``"eager"``: every field but the sample from one fused reduction
-        (:func:`icstools.functional.fused.fused_state`, compiled or not); ``None``: the
-        eager reductions below (one op per statistic; the default, bit-stable).
+        (:func:`icstools.functional.fused.fused_state`, compiled or not); ``None`` (the
+        default): CPU float32 values in two compiled passes (:func:`icstools.functional.
+        kernels.site_moments`, float64 sums) where numba runs, else the eager reductions
+        below (one op per statistic).
 
     Returns
     -------
@@ -160,10 +163,19 @@ def summarize(
     if n_total == 0:
         return StatisticsState.empty(units, bins=bins, dtype=dtype, device=x.device)
 
+    edges = (float(hist_edges[0]), float(hist_edges[-1]), bins)
+    pre = math.prod(x.shape[:unit_dim])
+    if fused is None and _kernels.ENABLED and on_host(x.device) and dtype == torch.float32:
+        # the compiled two-pass kernel: ~7x faster than the eager reductions below
+        x3 = x.reshape(pre, units, -1).contiguous()  # [pre, units, post]
+        out = {
+            k: torch.from_numpy(v)
+            for k, v in _kernels.site_moments(x3.numpy(), edges, sat_threshold).items()
+        }
+        sample = _sample_rows(x, unit_dim, sample_rate, generator)
+        return StatisticsState(**out, sample=sample)
     if fused is not None:
-        pre = math.prod(x.shape[:unit_dim])
         x3 = x.reshape(pre, units, -1)  # [pre, units, post]: a view when contiguous
-        edges = (float(hist_edges[0]), float(hist_edges[-1]), bins)
         out = fused_state(x3, edges, sat_threshold, mode=fused)
         sample = _sample_rows(x, unit_dim, sample_rate, generator)
         return StatisticsState(**out, sample=sample)
@@ -355,6 +367,10 @@ def choose_hist_edges(x: torch.Tensor, bins: int, margin: float = 0.25) -> np.nd
     return np.linspace(max(center - half, -limit), min(center + half, limit), bins + 1)
 
 
+#: The quantile levels in use, one array per distinct tuple (shared by the objects that use it).
+_LEVELS: dict[tuple[float, ...], np.ndarray] = {}
+
+
 class ActivationStatistics:
     """Streaming per-unit statistics of one site (``update`` / ``merge`` / ``compute`` / ``reset``).
 
@@ -420,7 +436,8 @@ class ActivationStatistics:
             )
         self.hist_edges = edges
         self.unit_dim = unit_dim
-        self.quantiles = q
+        # one array per distinct levels: folds compare them by identity first
+        self.quantiles = _LEVELS.setdefault(tuple(q.tolist()), q)
         self.sat_threshold = sat_threshold
         self.quantile_sample = quantile_sample
         self.fused = fused

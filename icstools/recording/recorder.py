@@ -101,7 +101,10 @@ class Recorder(RecorderCore):
         ``"compile"``, all its statistics in one ``torch.compile``'d pass on its device
         (:mod:`icstools.functional.fused`; each new shape compiles once, seconds to a minute
         on a CPU; if compiling fails, the same reduction eagerly); ``"eager"``, that fused
-        reduction uncompiled; ``None`` (default), one eager op per statistic.
+        reduction uncompiled; ``None`` (default), on the CPU two numba-compiled passes in
+        float64 (:mod:`icstools.functional.kernels`; ``ICSTOOLS_KERNELS=0`` turns them off),
+        elsewhere one eager op per statistic. Values kept for exact quantiles are folded by
+        the same compiled passes when the record closes.
     unit_dim : int or dict, optional
         Dimension holding units, for all sites or per site glob; default: last for
         ``[batch, (time,) features]``, 1 for ``[N, C, H, (W)]`` and for 3-D tensors of

@@ -1,0 +1,358 @@
+"""Compiled one-pass reductions of activations on the CPU (numba), with the numpy/torch paths as
+their fallback and reference.
+
+The eager statistics of a site (:func:`icstools.functional.statistics.summarize`) run ~15 torch
+reductions, each a pass over the activations; the exact-mode fold (:mod:`icstools.functional.
+exact`) runs a few dozen small numpy operations per chunk. Here each is one compiled function
+that reads every value twice (the extremes, counts and histogram with the sum, then the central
+moments about the mean: the corrected two-pass algorithm, in float64), single-threaded and in a
+fixed order, so its results do not depend on the number of threads.
+
+Only CPU float32 values take these paths (float64 data could overflow a 4th power in float64,
+and other devices keep their own reductions). The kernels need numba; without it, or with the
+environment variable ``ICSTOOLS_KERNELS=0``, :data:`ENABLED` is false and the callers run the
+eager paths, which give the same statistics within float tolerance (the sums are ordered
+differently) and the same counts and histograms exactly. The first call of each kernel compiles
+it (or loads it from numba's on-disk cache); :data:`COMPILE_SECONDS` keeps what that cost.
+
+Examples
+--------
+>>> import numpy as np
+>>> x = np.arange(12, dtype=np.float32).reshape(2, 3, 2)  # [pre, units, post]
+>>> out = site_moments(x, (0.0, 12.0, 4), None)
+>>> out["count"].tolist(), out["mean"].tolist(), int(out["hist"].sum())
+([4, 4, 4], [4.0, 5.0, 6.0], 12)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "COMPILE_SECONDS",
+    "ENABLED",
+    "block_fields",
+    "site_moments",
+    "unavailable_reason",
+    "unit_mean_m2",
+]
+
+try:  # an optional speed-up: everything works without it
+    import numba
+except ImportError as err:  # pragma: no cover - numba is a dependency
+    numba = None
+    _REASON: str | None = f"numba is not importable ({err})"
+else:
+    _REASON = None
+if _REASON is None and os.environ.get("ICSTOOLS_KERNELS", "1") == "0":
+    _REASON = "ICSTOOLS_KERNELS=0 in the environment"
+
+#: Whether the compiled kernels run (numba importable and not switched off). Tests set it to
+#: ``False`` to run the eager paths.
+ENABLED: bool = _REASON is None
+
+#: Seconds spent by the first call of each kernel in this process (compiling, or loading numba's
+#: cache).
+COMPILE_SECONDS: dict[str, float] = {}
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels do not run in this process (``None``: they do, unless
+    :data:`ENABLED` was set to ``False``)."""
+    return _REASON
+
+
+def _jit(fn: Any) -> Any:
+    # cache=True: the machine code is kept beside this module (__pycache__), so a new process
+    # loads it in ~0.1 s instead of compiling for ~1-2 s
+    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
+
+
+@_jit
+def _site_kernel(
+    x, lo, hi, bins, thr, count, s, mn, mx, n_sat, n_zero, hist, m
+):  # pragma: no cover
+    # x: [pre, units, post] float32; per-unit outputs [units]; hist [bins + 2]; m [4, units]
+    pre, units, post = x.shape
+    fb = np.float32(bins)
+    width = hi - lo
+    for u in range(units):  # pass 1: finite count, sum, extremes, counts, histogram
+        c = 0
+        acc = 0.0
+        lo_u = np.float32(np.inf)
+        hi_u = np.float32(-np.inf)
+        zeros = 0
+        sat = 0
+        for p in range(pre):
+            for q in range(post):
+                v = x[p, u, q]
+                if v == 0:
+                    zeros += 1
+                if not np.isfinite(v):
+                    continue
+                c += 1
+                acc += v
+                lo_u = min(lo_u, v)
+                hi_u = max(hi_u, v)
+                if abs(v) > thr:
+                    sat += 1
+                if v < lo:
+                    hist[0] += 1
+                elif v > hi:
+                    hist[bins + 1] += 1
+                else:  # torch.histc's arithmetic, in float32: the same bin to the bit
+                    k = int((v - lo) * fb / width)
+                    hist[min(max(k, 0), bins - 1) + 1] += 1
+        count[u] = c
+        s[u] = acc
+        mn[u] = lo_u
+        mx[u] = hi_u
+        n_sat[u] = sat
+        n_zero[u] = zeros
+    for u in range(units):  # pass 2: central moment sums about the float64 mean
+        if count[u] == 0:
+            continue
+        mean = s[u] / count[u]
+        s1 = 0.0
+        s2 = 0.0
+        s3 = 0.0
+        s4 = 0.0
+        for p in range(pre):
+            for q in range(post):
+                v = x[p, u, q]
+                if np.isfinite(v):
+                    d = np.float64(v) - mean
+                    d2 = d * d
+                    s1 += d
+                    s2 += d2
+                    s3 += d2 * d
+                    s4 += d2 * d2
+        m[0, u] = s1
+        m[1, u] = s2
+        m[2, u] = s3
+        m[3, u] = s4
+
+
+@_jit
+def _block_kernel(a, lo, hi, bins, start, thr, s, n_sat, n_zero, hist, m):  # pragma: no cover
+    # a: [positions, units] float32, finite; per-column settings lo, hi, bins, start (the
+    # column's first histogram bin in hist), thr: [units]; s, n_sat, n_zero [units]
+    rows, units = a.shape
+    for r in range(rows):  # pass 1, row by row: each row's columns are contiguous
+        for u in range(units):
+            v = a[r, u]
+            s[u] += v
+            if v == 0:
+                n_zero[u] += 1
+            if abs(v) > thr[u]:
+                n_sat[u] += 1
+            if v < lo[u]:
+                hist[start[u]] += 1
+            elif v > hi[u]:
+                hist[start[u] + bins[u] + 1] += 1
+            else:
+                k = int((v - lo[u]) * np.float32(bins[u]) / (hi[u] - lo[u]))
+                hist[start[u] + min(max(k, 0), bins[u] - 1) + 1] += 1
+    for u in range(units):
+        s[u] /= rows  # now the mean
+    for r in range(rows):  # pass 2: central moment sums about the float64 mean
+        for u in range(units):
+            d = np.float64(a[r, u]) - s[u]
+            d2 = d * d
+            m[0, u] += d
+            m[1, u] += d2
+            m[2, u] += d2 * d
+            m[3, u] += d2 * d2
+
+
+@_jit
+def _mean_m2_kernel(x, mean, m2):  # pragma: no cover
+    # x: [pre, units, post] float32 -> per unit mean and Σ(x - mean)² in float64, two passes;
+    # non-finite values propagate (a diverged gradient's statistics are NaN/inf)
+    pre, units, post = x.shape
+    n = pre * post
+    for u in range(units):
+        acc = 0.0
+        for p in range(pre):
+            for q in range(post):
+                acc += x[p, u, q]
+        mu = acc / n
+        s1 = 0.0
+        s2 = 0.0
+        for p in range(pre):
+            for q in range(post):
+                d = np.float64(x[p, u, q]) - mu
+                s1 += d
+                s2 += d * d
+        c = s1 / n  # the rounding error of mu (corrected two-pass)
+        mean[u] = mu + c
+        m2[u] = s2 - n * c * c
+
+
+def _timed(name: str, fn: Any, *args: Any) -> None:
+    if name in COMPILE_SECONDS:
+        fn(*args)
+        return
+    t0 = time.perf_counter()
+    fn(*args)
+    COMPILE_SECONDS[name] = round(time.perf_counter() - t0, 3)
+
+
+@_jit
+def _correct(n, mean, m):  # pragma: no cover
+    # m [4, units]: sums of d = x - mean, d², d³, d⁴ -> mean + c and the central sums about
+    # it (corrected two-pass: c = Σd / n is mean's rounding error); in place
+    for u in range(mean.shape[0]):
+        if n[u] == 0:
+            continue
+        c = m[0, u] / n[u]
+        c2 = c * c
+        s2, s3, s4 = m[1, u], m[2, u], m[3, u]
+        mean[u] += c
+        m[1, u] = s2 - n[u] * c2
+        m[2, u] = s3 - 3 * c * s2 + 2 * n[u] * c2 * c
+        m[3, u] = s4 - 4 * c * s3 + 6 * c2 * s2 - 3 * n[u] * c2 * c2
+
+
+def _corrected(n: np.ndarray, mean: np.ndarray, m: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean and central sums ``m2``-``m4`` from sums ``m`` (``[4, units]``) of the deviations
+    about ``mean``, corrected for the rounding error of ``mean``."""
+    _correct(n, mean, m)
+    return {"mean": mean, "m2": m[1], "m3": m[2], "m4": m[3]}
+
+
+def site_moments(
+    x: np.ndarray, edges: tuple[float, float, int], thr: float | None
+) -> dict[str, np.ndarray]:
+    """Every non-sample field of a site's state from float32 values ``x`` (``[pre, units,
+    post]``; copied if not C-contiguous), in two compiled passes.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        float32 ``[pre, units, post]``: the units on dimension 1, every other position pooled;
+        non-finite values count in ``total`` only (and ``n_zero`` never).
+    edges : (float, float, int)
+        The histogram's outer edges and its number of bins: ``torch.histc``'s bins, plus an
+        underflow and an overflow bin.
+    thr : float or None
+        ``|x| > thr`` counts as saturated (``None``: none).
+
+    Returns
+    -------
+    dict
+        ``count, total, n_sat, n_zero`` (int64), ``mean, m2, m3, m4`` (float64), ``min, max``
+        (float32) ``[units]`` and ``hist`` ``[bins + 2]``: the fields of
+        :class:`~icstools.functional.state.StatisticsState` but the sample. A unit without a
+        finite value has count 0, mean NaN, zero central sums, min ``+inf`` and max ``-inf``,
+        as the eager reduction gives them.
+
+    Examples
+    --------
+    >>> x = np.array([[[1.0], [2.0]], [[3.0], [np.nan]]], dtype=np.float32)  # [2, 2, 1]
+    >>> out = site_moments(x, (0.0, 4.0, 4), 2.5)
+    >>> out["count"].tolist(), out["mean"].tolist(), out["n_sat"].tolist(), out["hist"].tolist()
+    ([2, 1], [2.0, 2.0], [1, 0], [0, 1, 1, 1, 0, 0])
+    """
+    if x.dtype != np.float32 or x.ndim != 3:
+        raise ValueError(
+            f"site_moments takes float32 [pre, units, post], got {x.dtype} with shape {x.shape}"
+        )
+    x = np.ascontiguousarray(x)  # [pre, units, post], as the kernel reads it
+    lo, hi, bins = edges
+    units = x.shape[1]
+    count = np.zeros(units, np.int64)
+    s = np.zeros(units, np.float64)
+    mn = np.empty(units, np.float32)
+    mx = np.empty(units, np.float32)
+    n_sat = np.zeros(units, np.int64)
+    n_zero = np.zeros(units, np.int64)
+    hist = np.zeros(int(bins) + 2, np.int64)
+    m = np.zeros((4, units), np.float64)
+    t = np.float32(math.inf if thr is None else thr)
+    args = (x, np.float32(lo), np.float32(hi), int(bins), t)
+    _timed("site", _site_kernel, *args, count, s, mn, mx, n_sat, n_zero, hist, m)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, s / np.maximum(count, 1), np.nan)
+    return {
+        "count": count,
+        "total": np.full(units, x.shape[0] * x.shape[2], np.int64),
+        **_corrected(count, mean, m),
+        "min": mn,
+        "max": mx,
+        "n_sat": n_sat,
+        "n_zero": n_zero,
+        "hist": hist,
+    }
+
+
+def unit_mean_m2(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-unit mean and sum of squared deviations (float64, ``[units]``) of float32 values
+    ``x`` ``[pre, units, post]`` (copied if not C-contiguous), in two compiled passes; a
+    non-finite value makes its unit's results non-finite.
+
+    Examples
+    --------
+    >>> x = np.array([[[1.0], [2.0]], [[3.0], [6.0]]], dtype=np.float32)  # [2, 2, 1]
+    >>> mean, m2 = unit_mean_m2(x)
+    >>> mean.tolist(), m2.tolist()
+    ([2.0, 4.0], [2.0, 8.0])
+    """
+    if x.dtype != np.float32 or x.ndim != 3 or x.shape[0] * x.shape[2] == 0:
+        raise ValueError(
+            f"unit_mean_m2 takes float32 [pre, units, post] with values, got {x.dtype} with "
+            f"shape {x.shape}"
+        )
+    x = np.ascontiguousarray(x)
+    mean = np.empty(x.shape[1], np.float64)
+    m2 = np.empty(x.shape[1], np.float64)
+    _timed("mean_m2", _mean_m2_kernel, x, mean, m2)
+    return mean, m2
+
+
+def block_fields(
+    a: np.ndarray, widths: list[int], edges: list[np.ndarray], thresholds: list[float]
+) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """Moments, counts and histograms of a finite float32 block ``[positions, units]`` whose
+    columns are groups (group ``i``: the next ``widths[i]`` columns, histogrammed on its own
+    ``edges[i]``, saturated above ``thresholds[i]``), in two compiled passes.
+
+    Returns ``({"mean", "m2", "m3", "m4", "n_sat", "n_zero"}: [units], [each group's
+    histogram, bins + 2])``: what :mod:`icstools.functional.exact`'s numpy fold computes, the
+    counts and bins to the bit, the moments within float64 rounding.
+
+    Examples
+    --------
+    >>> a = np.array([[0.0, 1.0, 5.0], [2.0, 3.0, -5.0]], dtype=np.float32)
+    >>> fields, hists = block_fields(a, [2, 1], [np.linspace(0, 4, 5)] * 2, [2.5, 1.0])
+    >>> fields["mean"].tolist(), fields["n_sat"].tolist(), [h.tolist() for h in hists]
+    ([1.0, 2.0, 0.0], [0, 1, 2], [[0, 1, 1, 1, 1, 0], [1, 0, 0, 0, 0, 1]])
+    """
+    if a.dtype != np.float32 or a.ndim != 2:
+        raise ValueError(
+            f"block_fields takes float32 [positions, units], got {a.dtype} with shape {a.shape}"
+        )
+    a = np.ascontiguousarray(a)  # rows of contiguous columns, as the kernel reads them
+    nbins = np.array([len(e) - 1 for e in edges], dtype=np.int64)
+    col = lambda v, dt: np.repeat(np.asarray(v, dtype=dt), widths)  # noqa: E731  [units]
+    lo = col([e[0] for e in edges], np.float32)
+    hi = col([e[-1] for e in edges], np.float32)
+    starts = np.concatenate([[0], np.cumsum(nbins + 2)[:-1]]).astype(np.int64)
+    units = a.shape[1]
+    s = np.zeros(units, np.float64)
+    n_sat = np.zeros(units, np.int64)
+    n_zero = np.zeros(units, np.int64)
+    hist = np.zeros(int((nbins + 2).sum()), np.int64)
+    m = np.zeros((4, units), np.float64)
+    thr = col(thresholds, np.float32)
+    args = (a, lo, hi, col(nbins, np.int64), col(starts, np.int64), thr)
+    _timed("block", _block_kernel, *args, s, n_sat, n_zero, hist, m)
+    n = np.full(units, a.shape[0], np.int64)
+    fields = {**_corrected(n, s, m), "n_sat": n_sat, "n_zero": n_zero}
+    hists = [hist[b : b + k + 2] for b, k in zip(starts.tolist(), nbins.tolist(), strict=True)]
+    return fields, hists

@@ -1,0 +1,178 @@
+"""The compiled kernels (:mod:`icstools.functional.kernels`) against float64 numpy references
+and against the eager paths they replace, and the switch that turns them off.
+
+The hypothesis tests of :mod:`tests.test_statistics` run both paths through the public
+statistics against numpy/scipy; here each kernel is checked on its own, field by field.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from icstools.functional import kernels
+from icstools.functional.fused import fused_state
+from icstools.functional.gradient_statistics import GradientStatistics
+
+pytestmark = pytest.mark.skipif(not kernels.ENABLED, reason=str(kernels.unavailable_reason()))
+
+
+@st.composite
+def blocks(draw: st.DrawFn) -> np.ndarray:
+    """float32 ``[pre, units, post]`` with some zeros, large offsets and non-finite values."""
+    shape = tuple(draw(st.integers(1, n)) for n in (9, 6, 7))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    x = rng.normal(
+        draw(st.sampled_from([0.0, 3.0, 1e4])), draw(st.sampled_from([1e-3, 1.0, 50.0])), shape
+    )
+    x = x.astype(np.float32)
+    for _ in range(draw(st.integers(0, 3))):
+        idx = tuple(int(rng.integers(0, n)) for n in shape)
+        x[idx] = draw(st.sampled_from([0.0, np.nan, np.inf, -np.inf]))
+    return x
+
+
+def _reference(x: np.ndarray, lo: float, hi: float, bins: int, thr: float) -> dict[str, np.ndarray]:
+    """The site's fields in float64 numpy, unit by unit (histc's float32 bins)."""
+    out: dict[str, list] = {f"abs_{k}": [] for k in ("mean", "m1", "m2", "m3", "m4")}
+    out |= {k: [] for k in ("count", "mean", "m2", "m3", "m4", "min", "max", "n_sat", "n_zero")}
+    hist = np.zeros(bins + 2, np.int64)
+    for u in range(x.shape[1]):
+        v = x[:, u, :].reshape(-1)
+        f = v[np.isfinite(v)]
+        d = f.astype(np.float64) - (f.astype(np.float64).mean() if f.size else 0.0)
+        out["count"].append(f.size)
+        out["mean"].append(f.astype(np.float64).mean() if f.size else np.nan)
+        out["abs_m1"].append(np.abs(d).sum())
+        for k in (2, 3, 4):
+            out[f"m{k}"].append((d**k).sum())
+            out[f"abs_m{k}"].append((np.abs(d) ** k).sum())
+        out["abs_mean"].append(np.abs(f.astype(np.float64)).mean() if f.size else 0.0)
+        out["min"].append(f.min() if f.size else np.inf)
+        out["max"].append(f.max() if f.size else -np.inf)
+        out["n_sat"].append(int((np.abs(f) > thr).sum()))
+        out["n_zero"].append(int((v == 0).sum()))
+        t = np.float32
+        for value in f:
+            if value < t(lo):
+                hist[0] += 1
+            elif value > t(hi):
+                hist[-1] += 1
+            else:
+                k = int((value - t(lo)) * t(bins) / (t(hi) - t(lo)))
+                hist[min(max(k, 0), bins - 1) + 1] += 1
+    ref = {k: np.asarray(v) for k, v in out.items()}
+    ref["hist"] = hist
+    return ref
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=blocks(), bins=st.integers(1, 12), thr=st.sampled_from([0.5, 2.0, math.inf]))
+def test_site_moments_match_a_float64_reference(x: np.ndarray, bins: int, thr: float) -> None:
+    got = kernels.site_moments(x, (-2.0, 6.0, bins), None if math.isinf(thr) else thr)
+    ref = _reference(x, -2.0, 6.0, bins, thr)
+    for k in ("count", "n_sat", "n_zero", "hist", "min", "max"):
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    np.testing.assert_array_equal(got["total"], np.full(x.shape[1], x.shape[0] * x.shape[2]))
+    for k in ("mean", "m2", "m3", "m4"):
+        # float64 sums of float32 data: a few ulps of the sum of the terms' magnitudes, plus
+        # what a few ulps of error in the mean move a central sum by (d/dmean m_k = -k m_k-1)
+        err = np.abs(got[k] - ref[k])
+        bound = 1e-12 * ref["abs_" + k] + 1e-9 * np.abs(ref[k])
+        if k != "mean":
+            order = int(k[1])
+            bound += order * 1e-14 * ref["abs_mean"] * ref[f"abs_m{order - 1}"]
+        ok = (err <= bound) | (np.isnan(got[k]) & np.isnan(ref[k]))
+        assert ok.all(), f"{k}: {got[k][~ok]} vs {ref[k][~ok]}"
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=blocks(), bins=st.integers(1, 12))
+def test_site_moments_equal_the_eager_reduction(x: np.ndarray, bins: int) -> None:
+    """Counts, extremes and bins to the bit; moments within the eager path's float32 error."""
+    got = kernels.site_moments(x, (-2.0, 6.0, bins), 2.0)
+    want = {
+        k: v.numpy()
+        for k, v in fused_state(torch.from_numpy(x), (-2.0, 6.0, bins), 2.0, mode="eager").items()
+    }
+    for k in ("count", "total", "n_sat", "n_zero", "hist", "min", "max"):
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    spread = np.nan_to_num(np.abs(got["max"].astype(np.float64)), posinf=0.0, neginf=0.0)
+    np.testing.assert_allclose(
+        got["mean"], want["mean"], rtol=1e-5, atol=1e-5 * spread.max() + 1e-30
+    )
+
+
+def test_block_fields_match_the_numpy_fold() -> None:
+    from icstools.functional import exact
+
+    rng = np.random.default_rng(4)
+    a = rng.normal(0.5, 2.0, (60, 13)).astype(np.float32)
+    a[3, 2] = 0.0
+    widths, edges = [5, 8], [np.linspace(-4, 4, 17), np.linspace(-1, 9, 6)]
+    fields, hists = kernels.block_fields(a, widths, edges, [1.0, math.inf])
+    want, _ = exact._fold_numpy(a)
+    for k in ("mean", "m2", "m3", "m4"):
+        np.testing.assert_allclose(fields[k], want[k], rtol=1e-9, atol=1e-12, err_msg=k)
+    np.testing.assert_array_equal(fields["n_zero"], want["n_zero"])
+    want_hists = exact._histograms_numpy(a, widths, edges)
+    for h, w in zip(hists, want_hists, strict=True):
+        np.testing.assert_array_equal(h, w)
+    np.testing.assert_array_equal(fields["n_sat"][:5], (np.abs(a[:, :5]) > 1.0).sum(0))
+    assert not fields["n_sat"][5:].any()
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 6), (60, 100, 1), (1, 2, 1)])
+def test_gradient_statistics_equal_their_eager_path(shape: tuple[int, ...]) -> None:
+    g = torch.from_numpy(np.random.default_rng(1).normal(1e3, 1.0, shape).astype(np.float32))
+    fast, eager = GradientStatistics(1), GradientStatistics(1)
+    fast.update(g)
+    was, kernels.ENABLED = kernels.ENABLED, False
+    try:
+        eager.update(g)
+    finally:
+        kernels.ENABLED = was
+    rows = g.numpy().transpose(0, 2, 1).reshape(-1, shape[1]).astype(np.float64)
+    assert fast.n == eager.n == rows.shape[0]
+    np.testing.assert_allclose(fast.mean.numpy(), rows.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(
+        fast.m2.numpy(), ((rows - rows.mean(0)) ** 2).sum(0), rtol=1e-9, atol=1e-9
+    )
+    np.testing.assert_allclose(eager.m2.numpy(), fast.m2.numpy(), rtol=1e-3)
+
+
+def test_a_nonfinite_gradient_propagates() -> None:
+    g = torch.ones(4, 3)
+    g[1, 2] = math.nan
+    s = GradientStatistics(1)
+    s.update(g)
+    out = s.compute()
+    mean = out["grad_mean"].numpy()
+    assert np.isnan(mean[2]) and np.isfinite(mean[:2]).all()
+    assert math.isnan(float(out["grad_norm"]))
+
+
+def test_the_kernels_report_their_first_call_and_can_be_switched_off() -> None:
+    kernels.site_moments(np.ones((2, 2, 2), np.float32), (0.0, 1.0, 2), None)
+    assert kernels.COMPILE_SECONDS["site"] >= 0
+    code = "from icstools.functional import kernels as k; print(k.ENABLED, k.unavailable_reason())"
+    env = {"ICSTOOLS_KERNELS": "0", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "False ICSTOOLS_KERNELS=0 in the environment"
+
+
+def test_bad_input_is_refused_with_what_was_given() -> None:
+    with pytest.raises(ValueError, match=r"float32 \[pre, units, post\], got float64"):
+        kernels.site_moments(np.ones((2, 2, 2)), (0.0, 1.0, 2), None)
+    with pytest.raises(ValueError, match=r"shape \(2, 2\)"):
+        kernels.unit_mean_m2(np.ones((2, 2), np.float32))
