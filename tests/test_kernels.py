@@ -176,3 +176,20 @@ def test_bad_input_is_refused_with_what_was_given() -> None:
         kernels.site_moments(np.ones((2, 2, 2)), (0.0, 1.0, 2), None)
     with pytest.raises(ValueError, match=r"shape \(2, 2\)"):
         kernels.unit_mean_m2(np.ones((2, 2), np.float32))
+
+
+def test_a_site_split_over_threads_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = np.random.default_rng(2).normal(0.3, 2.0, (16, 7, 33)).astype(np.float32)
+    x[3, 4, 5] = np.nan
+    whole = kernels.site_moments(x, (-3.0, 3.0, 9), 1.5)
+    monkeypatch.setattr(kernels, "SPLIT_VALUES", 1)
+    monkeypatch.setattr(kernels, "_threads", lambda: 3)
+    assert kernels._parts(x.size, 7) == [(0, 2), (2, 5), (5, 7)]
+    split = kernels.site_moments(x, (-3.0, 3.0, 9), 1.5)
+    for k, v in whole.items():
+        np.testing.assert_array_equal(split[k], v, err_msg=k)
+    monkeypatch.setattr(kernels, "SPLIT_VALUES", 1 << 40)
+    whole_grad = kernels.unit_mean_m2(x)
+    monkeypatch.setattr(kernels, "SPLIT_VALUES", 1)
+    for a, b in zip(kernels.unit_mean_m2(x), whole_grad, strict=True):
+        np.testing.assert_array_equal(a, b)

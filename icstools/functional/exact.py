@@ -63,9 +63,10 @@ def quantiles_of_sorted_columns(srt: np.ndarray, levels: np.ndarray) -> np.ndarr
     return out
 
 
-#: Values folded at once by :func:`finish_exact_many`: its float64 temporaries (~8 of the block's
-#: size) then stay in a core's cache, which is faster than one pass over a larger block.
-_FOLD_VALUES = 1 << 16
+#: Values folded at once by :func:`finish_exact_many`: larger chunks pay the fixed cost per
+#: chunk less often (0.113 -> 0.101 ms per record of the paper's MLP from 2**16 to 2**18);
+#: numpy's float64 temporaries (~8 of the chunk, without the kernels) stay ~16 MiB.
+_FOLD_VALUES = 1 << 18
 
 
 def _cache_sized(

@@ -26,12 +26,15 @@ Examples
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = [
     "COMPILE_SECONDS",
@@ -194,6 +197,40 @@ def _mean_m2_kernel(x, mean, m2):  # pragma: no cover
         m2[u] = s2 - n * c * c
 
 
+#: Values of a site from which :func:`site_moments` splits its units over threads.
+SPLIT_VALUES = 1 << 20
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the process that made it, the pool)
+
+
+def _threads() -> int:
+    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+
+
+def _parts(size: int, units: int) -> list[tuple[int, int]]:
+    """Bounds of the unit ranges a site of ``size`` values is reduced in (one per thread)."""
+    n = min(_threads(), units) if size >= SPLIT_VALUES else 1
+    edges = np.linspace(0, units, max(n, 1) + 1).round().astype(int).tolist()
+    return list(itertools.pairwise(edges))
+
+
+def _pool() -> ThreadPoolExecutor:
+    """The threads of the split kernels (made again in a forked child, where the parent's
+    threads do not exist)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(_threads(), thread_name_prefix="icstools"))
+    return _POOL[1]
+
+
+def _split(part: Any, n: int) -> None:
+    """``part(i)`` for ``i < n``: the first in this thread, the others in the pool at once."""
+    rest = [_pool().submit(part, i) for i in range(1, n)]
+    part(0)
+    for future in rest:
+        future.result()
+
+
 def _timed(name: str, fn: Any, *args: Any) -> None:
     if name in COMPILE_SECONDS:
         fn(*args)
@@ -272,11 +309,21 @@ def site_moments(
     mx = np.empty(units, np.float32)
     n_sat = np.zeros(units, np.int64)
     n_zero = np.zeros(units, np.int64)
-    hist = np.zeros(int(bins) + 2, np.int64)
     m = np.zeros((4, units), np.float64)
     t = np.float32(math.inf if thr is None else thr)
-    args = (x, np.float32(lo), np.float32(hi), int(bins), t)
-    _timed("site", _site_kernel, *args, count, s, mn, mx, n_sat, n_zero, hist, m)
+    # a large site is split by units over threads (the kernel releases the GIL, and torch's
+    # own threads wait while a hook runs); each part has its own histogram, summed after
+    bounds = _parts(x.size, units)
+    hists = np.zeros((len(bounds), int(bins) + 2), np.int64)
+    settings = (np.float32(lo), np.float32(hi), int(bins), t)
+
+    def part(i: int) -> None:
+        a, b = bounds[i]
+        outs = (count[a:b], s[a:b], mn[a:b], mx[a:b], n_sat[a:b], n_zero[a:b], hists[i])
+        _site_kernel(x[:, a:b], *settings, *outs, m[:, a:b])
+
+    _timed("site", _split, part, len(bounds))
+    hist = hists.sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, s / np.maximum(count, 1), np.nan)
     return {
@@ -311,7 +358,13 @@ def unit_mean_m2(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.ascontiguousarray(x)
     mean = np.empty(x.shape[1], np.float64)
     m2 = np.empty(x.shape[1], np.float64)
-    _timed("mean_m2", _mean_m2_kernel, x, mean, m2)
+    bounds = _parts(x.size, x.shape[1])  # split by units over threads, as site_moments
+
+    def part(i: int) -> None:
+        a, b = bounds[i]
+        _mean_m2_kernel(x[:, a:b], mean[a:b], m2[a:b])
+
+    _timed("mean_m2", _split, part, len(bounds))
     return mean, m2
 
 
