@@ -26,6 +26,7 @@ Examples
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 import os
@@ -45,13 +46,12 @@ __all__ = [
     "unit_mean_m2",
 ]
 
-try:  # an optional speed-up: everything works without it
-    import numba
-except ImportError as err:  # pragma: no cover - numba is a dependency
-    numba = None
-    _REASON: str | None = f"numba is not importable ({err})"
-else:
-    _REASON = None
+# numba is imported at the first kernel call, not with icstools: importing it costs ~90 MiB
+# and loading the compiled code ~150 MiB more, which a process that computes no statistics
+# (the store's writer process, a DataLoader worker) should not pay
+_REASON: str | None = (
+    None if importlib.util.find_spec("numba") is not None else "numba is not installed"
+)
 if _REASON is None and os.environ.get("ICSTOOLS_KERNELS", "1") == "0":
     _REASON = "ICSTOOLS_KERNELS=0 in the environment"
 
@@ -70,10 +70,26 @@ def unavailable_reason() -> str | None:
     return _REASON
 
 
-def _jit(fn: Any) -> Any:
-    # cache=True: the machine code is kept beside this module (__pycache__), so a new process
-    # loads it in ~0.1 s instead of compiling for ~1-2 s
-    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
+class _Kernel:
+    """A function compiled by numba at its first call (``cache=True``: the machine code is
+    kept beside this module, in ``__pycache__``, so a new process loads it in ~0.1 s instead
+    of compiling it for ~1-2 s; ``nogil``: threads may run it at once)."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.__name__ = fn.__name__
+        self._compiled: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self._compiled is None:
+            import numba
+
+            self._compiled = numba.njit(cache=True, nogil=True)(self.fn)
+        return self._compiled(*args)
+
+
+def _jit(fn: Any) -> _Kernel:
+    return _Kernel(fn)
 
 
 @_jit
