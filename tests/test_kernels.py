@@ -193,3 +193,19 @@ def test_a_site_split_over_threads_gives_the_same_bits(monkeypatch: pytest.Monke
     monkeypatch.setattr(kernels, "SPLIT_VALUES", 1)
     for a, b in zip(kernels.unit_mean_m2(x), whole_grad, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_numba_that_fails_to_import_switches_the_kernels_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from icstools.functional.statistics import summarize
+
+    monkeypatch.setattr(kernels, "_LOADED", False)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    monkeypatch.setattr(kernels, "_REASON", None)
+    monkeypatch.setitem(sys.modules, "numba", None)  # import numba raises ImportError
+    x = torch.randn(6, 4)
+    with pytest.warns(RuntimeWarning, match="numba failed to import"):
+        s = summarize(x, 1, hist_edges=np.linspace(-3, 3, 7))
+    assert not kernels.ENABLED and "import of numba halted" in str(kernels.unavailable_reason())
+    np.testing.assert_allclose(s.mean.numpy(), x.double().mean(0).numpy(), rtol=1e-6)

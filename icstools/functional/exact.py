@@ -240,7 +240,7 @@ def _fold_host(
     ``[units, nq]`` (``None`` if the objects' levels differ); ``None`` when a value is not
     finite (the torch path then). The compiled kernel (:mod:`icstools.functional.kernels`)
     where it runs, numpy otherwise."""
-    if not _kernels.ENABLED:
+    if not _kernels.usable():
         folded = _fold_numpy(a)
         if folded is None:
             return None

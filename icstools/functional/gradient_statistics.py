@@ -64,7 +64,7 @@ class GradientStatistics:
     def update(self, g: torch.Tensor) -> None:
         """Add the gradient of one call (any shape with the units on ``unit_dim``)."""
         host = _statistics.on_host(g.device)  # (a test makes it say no: the device paths)
-        if g.ndim > 1 and g.numel() and _kernels.ENABLED and host and g.dtype == torch.float32:
+        if g.ndim > 1 and g.numel() and host and _kernels.usable() and g.dtype == torch.float32:
             dim = _unit_dim(g, self.unit_dim)
             g3 = g.detach().reshape(math.prod(g.shape[:dim]), g.shape[dim], -1)  # [pre, u, post]
             # the compiled two passes in float64, no copy of a contiguous gradient

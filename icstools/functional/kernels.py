@@ -1,12 +1,13 @@
-"""Compiled one-pass reductions of activations on the CPU (numba), with the numpy/torch paths as
+"""Compiled two-pass reductions of activations on the CPU (numba), with the numpy/torch paths as
 their fallback and reference.
 
 The eager statistics of a site (:func:`icstools.functional.statistics.summarize`) run ~15 torch
 reductions, each a pass over the activations; the exact-mode fold (:mod:`icstools.functional.
 exact`) runs a few dozen small numpy operations per chunk. Here each is one compiled function
 that reads every value twice (the extremes, counts and histogram with the sum, then the central
-moments about the mean: the corrected two-pass algorithm, in float64), single-threaded and in a
-fixed order, so its results do not depend on the number of threads.
+moments about the mean: the corrected two-pass algorithm, in float64), in a
+fixed order (a large site is split by units over threads, each unit reduced by one), so its
+results do not depend on the number of threads.
 
 Only CPU float32 values take these paths (float64 data could overflow a 4th power in float64,
 and other devices keep their own reductions). The kernels need numba; without it, or with the
@@ -31,6 +32,7 @@ import itertools
 import math
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -44,6 +46,7 @@ __all__ = [
     "site_moments",
     "unavailable_reason",
     "unit_mean_m2",
+    "usable",
 ]
 
 # numba is imported at the first kernel call, not with icstools: importing it costs ~90 MiB
@@ -68,6 +71,28 @@ def unavailable_reason() -> str | None:
     """Why the kernels do not run in this process (``None``: they do, unless
     :data:`ENABLED` was set to ``False``)."""
     return _REASON
+
+
+_LOADED = False
+
+
+def usable() -> bool:
+    """Whether the kernels run here: :data:`ENABLED`, and numba imports (tried at the first
+    call; if it fails, e.g. a numba too old for this numpy, the kernels are switched off with
+    a :class:`RuntimeWarning` that says why, and the eager paths run)."""
+    global ENABLED, _LOADED, _REASON
+    if ENABLED and not _LOADED:
+        try:
+            import numba  # noqa: F401
+        except Exception as err:  # ImportError, or numba's own check of numpy's version
+            ENABLED, _REASON = False, f"numba failed to import ({type(err).__name__}: {err})"
+            warnings.warn(
+                f"icstools: {_REASON}; the statistics run without the compiled kernels",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _LOADED = True
+    return ENABLED
 
 
 class _Kernel:
