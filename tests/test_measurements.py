@@ -197,6 +197,9 @@ def test_every_builtin_variable_is_declared_with_a_description_and_how() -> None
     [
         "icstools.schema",
         "icstools.functional.erank",
+        "icstools.functional.kernels",
+        "icstools.functional.statistics",
+        "icstools.functional.exact",
         "icstools.recording.hooks",
         "icstools.recording.isolation",
         "icstools.recording.core",

@@ -6,11 +6,13 @@ A call of a small site only copies its values (:meth:`ActivationStatistics.updat
 copies of all its sites are reduced together (:func:`fold_together`: one block of all their
 columns per group of equal positions), and the records that
 :mod:`icstools.recording.deferred` holds back are reduced many at a time
-(:func:`finish_exact_many`). On CPU float32 the fold is numpy (its per-call overhead is a
-fraction of torch's on small tensors): moments in float64, a sort per column for the quantiles,
-and the histograms of all columns, each group on its own edges, in one ``bincount``; otherwise
-(a non-finite value, another device) torch's reductions
-(:func:`~icstools.functional.statistics.summarize`'s).
+(:func:`finish_exact_many`). On CPU float32 the fold runs on the host: a sort per column
+for the quantiles (numpy), then the moments in float64, the counts and the histograms of all
+columns, each group on its own edges, in two compiled passes
+(:func:`icstools.functional.kernels.block_fields`), or with numpy where the kernels do not run
+(its per-call overhead is a fraction of torch's on small tensors); otherwise (a non-finite
+value, another device) torch's reductions (:func:`~icstools.functional.statistics.
+summarize`'s).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from icstools.functional import kernels as _kernels  # ENABLED is read per call (patchable)
+from icstools.functional import kernels as _kernels  # usable() asked per call (patchable)
 from icstools.functional import statistics as _statistics  # its on_host decides, patchable
 from icstools.functional.statistics import (
     StatisticsState,
@@ -163,11 +165,12 @@ def finish_exact_many(
     """The final statistics of the objects of several records, each as :func:`compute_many`
     of that record's objects gives them (to the bit), when every value is kept on the host
     (:attr:`ActivationStatistics.exact_on_host`): the records' columns are folded side by side,
-    one numpy pass per cache-sized chunk (:mod:`icstools.recording.deferred`), with no state
+    one host fold per chunk of ~2**18 values (:mod:`icstools.recording.deferred`), with no state
     per object in between. The objects' values are left as they are (the caller resets them).
 
     Examples
     --------
+    >>> from icstools.functional.statistics import ActivationStatistics
     >>> a, b = (ActivationStatistics(np.linspace(-3, 3, 7), 1) for _ in range(2))
     >>> a.update(torch.randn(8, 3)); b.update(torch.randn(8, 5))
     >>> [[r["quantile_value"].shape for r in rec] for rec in finish_exact_many([[a], [b]])]

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from icstools.functional import kernels as _kernels  # ENABLED is read per call (patchable)
+from icstools.functional import kernels as _kernels  # usable() asked per call (patchable)
 from icstools.functional import statistics as _statistics
 from icstools.functional.state import StateField, merge_fields
 from icstools.functional.statistics import _as_rows, _unit_dim

@@ -22,7 +22,7 @@ Examples
 >>> x = np.arange(12, dtype=np.float32).reshape(2, 3, 2)  # [pre, units, post]
 >>> out = site_moments(x, (0.0, 12.0, 4), None)
 >>> out["count"].tolist(), out["mean"].tolist(), int(out["hist"].sum())
-([4, 4, 4], [4.0, 5.0, 6.0], 12)
+([4, 4, 4], [3.5, 5.5, 7.5], 12)
 """
 
 from __future__ import annotations
@@ -335,7 +335,7 @@ def site_moments(
     >>> x = np.array([[[1.0], [2.0]], [[3.0], [np.nan]]], dtype=np.float32)  # [2, 2, 1]
     >>> out = site_moments(x, (0.0, 4.0, 4), 2.5)
     >>> out["count"].tolist(), out["mean"].tolist(), out["n_sat"].tolist(), out["hist"].tolist()
-    ([2, 1], [2.0, 2.0], [1, 0], [0, 1, 1, 1, 0, 0])
+    ([2, 1], [2.0, 2.0], [1, 0], [0, 0, 1, 1, 1, 0])
     """
     if x.dtype != np.float32 or x.ndim != 3:
         raise ValueError(

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from icstools.functional import kernels as _kernels  # ENABLED is read per call (patchable)
+from icstools.functional import kernels as _kernels  # usable() asked per call (patchable)
 from icstools.functional.fused import fused_state, scaled_moments, unit_scale
 from icstools.functional.state import StateField, StatisticsState, merge_fields
 
@@ -399,7 +399,7 @@ class ActivationStatistics:
     >>> stats.update(torch.randn(60, 100))
     >>> out = stats.compute()
     >>> out["mean"].shape, out["quantile_value"].shape
-    (torch.Size([100]), torch.Size([100, 21]))
+    (torch.Size([100]), torch.Size([100, 25]))
     """
 
     def __init__(
