@@ -164,21 +164,16 @@ def summarize(
         return StatisticsState.empty(units, bins=bins, dtype=dtype, device=x.device)
 
     edges = (float(hist_edges[0]), float(hist_edges[-1]), bins)
-    pre = math.prod(x.shape[:unit_dim])
+    x3 = x.reshape(math.prod(x.shape[:unit_dim]), units, -1)  # [pre, units, post]
+    out = None
     if fused is None and on_host(x.device) and dtype == torch.float32 and _kernels.usable():
         # the compiled two-pass kernel: ~7x faster than the eager reductions below
-        x3 = x.reshape(pre, units, -1).contiguous()  # [pre, units, post]
-        out = {
-            k: torch.from_numpy(v)
-            for k, v in _kernels.site_moments(x3.numpy(), edges, sat_threshold).items()
-        }
-        sample = _sample_rows(x, unit_dim, sample_rate, generator)
-        return StatisticsState(**out, sample=sample)
-    if fused is not None:
-        x3 = x.reshape(pre, units, -1)  # [pre, units, post]: a view when contiguous
+        host = _kernels.site_moments(x3.numpy(), edges, sat_threshold)
+        out = {k: torch.from_numpy(v) for k, v in host.items()}
+    elif fused is not None:
         out = fused_state(x3, edges, sat_threshold, mode=fused)
-        sample = _sample_rows(x, unit_dim, sample_rate, generator)
-        return StatisticsState(**out, sample=sample)
+    if out is not None:
+        return StatisticsState(**out, sample=_sample_rows(x, unit_dim, sample_rate, generator))
     moments, flat = _unit_moments(x, dims, bshape, sat_threshold)
     hist = _histogram(flat, hist_edges)
     sample = _sample_rows(x, unit_dim, sample_rate, generator)
