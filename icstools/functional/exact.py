@@ -224,7 +224,7 @@ def _fold_chunk(
         good = [unit for i, unit in enumerate(chunk) if i not in bad]
         again = _fold_chunk(good, records, out) if good else []
         return [unit for i, unit in enumerate(chunk) if i in bad] + again
-    host, _, hists, qs = _fold_host(group, widths, a)  # type: ignore[misc]
+    host, _, hists, qs = _fold_host(group, widths, a, finite=True)  # type: ignore[misc]
     host.update(hist=np.concatenate(hists), sample=qs)
     done = _finish(host, torch.float32)
     flat: list[dict[str, np.ndarray]] = [{} for _ in members]
@@ -235,14 +235,14 @@ def _fold_chunk(
 
 
 def _fold_host(
-    group: Sequence[ActivationStatistics], widths: list[int], a: np.ndarray
+    group: Sequence[ActivationStatistics], widths: list[int], a: np.ndarray, finite: bool = False
 ) -> tuple[dict[str, np.ndarray], np.ndarray, list[np.ndarray], np.ndarray | None] | None:
     """The host fold of a CPU float32 block ``a`` (``[positions, all units]``, the objects'
     columns side by side, ``widths`` each): the state's fields but the histogram and sample
     (``[units]`` each), the columns sorted, each object's histogram and the quantile values
     ``[units, nq]`` (``None`` if the objects' levels differ); ``None`` when a value is not
-    finite (the torch path then). The compiled kernel (:mod:`icstools.functional.kernels`)
-    where it runs, numpy otherwise."""
+    finite (the torch path then; ``finite=True``: the caller has checked). The compiled kernel
+    (:mod:`icstools.functional.kernels`) where it runs, numpy otherwise."""
     if not _kernels.usable():
         folded = _fold_numpy(a)
         if folded is None:
@@ -250,7 +250,7 @@ def _fold_host(
         moments, srt = folded
         n_sat, hists, qs = _numpy_fields(group, widths, a, srt)
         return {**moments, "n_sat": n_sat}, srt, hists, qs
-    if not np.isfinite(a).all():
+    if not finite and not np.isfinite(a).all():
         return None
     srt = np.sort(a, axis=0)  # [positions, units], each column ascending
     thresholds = [math.inf if s.sat_threshold is None else s.sat_threshold for s in group]
