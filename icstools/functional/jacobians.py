@@ -275,14 +275,7 @@ def jacobian_spectrum(
         )
     x = _check_inputs(inputs)
     cdtype = _compute_dtype(x, dtype)
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
-        raise TypeError(f"k must be an int or None, got {type(k).__name__}: {k!r}")
-    if not isinstance(maxiter, int) or maxiter < 1:
-        raise ValueError(f"maxiter must be an int >= 1, got {maxiter!r}")
-    if tol is None:
-        tol = 1e-4
-    elif not (isinstance(tol, (int, float)) and 0 < tol < 1):
-        raise ValueError(f"tol must be a float in (0, 1), got {tol!r}")
+    tol = _check_iteration(k, maxiter, tol)
     x = x.detach().to(cdtype)
 
     with _isolated(block, x, bn) as runner:
@@ -312,26 +305,7 @@ def jacobian_spectrum(
             bottom = full if k is None else full[:, p - k :]
         else:
             k = cast(int, k)
-            k_top = k if which in ("largest", "both") else 0
-            k_bot = k if which in ("smallest", "both") else 0
-            if k_top + k_bot >= p:  # the two ends overlap: ask for everything from one end
-                k_top, k_bot = p, 0
-            top, bottom, conv, iterations = op.extreme_svdvals(
-                k_top, k_bot, tol=tol, maxiter=maxiter, seed=seed
-            )
-            if k_bot == 0 and k_top == p:
-                full = top
-                top, bottom = full[:, :k], full[:, p - k :]
-            if bool((~conv & op.finite).any()):  # non-finite examples are NaN, not late
-                bad = int((~conv & op.finite).sum())
-                warnings.warn(
-                    f"jacobian_spectrum: {bad} of {op.B} examples did not converge to "
-                    f"tol={tol:g} within maxiter={maxiter} block steps (which={which!r}, k={k}, "
-                    f"Jacobian {op.m} x {op.n}); the estimates are returned with "
-                    f"converged=False. Raise maxiter, loosen tol, or use method='exact'",
-                    JacobianConvergenceWarning,
-                    stacklevel=2,
-                )
+            top, bottom, full, conv, iterations = _matrix_free(op, k, which, tol, maxiter, seed)
         if k is None:
             sv = full
         elif which == "largest":
@@ -354,6 +328,50 @@ def jacobian_spectrum(
             converged=conv,
             iterations=iterations,
         )
+
+
+def _check_iteration(k: Any, maxiter: Any, tol: Any) -> float:
+    """Check ``k``, ``maxiter`` and ``tol`` of :func:`jacobian_spectrum`; the tolerance to use."""
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+        raise TypeError(f"k must be an int or None, got {type(k).__name__}: {k!r}")
+    if not isinstance(maxiter, int) or maxiter < 1:
+        raise ValueError(f"maxiter must be an int >= 1, got {maxiter!r}")
+    if tol is None:
+        return 1e-4
+    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(f"tol must be a float in (0, 1), got {tol!r}")
+    return float(tol)
+
+
+def _matrix_free(
+    op: _PerExampleOperator, k: int, which: str, tol: float, maxiter: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+    """``(top, bottom, full or None, converged, iterations)``: the ``k`` largest and/or
+    smallest singular values of each example by block Krylov iterations (all of them, as
+    ``full``, when the two ends overlap); warns for examples that did not converge."""
+    p = min(op.m, op.n)
+    k_top = k if which in ("largest", "both") else 0
+    k_bot = k if which in ("smallest", "both") else 0
+    if k_top + k_bot >= p:  # the two ends overlap: ask for everything from one end
+        k_top, k_bot = p, 0
+    top, bottom, conv, iterations = op.extreme_svdvals(
+        k_top, k_bot, tol=tol, maxiter=maxiter, seed=seed
+    )
+    full = None
+    if k_bot == 0 and k_top == p:
+        full = top
+        top, bottom = full[:, :k], full[:, p - k :]
+    if bool((~conv & op.finite).any()):  # non-finite examples are NaN, not late
+        bad = int((~conv & op.finite).sum())
+        warnings.warn(
+            f"jacobian_spectrum: {bad} of {op.B} examples did not converge to "
+            f"tol={tol:g} within maxiter={maxiter} block steps (which={which!r}, k={k}, "
+            f"Jacobian {op.m} x {op.n}); the estimates are returned with "
+            f"converged=False. Raise maxiter, loosen tol, or use method='exact'",
+            JacobianConvergenceWarning,
+            stacklevel=3,
+        )
+    return top, bottom, full, conv, iterations
 
 
 def module_blocks(
