@@ -56,6 +56,72 @@ class _Whole(nn.Module):
         return out
 
 
+class _SegmentPass:
+    """One forward of a :class:`Segment`'s model: its hooks substitute ``x`` at the source site
+    (``x=None``: capture the tensor there as ``src``) and stop the forward at the destination
+    site, keeping its tensor as ``out``."""
+
+    def __init__(self, seg: Segment, x: torch.Tensor | None) -> None:
+        self.seg, self.x = seg, x
+        self.substituted = False
+        self.out: torch.Tensor | None = None
+        self.src: torch.Tensor | None = None
+
+    def substitute(self, value: Any, where: str) -> Any:
+        if self.substituted:
+            return value
+        name, x = self.seg.src.name, self.x
+        found = find_tensor(value)
+        if found is None:
+            raise ValueError(f"site {name!r} has no floating-point tensor {where}")
+        self.substituted = True
+        if x is None:  # a copy: an in-place module at or after the site would overwrite it
+            self.src = found.detach().clone()
+            return value
+        if tuple(x.shape) != tuple(found.shape):
+            raise ValueError(
+                f"the segment's input has shape {tuple(x.shape)} but the tensor at "
+                f"{name!r} for the segment's example batch has shape {tuple(found.shape)}"
+            )
+        # a clone, not x: an in-place module at or after the site (ReLU(inplace=True)) then
+        # writes into the clone (recorded by autograd), never into x, which may be a leaf of
+        # the Jacobian's graph or the caller's tensor
+        return _replace_first_tensor(value, x.clone())[0]
+
+    def capture(self, value: Any) -> None:
+        src, dst = self.seg.src.name, self.seg.dst.name
+        if not self.substituted:
+            if self.x is None:
+                raise ValueError(
+                    f"to_site {dst!r} is reached before from_site {src!r} in the model's "
+                    f"forward: the segment must go forward"
+                )
+            return
+        found = find_tensor(value)
+        if found is None:
+            raise ValueError(f"site {dst!r} has no floating-point tensor")
+        self.out = found
+        raise _StopForward
+
+    def src_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.seg.src.role != "input":
+            return None
+        return self.substitute((args, kwargs), "in its inputs")
+
+    def src_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        if self.seg.src.role != "output":
+            return None
+        return self.substitute(output, "in its output")
+
+    def dst_pre(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.seg.dst.role == "input":
+            self.capture((args, kwargs))
+
+    def dst_post(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if self.seg.dst.role == "output":
+            self.capture(output)
+
+
 class Segment(nn.Module):
     """The map from the tensor at one site to the tensor at a later one; see :func:`segment`.
 
@@ -104,87 +170,30 @@ class Segment(nn.Module):
 
     def _run(self, x: torch.Tensor | None) -> torch.Tensor:
         """Forward of the model; substitute ``x`` at the source (``None``: capture it)."""
-        state: dict[str, Any] = {"substituted": False, "out": None, "src": None}
+        run = _SegmentPass(self, x)
+        args, kwargs = self._example_as(x.dtype) if x is not None else self._example
         src_mod = self.model.get_submodule(self.src.module_name)
         dst_mod = self.model.get_submodule(self.dst.module_name)
-
-        def substitute(value: Any, where: str) -> Any:
-            if state["substituted"]:
-                return value
-            found = find_tensor(value)
-            if found is None:
-                raise ValueError(f"site {self.src.name!r} has no floating-point tensor {where}")
-            state["substituted"] = True
-            if x is None:  # a copy: an in-place module at or after the site would overwrite it
-                state["src"] = found.detach().clone()
-                return value
-            if tuple(x.shape) != tuple(found.shape):
-                raise ValueError(
-                    f"the segment's input has shape {tuple(x.shape)} but the tensor at "
-                    f"{self.src.name!r} for the segment's example batch has shape "
-                    f"{tuple(found.shape)}"
-                )
-            # a clone, not x: an in-place module at or after the site (ReLU(inplace=True))
-            # then writes into the clone (recorded by autograd), never into x, which may be a
-            # leaf of the Jacobian's graph or the caller's tensor
-            return _replace_first_tensor(value, x.clone())[0]
-
-        def capture(value: Any) -> None:
-            if not state["substituted"]:
-                if x is None:
-                    raise ValueError(
-                        f"to_site {self.dst.name!r} is reached before from_site "
-                        f"{self.src.name!r} in the model's forward: the segment must go forward"
-                    )
-                return
-            found = find_tensor(value)
-            if found is None:
-                raise ValueError(f"site {self.dst.name!r} has no floating-point tensor")
-            state["out"] = found
-            raise _StopForward
-
-        def src_pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if self.src.role != "input":
-                return None
-            new_args, kwargs_new = substitute((args, kwargs), "in its inputs")
-            return new_args, kwargs_new
-
-        def src_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            if self.src.role != "output":
-                return None
-            return substitute(output, "in its output")
-
-        def dst_pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if self.dst.role == "input":
-                capture((args, kwargs))
-
-        def dst_post(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if self.dst.role == "output":
-                capture(output)
-
-        args, kwargs = self._example_as(x.dtype) if x is not None else self._example
         with HookGroup() as hooks:  # removed on exit, also when a hook or the model raises
             # order: substitution hooks first, so "m:input" -> "m:output" of one module works
-            hooks.forward_pre(src_mod, src_pre, with_kwargs=True, prepend=True)
-            hooks.forward_pre(dst_mod, dst_pre, with_kwargs=True)
-            hooks.forward(src_mod, src_post, prepend=True)
-            hooks.forward(dst_mod, dst_post)
+            hooks.forward_pre(src_mod, run.src_pre, with_kwargs=True, prepend=True)
+            hooks.forward_pre(dst_mod, run.dst_pre, with_kwargs=True)
+            hooks.forward(src_mod, run.src_post, prepend=True)
+            hooks.forward(dst_mod, run.dst_post)
             try:
                 self.model(*args, **kwargs)
             except _StopForward:  # raised by capture() at to_site: the forward is done
                 pass
-        if not state["substituted"]:
+        if not run.substituted:
             raise ValueError(
                 f"from_site {self.src.name!r} was not reached in the model's forward on the example"
             )
-        if state["out"] is None:
+        if run.out is None:
             raise ValueError(
                 f"to_site {self.dst.name!r} was not reached after from_site {self.src.name!r} in "
                 f"the model's forward on the example"
             )
-        if x is None:
-            return state["src"]
-        return state["out"]
+        return run.src if x is None else run.out
 
     def capture_inputs(self) -> None:
         """Store the tensor at ``from_site`` for the example batch as ``inputs``."""
