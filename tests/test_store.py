@@ -162,6 +162,26 @@ def test_no_object_or_pickle_codecs(tmp_path):
     assert json.loads((path / "unit_site" / ".zarray").read_text())["dtype"].startswith("<U")
 
 
+def test_per_array_readers_see_a_committed_prefix_then_all_after_close(tmp_path):
+    """Readers that skip the commit marker (zarr.open_array on one array) read the .zarray
+    files, rewritten by close only: before it a committed prefix, after it every record."""
+    path = tmp_path / "run.zarr"
+    w = RunWriter(path, chunk_steps=4)
+    w.append(make_block(0, 5))
+    w.append(make_block(5, 6))
+    mean = zarr.open_array(str(path / "mean"), mode="r", zarr_format=2)
+    assert mean.shape[1] == 5  # (source, step, unit): the first commit's shape
+    np.testing.assert_array_equal(mean[:], make_block(0, 5)["mean"].values)
+    assert open_run(path).sizes["step"] == 11  # the marker has both commits
+    w.close()
+    expected = concat([make_block(0, 5), make_block(5, 6)])
+    for name in ("mean", "loss", "step", "hist"):
+        arr = zarr.open_array(str(path / name), mode="r", zarr_format=2)
+        np.testing.assert_array_equal(arr[:], expected[name].values)
+    unconsolidated = xr.open_zarr(path, consolidated=False)
+    np.testing.assert_array_equal(unconsolidated["mean"].values, expected["mean"].values)
+
+
 def test_chunks_limited_by_max_chunk_bytes(tmp_path):
     path = tmp_path / "run.zarr"
     n_unit = 1000
@@ -541,8 +561,9 @@ def test_writer_dying_before_any_file_write_keeps_last_commit(tmp_path, monkeypa
     w.append(small_block(5, 6))
     n_writes = calls["n"]
     monkeypatch.undo()
-    # 4 step arrays (mean, loss, step, wall_time) x (2 chunks + .zarray) + .zattrs + .zmetadata
-    assert n_writes == 14
+    # 4 step arrays (mean, loss, step, wall_time) x 2 chunks + .zattrs + .zmetadata (the arrays'
+    # .zarray files are rewritten by close, not by each append)
+    assert n_writes == 10
     for k in range(n_writes):
         path = tmp_path / f"run{k}.zarr"
         w = RunWriter(path, chunk_steps=4)

@@ -27,6 +27,7 @@ from icstools.recording.measurements import Context, Measurement, build
 from icstools.recording.options import check_options, recorder_config
 from icstools.recording.resume import resume_run
 from icstools.recording.sink import DEFAULT_BUFFER_BYTES, RecordSink
+from icstools.store.writer import DEFAULT_CHUNK_STEPS
 from icstools.recording.steps import unwrap_optimizer
 from icstools.schedules import Schedule, as_schedule
 from icstools.sites import Selector, select_sites
@@ -115,7 +116,9 @@ class Recorder(RecorderCore):
         Not given: pooled, and the first such module is reported once
         (:class:`~icstools.recording.errors.SharedModuleWarning`, naming the sites).
     chunk_steps, flush_seconds : int, float
-        Records per Zarr chunk along ``step``; also write when this much time has passed.
+        Records per Zarr chunk along ``step`` (default 256: a store's writer pays per file, so
+        short chunks cost it per record; see :data:`icstools.store.writer.DEFAULT_CHUNK_STEPS`);
+        also write when this much time has passed (default 30 s).
     buffer_bytes : int
         Bound on the memory of records not yet committed to the store (default 256 MiB): the
         records are written early, and the loop waits for the writer, rather than exceed it.
@@ -201,7 +204,7 @@ class Recorder(RecorderCore):
         quantile_sample: int | None = 8192,
         fused: str | None = None,
         calls: str | None = None,
-        chunk_steps: int = 64,
+        chunk_steps: int = DEFAULT_CHUNK_STEPS,
         flush_seconds: float = 30.0,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         seed: int = 0,
