@@ -32,6 +32,7 @@ from icstools.store import (
     open_run,
     verify_run,
 )
+from icstools.store.process import WriterProcess
 
 # A seeded training (BN, dropout: the global RNG matters; Adam: the optimizer's state holds the
 # step) that saves model, optimizer and both RNG states every K steps, after rec.flush(), and
@@ -285,6 +286,8 @@ def test_records_after_the_restored_step_are_dropped_with_a_warning_naming_them(
     # dropped at once: a reader sees the records of the restored trajectory only
     assert open_run(path).step.values.tolist() == [0, 2, 4, 6]
     _steps(rec, model, opt, gen, 13)
+    # the resumed run's blocks went to a writer process, which adopted the store's commits
+    assert isinstance(rec._sink._writer.writer, WriterProcess)
     _assert_same_run(open_run(path), reference)
     assert verify_run(path).ok
 

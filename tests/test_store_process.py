@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+import zarr
 from numcodecs import CRC32C, Blosc
 from torch import nn
 
@@ -106,6 +107,33 @@ def test_a_short_run_is_written_without_a_process(tmp_path):
         open_run(tmp_path / "run.zarr").drop_attrs(deep=False),
         _run(None, steps=3).to_dataset().drop_attrs(deep=False),
     )
+
+
+def test_a_flush_before_the_first_chunk_does_not_keep_the_run_on_a_thread(tmp_path):
+    """Fails before the change: the first block, written by a thread at ``flush()``, kept every
+    later block of the run on that thread (a process only started before the first block)."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(1)
+    rec = Recorder(model, optimizer=opt, path=tmp_path / "run.zarr", chunk_steps=4)
+
+    def early_flush(i):
+        if i == 1:
+            rec.flush()  # 2 records: written by a thread, committed
+            assert isinstance(rec._sink._writer.writer, RunWriter)
+            assert rec.n_committed == 2
+            rec._sink.set_attrs(note="staged")  # as the recorder sets diverged_step
+
+    with rec:
+        _train(rec, model, opt, 20, gen, early_flush)
+    assert isinstance(rec._sink._writer.writer, WriterProcess)
+    ds = open_run(tmp_path / "run.zarr")
+    assert ds.attrs["note"] == "staged"  # staged by the thread, committed by the child
+    memory = _run(None, steps=20).to_dataset().drop_attrs(deep=False)
+    xr.testing.assert_identical(ds.drop_attrs(deep=False), memory)
+    # the thread's writer, handed over, wrote nothing after the child: not its stale shapes
+    loss = zarr.open_array(str(tmp_path / "run.zarr" / "loss"), mode="r", zarr_format=2)
+    assert loss.shape == (20,)
 
 
 def test_the_writer_can_be_forced_by_the_environment(tmp_path, monkeypatch):

@@ -193,7 +193,7 @@ class RecordSink:
             self._fit_chunks()
         self.submit(block, by_training=True)  # smaller records buffered before it go first
         if self.writer_kind != "thread":  # as submit does for the training loop's blocks
-            self._writer.start_process()  # (only before the first block)
+            self._writer.start_process()  # (does nothing once it is a process)
         self._writer.flush()
         self._in_flight.clear()
         arrays = {  # [1, *record shape]: views of the record's arrays
@@ -241,7 +241,7 @@ class RecordSink:
         if self._writer is None or self._rows is None or not self._rows.n:
             return
         if self.writer_kind == "process" or (by_training and self.writer_kind == "auto"):
-            self._writer.start_process()  # only before the first block
+            self._writer.start_process()  # does nothing once it is a process
         data = StackedBlock(self._template, self._rows.taken())
         self._writer.submit(data)
         self._in_flight.append((self.n_records, self.buffered_bytes))

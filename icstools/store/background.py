@@ -100,12 +100,13 @@ class BackgroundWriter:
 
     def start_process(self) -> None:
         """Write from now on in a child process (:class:`WriterProcess`) instead of this one:
-        the GIL stays with the caller. Only before the first block; does nothing after."""
-        if self._blocks or not isinstance(self.writer, RunWriter):
+        the GIL stays with the caller. Waits for the blocks submitted so far; a store that has
+        commits (written from this process, or resumed) is continued by the child. Does
+        nothing if the writer is already a process."""
+        if not isinstance(self.writer, RunWriter):
             return
-        if self.writer.n_committed:  # a resumed store (RunWriter(resume=True)): the child's
-            return  # fresh RunWriter would start a new store, so its blocks stay in this process
-        self.flush()  # attrs queued so far are staged in the RunWriter: the child takes them
+        self.flush()  # blocks and attrs queued so far are committed or staged: the child
+        # adopts the commits and takes the staged attrs
         try:
             self.writer = WriterProcess(self.writer)
         except (OSError, ValueError) as exc:  # no interpreter to start, no pass_fds (Windows)

@@ -174,7 +174,9 @@ class WriterProcess:
             "max_chunk_bytes": local.max_chunk_bytes,
             "fsync": local.fsync,
             "lock": [str(lock.file), lock.token, lock._data.decode()],
-            "attrs": local._pending_attrs,  # staged before the first block
+            "attrs": local._pending_attrs,  # staged, not yet committed
+            # a store with commits (written by ``local``, or resumed): the child adopts them
+            "resume": local.n_committed > 0,
         }
         to_child, self._out = os.pipe()  # parent -> child
         self._in, from_child = os.pipe()  # child -> parent
@@ -208,6 +210,7 @@ class WriterProcess:
         except BaseException:
             _stop_child(self.process, self._out, self._reader, self._stderr)
             raise
+        local._hand_over()  # the child writes from now on: ``local`` keeps only the lock
         # not closed (garbage collected, interpreter exit): the child is stopped and reaped
         self._finalizer = weakref.finalize(
             self, _stop_child, self.process, self._out, self._reader, self._stderr
@@ -320,7 +323,10 @@ def _child_main(argv: list[str]) -> None:
     path = Path(spec.pop("path"))
     lock = _BorrowedLock(path, Path(file), token, data.encode())
     attrs = spec.pop("attrs")
+    resume = spec.pop("resume", False)
     writer = RunWriter._adopt_lock(path, lock, **spec)
+    if resume:  # continue the parent's commits (see WriterProcess)
+        writer._adopt()
     writer._stage_attrs(attrs)
     template: xr.Dataset | None = None
     with os.fdopen(rfd, "rb", buffering=0) as rf:

@@ -446,6 +446,15 @@ class RunWriter(ResumableWriter):
             self._arrays = {}
             self._release_lock()
 
+    def _hand_over(self) -> None:
+        """Another writer (a writer process) continues this one's commits under its lock:
+        from now on this one writes nothing, not even at :meth:`close` (its metadata and
+        staged attrs are out of date), and only releases the lock when closed."""
+        self._specs = None
+        self._arrays = {}
+        self._store = None
+        self._pending_attrs = {}
+
     def __enter__(self) -> RunWriter:
         return self
 
