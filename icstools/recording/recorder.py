@@ -27,10 +27,10 @@ from icstools.recording.measurements import Context, Measurement, build
 from icstools.recording.options import check_options, recorder_config
 from icstools.recording.resume import resume_run
 from icstools.recording.sink import DEFAULT_BUFFER_BYTES, RecordSink
-from icstools.store.writer import DEFAULT_CHUNK_STEPS
 from icstools.recording.steps import unwrap_optimizer
 from icstools.schedules import Schedule, as_schedule
 from icstools.sites import Selector, select_sites
+from icstools.store.writer import DEFAULT_CHUNK_STEPS
 
 __all__ = ["Recorder"]
 
