@@ -7,7 +7,7 @@
    records of the chunk being filled in memory, so peak RSS must stay flat: target ±5% from the
    first sample (step 1,000) to the last (step 20,000).
 2. The store's size on disk divided by the number of records, for that MLP run and for a short
-   run of ``small_cnn()`` (``--cnn-steps``, 512 = 8 chunks of 64): different sites and unit
+   run of ``small_cnn()`` (``--cnn-steps``, 512 = 2 chunks of 256): different sites and unit
    counts (300 sigmoid-input units vs 160 ReLU-input channels).
 
 Usage::
