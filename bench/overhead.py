@@ -99,87 +99,44 @@ def all_cases() -> list[Case]:
             Case(f"{tag}_every1_disk", "mlp", bn, 1, True, TARGET_MLP_EVERY1_DISK, 2560, 256),
             Case(f"{tag}_every10_mem", "mlp", bn, 10, False, TARGET_EVERY10, 320, 60),
         ]
+    fused = {"fused": "compile"}
     cases += [
         Case("cnn_every1_mem", "cnn", True, 1, False, TARGET_CNN_EVERY1, 10, 3),
         Case("cnn_every1_disk", "cnn", True, 1, True, TARGET_CNN_EVERY1, 10, 3),
         Case("cnn_every10_mem", "cnn", True, 10, False, TARGET_EVERY10, 30, 20),
+        Case("cnn_fused_every1_mem", "cnn", True, 1, False, TARGET_CNN_EVERY1, 10, 3, **fused),
+        Case("cnn_fused_every10_mem", "cnn", True, 10, False, TARGET_EVERY10, 30, 20, **fused),
+    ]
+    # the backward half on top: activation gradients of every site + parameter dynamics
+    grad = {"gradients": True}
+    cases += [
         Case(
-            "cnn_fused_every1_mem",
-            "cnn",
+            "mlp_bn1_grad_every1_mem",
+            "mlp",
             True,
             1,
             False,
-            TARGET_CNN_EVERY1,
-            10,
-            3,
-            False,
-            "compile",
+            TARGET_MLP_GRAD_EVERY1,
+            320,
+            64,
+            **grad,
         ),
         Case(
-            "cnn_fused_every10_mem",
-            "cnn",
-            True,
-            10,
-            False,
-            TARGET_EVERY10,
-            30,
-            20,
-            False,
-            "compile",
+            "mlp_bn1_grad_every10_mem", "mlp", True, 10, False, TARGET_GRAD_EVERY10, 320, 60, **grad
         ),
-    ]
-    # the backward half on top: activation gradients of every site + parameter dynamics
-    cases += [
-        Case(
-            "mlp_bn1_grad_every1_mem", "mlp", True, 1, False, TARGET_MLP_GRAD_EVERY1, 320, 64, True
-        ),
-        Case(
-            "mlp_bn1_grad_every10_mem", "mlp", True, 10, False, TARGET_GRAD_EVERY10, 320, 60, True
-        ),
-        Case("cnn_grad_every1_mem", "cnn", True, 1, False, TARGET_CNN_GRAD_EVERY1, 10, 3, True),
-        Case("cnn_grad_every10_mem", "cnn", True, 10, False, TARGET_GRAD_EVERY10, 30, 20, True),
+        Case("cnn_grad_every1_mem", "cnn", True, 1, False, TARGET_CNN_GRAD_EVERY1, 10, 3, **grad),
+        Case("cnn_grad_every10_mem", "cnn", True, 10, False, TARGET_GRAD_EVERY10, 30, 20, **grad),
     ]
     # torch.compile'd models (attach, then compile); plain blocks run the same compiled model
     # with the recorder's schedule off. The recorder's default statistics (on the CPU, the
     # compiled kernels of icstools.functional.kernels: faster here than fused="compile")
     comp = {"compiled": True}
+    e1, e10 = TARGET_COMPILED_EVERY1, TARGET_COMPILED_EVERY10
     cases += [
-        Case(
-            "mlp_bn1_compiled_every1_mem",
-            "mlp",
-            True,
-            1,
-            False,
-            TARGET_COMPILED_EVERY1,
-            320,
-            64,
-            **comp,
-        ),
-        Case(
-            "mlp_bn1_compiled_every10_mem",
-            "mlp",
-            True,
-            10,
-            False,
-            TARGET_COMPILED_EVERY10,
-            320,
-            60,
-            **comp,
-        ),
-        Case(
-            "cnn_compiled_every1_mem", "cnn", True, 1, False, TARGET_COMPILED_EVERY1, 10, 3, **comp
-        ),
-        Case(
-            "cnn_compiled_every10_mem",
-            "cnn",
-            True,
-            10,
-            False,
-            TARGET_COMPILED_EVERY10,
-            30,
-            20,
-            **comp,
-        ),
+        Case("mlp_bn1_compiled_every1_mem", "mlp", True, 1, False, e1, 320, 64, **comp),
+        Case("mlp_bn1_compiled_every10_mem", "mlp", True, 10, False, e10, 320, 60, **comp),
+        Case("cnn_compiled_every1_mem", "cnn", True, 1, False, e1, 10, 3, **comp),
+        Case("cnn_compiled_every10_mem", "cnn", True, 10, False, e10, 30, 20, **comp),
     ]
     return cases
 
