@@ -78,6 +78,15 @@ def _recorder(model, opt, every: int, path: Path | None, writer: str) -> Recorde
         os.environ.pop(WRITER_ENV, None)
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of the live process ``pid`` (Linux ``/proc``; else None)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def run_case(name: str, model_name: str, every: int, k: int, rounds: int, tmp: Path, data: str):
     model = build(model_name, bn=False)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -94,6 +103,7 @@ def run_case(name: str, model_name: str, every: int, k: int, rounds: int, tmp: P
     }
     flush_s: dict[str, list[float]] = {"process": [], "thread": []}
     cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}  # the training thread's CPU time
+    writer_cpu: list[float] = []  # the writer process's CPU time per block (process variant)
 
     def block(variant: str, n: int) -> float:
         if variant == "plain":
@@ -103,6 +113,9 @@ def run_case(name: str, model_name: str, every: int, k: int, rounds: int, tmp: P
             cpu[variant].append(time.thread_time() - c0)
             return time.perf_counter() - t0
         rec = recs[variant]
+        writer = rec._sink._writer.writer if rec._sink._writer is not None else None
+        pid = getattr(writer, "pid", None)  # a WriterProcess (after the warm-up block)
+        w0 = _cpu_seconds(pid) if pid is not None else None
         rec.attach()
         try:
             c0, t0 = time.thread_time(), time.perf_counter()
@@ -114,13 +127,16 @@ def run_case(name: str, model_name: str, every: int, k: int, rounds: int, tmp: P
             cpu[variant].append(time.thread_time() - c0)
         finally:
             rec.detach()
+        w1 = _cpu_seconds(pid) if w0 is not None else None
+        if w0 is not None and w1 is not None:
+            writer_cpu.append(w1 - w0)
         if variant in flush_s:
             flush_s[variant].append(t2 - t1)
         return t2 - t0
 
     for v in VARIANTS:  # warm-up: layouts, stores, the writer process
         block(v, max(2 * every, k // 4))
-    for f in (*flush_s.values(), *cpu.values()):
+    for f in (*flush_s.values(), *cpu.values(), writer_cpu):
         f.clear()
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for i in range(rounds):
@@ -167,6 +183,11 @@ def run_case(name: str, model_name: str, every: int, k: int, rounds: int, tmp: P
             v: med([c / m for c, m in zip(cpu[v], cpu["memory"], strict=True)])
             for v in ("process", "thread")
         },
+        # CPU time of the writer process (the child) per record it wrote, while the process
+        # variant's blocks ran (None without /proc): the work a store adds on other cores
+        "writer_process_cpu_ms_per_record": (
+            med(writer_cpu) / (k / every) * 1e3 if writer_cpu else None
+        ),
         "block_seconds": times,
         "loadavg_after": loadavg(),
     }
@@ -284,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     head = f"{'case':<12} {'plain':>7} {'memory':>7} {'process':>8} {'thread':>7}   "
     head += (
         f"{'proc/mem':>8} {'thr/mem':>8} {'flush ms (p, t)':>16} {'thread CPU p/mem, t/mem':>24}"
+        f" {'writer CPU ms/rec':>18}"
     )
     print(head)
     for r in results:
@@ -293,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{ra['process']:7.3f}x {ra['thread']:6.3f}x   {sm['process']:8.3f} "
             f"{sm['thread']:8.3f} {fl['process']:8.1f} {fl['thread']:7.1f} "
             f"{r['training_thread_cpu_vs_memory']['process']:12.3f} "
-            f"{r['training_thread_cpu_vs_memory']['thread']:11.3f}"
+            f"{r['training_thread_cpu_vs_memory']['thread']:11.3f} "
+            f"{r['writer_process_cpu_ms_per_record'] or float('nan'):18.3f}"
         )
     info["loadavg_at_end"] = loadavg()
     write_json(
