@@ -51,8 +51,9 @@ __all__ = ["DEFAULT_CHUNK_STEPS", "RunWriter"]
 #: Records per chunk along ``step`` unless told otherwise. Each append of a chunk writes one
 #: file per array (~1 ms of the writer's CPU each on ext4 here, whatever its size), so short
 #: chunks cost the writer per record what long ones do per chunk: the paper MLP's 16 arrays at
-#: every step took ~0.35 ms of the writer's CPU per record in chunks of 64 and ~0.1 ms in chunks
-#: of 256 (``bench/store_path.py``). Wide records get shorter chunks (the recorder's bound).
+#: every step took ~0.4 ms of the writer's CPU per record in chunks of 64 and ~0.1 ms in chunks
+#: of 256 (``bench/README.md``, *Issue 11: the store's writer*). Wide records get shorter chunks
+#: (the recorder's bound).
 DEFAULT_CHUNK_STEPS = 256
 
 # --------------------------------------------------------------------------------------------
@@ -669,7 +670,7 @@ class RunWriter(ResumableWriter):
         The arrays are resized in memory only: their new shapes are committed by the marker
         (:meth:`_commit`), and their ``.zarray`` files are rewritten by :meth:`close`, not here.
         Each file costs ~1 ms of the writer's CPU on ext4 (temporary file, write, rename); one
-        per array per append had been a third of the writer's CPU at every step, and that CPU
+        per array per append had been ~40% of the writer's CPU at every step, and that CPU
         competes with the training process for the cores. All arrays are written concurrently
         on zarr's event loop.
         """
