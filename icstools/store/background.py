@@ -68,7 +68,6 @@ class BackgroundWriter:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
         self._cond = threading.Condition()
         self._submitted = 0
-        self._blocks = 0  # blocks submitted
         self._done = 0
         self._error: BaseException | None = None
         self._error_reported = False
@@ -95,7 +94,6 @@ class BackgroundWriter:
             raise TypeError(f"block must be an xarray.Dataset, got {type(block).__name__}")
         if isinstance(self.writer, WriterProcess) and not isinstance(block, StackedBlock):
             raise TypeError("a writer process takes StackedBlock blocks only")
-        self._blocks += 1
         self._put(("block", block))
 
     def start_process(self) -> None:
