@@ -67,38 +67,77 @@ def _parametrize(nb: nbformat.NotebookNode, out: Path) -> nbformat.NotebookNode:
     return nb
 
 
-def _execute(path: Path, tmp: Path) -> nbformat.NotebookNode:
-    from nbclient import NotebookClient
-
-    spec = tmp / "jupyter" / "kernels" / "python3"  # JUPYTER_PATH wins over user/env/system
+def _kernelspec(tmp: Path) -> None:
+    """A ``python3`` kernelspec for this interpreter under ``tmp/jupyter`` (put first on
+    ``JUPYTER_PATH``: it wins over user, environment and system kernelspecs)."""
+    spec = tmp / "jupyter" / "kernels" / "python3"
     spec.mkdir(parents=True)
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
     kernel = {"argv": argv, "display_name": "Python 3 (test venv)", "language": "python"}
     (spec / "kernel.json").write_text(json.dumps(kernel))
-    nb = _parametrize(nbformat.read(path, as_version=4), tmp / "out")
-    with pytest.MonkeyPatch.context() as mp:  # read by the kernel manager; the kernel inherits it
-        mp.setenv("JUPYTER_PATH", str(tmp / "jupyter"))
-        mp.setenv("JUPYTER_PLATFORM_DIRS", "1")
-        mp.setenv("ICSTOOLS_DATA", str(_data_dir()))
-        mp.delenv("MPLBACKEND", raising=False)  # ipykernel then uses the inline backend
-        client = NotebookClient(
+
+
+def _execute_all(names: list[str], tmp: Path) -> dict[str, nbformat.NotebookNode]:
+    """The notebooks ``names`` after a run each, executed at the same time: each kernel is its
+    own process (one torch thread each, ``THREADS``), so on two cores the three default
+    notebooks take about as long as the two longest one after the other, not as all three."""
+    import asyncio
+
+    from nbclient import NotebookClient
+
+    _kernelspec(tmp)
+    nbs = {
+        n: _parametrize(nbformat.read(NOTEBOOK_DIR / n, as_version=4), tmp / Path(n).stem)
+        for n in names
+    }
+    clients = [
+        NotebookClient(
             nb,
             timeout=600,
             kernel_name="python3",
             resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
         )
-        client.execute()  # raises CellExecutionError on the first failing cell
-    return nb
+        for nb in nbs.values()
+    ]
+
+    async def run_all() -> None:
+        # every kernel runs to its end (or its first failing cell) before any error is raised
+        results = await asyncio.gather(
+            *(c.async_execute() for c in clients), return_exceptions=True
+        )
+        for name, result in zip(nbs, results, strict=True):
+            if isinstance(result, BaseException):
+                raise RuntimeError(f"notebook {name} failed") from result
+
+    with pytest.MonkeyPatch.context() as mp:  # read by the kernel manager; the kernel inherits it
+        mp.setenv("JUPYTER_PATH", str(tmp / "jupyter"))
+        mp.setenv("JUPYTER_PLATFORM_DIRS", "1")
+        mp.setenv("ICSTOOLS_DATA", str(_data_dir()))
+        mp.delenv("MPLBACKEND", raising=False)  # ipykernel then uses the inline backend
+        asyncio.run(run_all())  # raises on the first failing cell of any notebook
+    return nbs
+
+
+def _wanted(session: pytest.Session) -> list[str]:
+    """The notebooks the selected tests of this module execute: all of them, but the slow one
+    when no selected test is marked slow."""
+    mine = [item for item in session.items if item.module.__name__ == __name__]
+    slow = any(item.get_closest_marker("slow") for item in mine)
+    return [n for n in NOTEBOOKS if slow or n != _SLOW_NOTEBOOK]
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory):
-    """``executed(name)``: the notebook after a run (each notebook runs once per session)."""
+def executed(request, tmp_path_factory):
+    """``executed(name)``: the notebook after a run. At the first call, every notebook the
+    selected tests need is executed at once (:func:`_execute_all`); each runs once."""
     cache: dict[str, nbformat.NotebookNode] = {}
 
     def run(name: str) -> nbformat.NotebookNode:
         if name not in cache:
-            cache[name] = _execute(NOTEBOOK_DIR / name, tmp_path_factory.mktemp(Path(name).stem))
+            todo = [n for n in _wanted(request.session) if n not in cache] or [name]
+            if name not in todo:
+                todo.append(name)
+            cache.update(_execute_all(todo, tmp_path_factory.mktemp("notebooks")))
         return cache[name]
 
     return run
