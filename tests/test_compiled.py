@@ -100,6 +100,30 @@ def test_compiled_records_what_eager_records_without_graph_break(kind: str, orde
     _assert_same(eager, compiled)
 
 
+def test_a_convolution_network_stashes_channels_last_copies(monkeypatch) -> None:
+    """Inductor runs a convolution network channels-last: the stash copies its 4-d site
+    tensors in that format (a contiguous copy made every fused kernel transpose), and the
+    statistics read them in memory order; an MLP's copies keep their format."""
+    from icstools.recording import compiled as compiled_mod
+
+    stashed: list[torch.Tensor] = []
+    take = compiled_mod.SiteSwitch.take
+
+    def spy(self):
+        forwards = take(self)
+        stashed.extend(x for forward in forwards for _, x in forward)
+        return forwards
+
+    monkeypatch.setattr(compiled_mod.SiteSwitch, "take", spy)
+    eager, _ = _train("cnn", "eager")
+    compiled, _ = _train("cnn", "attach_then_compile")
+    four_d = [x for x in stashed if x.ndim == 4]
+    assert four_d and all(x.is_contiguous(memory_format=torch.channels_last) for x in four_d)
+    assert all(not x.is_contiguous() for x in four_d if x.shape[2] * x.shape[3] > 1)
+    _assert_same(eager, compiled)
+    assert compiled_mod.SiteSwitch(_mlp()).stash_format == torch.preserve_format
+
+
 def test_recorded_and_plain_steps_are_two_cached_graphs() -> None:
     _train("mlp", "attach_then_compile", steps=4, every=2)
     early = counters["stats"]["unique_graphs"]

@@ -111,6 +111,41 @@ def test_site_moments_equal_the_eager_reduction(x: np.ndarray, bins: int) -> Non
     )
 
 
+@settings(max_examples=60, deadline=None)
+@given(x=blocks(), bins=st.integers(1, 12), thr=st.sampled_from([0.5, 2.0, math.inf]))
+def test_rows_moments_give_the_bits_of_site_moments(x: np.ndarray, bins: int, thr: float) -> None:
+    """The same values with the units innermost ([pre, post, units] as [positions, units]):
+    every field equal to the bit, the non-finite values and zeros included."""
+    t = None if math.isinf(thr) else thr
+    rows = np.ascontiguousarray(x.transpose(0, 2, 1)).reshape(-1, x.shape[1])
+    got = kernels.rows_moments(rows, (-2.0, 6.0, bins), t)
+    want = kernels.site_moments(x, (-2.0, 6.0, bins), t)
+    assert sorted(got) == sorted(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].tobytes() == v.tobytes(), (k, got[k], v)
+
+
+@pytest.mark.parametrize("fill", [0.0, math.nan, math.inf, -math.inf, 6.0, -2.0, 1e30])
+def test_rows_moments_bin_the_edges_and_extremes_as_torch_histc(fill: float) -> None:
+    """Values on the outer edges, beyond them and non-finite: the bins of torch.histc (finite
+    values) with the under/overflow bins, as site_moments counts them."""
+    x = np.linspace(-3.0, 7.0, 41, dtype=np.float32).reshape(41, 1).repeat(3, 1)  # [41, 3]
+    x[::5, 1] = fill
+    got = kernels.rows_moments(np.ascontiguousarray(x), (-2.0, 6.0, 8), 1.0)
+    finite = x[np.isfinite(x)]
+    inner = torch.histc(torch.from_numpy(finite), bins=8, min=-2.0, max=6.0).long().numpy()
+    want = [int((finite < -2.0).sum()), *inner.tolist(), int((finite > 6.0).sum())]
+    assert got["hist"].tolist() == want
+    np.testing.assert_array_equal(got["count"], np.isfinite(x).sum(0))
+
+
+def test_rows_moments_refuse_what_they_cannot_read() -> None:
+    with pytest.raises(
+        ValueError, match=r"C-contiguous float32 \[positions, units\], got float32 "
+    ):
+        kernels.rows_moments(np.ones((4, 3), np.float32).T, (0.0, 1.0, 2), None)
+
+
 def test_block_fields_match_the_numpy_fold() -> None:
     from icstools.functional import exact
 

@@ -690,6 +690,28 @@ def test_inplace_change_after_update_does_not_change_compute(cap, shape, unit_di
         assert_matches_reference(out, ref, torch.float32, "in-place")
 
 
+@pytest.mark.parametrize("rate", [1.0, 0.3])
+@pytest.mark.parametrize("shape", [(5, 3, 7, 6), (40, 4, 1, 1), (2, 8, 3, 3)])
+def test_channels_last_tensors_give_the_bits_of_their_contiguous_copy(shape, rate):
+    """A channels-last activation (as compiled convolutions keep them) is read in its memory
+    order, by another kernel on the CPU: every field and the sampled rows to the bit."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 2
+    x[0, 1, 0, 0], x[1, 0, 0, 0], x[0, 2, 0, 0] = math.nan, math.inf, 0.0
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert cl.movedim(1, -1).is_contiguous()  # [N, H, W, C] in memory
+    edges = np.linspace(-4, 4, 9)
+
+    def state(t: torch.Tensor) -> object:
+        gen = torch.Generator().manual_seed(1)
+        return summarize(t, 1, hist_edges=edges, sat_threshold=1.5, sample_rate=rate, generator=gen)
+
+    got, want = state(cl), state(x)
+    for name in (f.name for f in StatisticsState.FIELDS):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert a.contiguous().numpy().tobytes() == b.contiguous().numpy().tobytes(), name
+
+
 # --------------------------------------------------------------------------------------------
 # quantiles_from_sorted / choose_hist_edges / saturation thresholds
 # --------------------------------------------------------------------------------------------

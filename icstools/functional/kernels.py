@@ -42,7 +42,9 @@ import torch
 __all__ = [
     "COMPILE_SECONDS",
     "ENABLED",
+    "ROWS_MIN",
     "block_fields",
+    "rows_moments",
     "site_moments",
     "unavailable_reason",
     "unit_mean_m2",
@@ -183,6 +185,78 @@ def _site_kernel(
 
 
 @_jit
+def _rows_kernel(
+    x, u0, u1, lo, hi, bins, thr, count, s, mn, mx, n_sat, n_zero, hist, m
+):  # pragma: no cover
+    # x: [positions, units] float32, the units innermost (channels-last data); columns u0:u1
+    # only (a thread's part); per-unit outputs [units], hist [bins + 2] (added to). Each unit's
+    # values are visited in the order _site_kernel visits them in the [pre, units, post] view
+    # of the same tensor: the same sums, extremes, counts and bins to the bit. The loops over
+    # a row's units have no branches, so that the compiler vectorizes them: the per-unit
+    # accumulators are local arrays, a non-finite value adds +0.0 (which changes no sum), and
+    # the bins are computed first (torch.histc's float32 arithmetic, clamped in float32, which
+    # truncates to the same bin), then counted in 4 interleaved histograms.
+    rows = x.shape[0]
+    nu = u1 - u0
+    fb = np.float32(bins)
+    top = np.float32(bins - 1)
+    width = hi - lo
+    inf = np.float32(np.inf)
+    cnt = np.zeros(nu, np.int64)
+    acc = np.zeros(nu, np.float64)
+    lo_a = np.full(nu, inf, np.float32)
+    hi_a = np.full(nu, -inf, np.float32)
+    zeros = np.zeros(nu, np.int64)
+    sat = np.zeros(nu, np.int64)
+    idx = np.empty(nu, np.int32)
+    h = np.zeros((4, bins + 3), np.int64)  # the last bin: non-finite values, dropped
+    for r in range(rows):  # pass 1: finite count, sum, extremes, counts, histogram
+        row = x[r, u0:u1]
+        for j in range(nu):
+            v = row[j]
+            fin = abs(v) < inf
+            zeros[j] += v == 0
+            cnt[j] += fin
+            acc[j] += v if fin else np.float32(0.0)
+            lo_a[j] = min(lo_a[j], v) if fin else lo_a[j]
+            hi_a[j] = max(hi_a[j], v) if fin else hi_a[j]
+            sat[j] += fin and abs(v) > thr
+            t = min(max((v - lo) * fb / width, np.float32(0.0)), top)
+            b = np.int32(t) + np.int32(1)
+            b = np.int32(0) if v < lo else b
+            b = np.int32(bins + 1) if v > hi else b
+            idx[j] = b if fin else np.int32(bins + 2)
+        for j in range(nu):
+            h[j & 3, idx[j]] += 1
+    for lane in range(4):
+        for b in range(bins + 2):
+            hist[b] += h[lane, b]
+    mean = np.zeros(nu, np.float64)
+    for j in range(nu):
+        if cnt[j] > 0:
+            mean[j] = acc[j] / cnt[j]
+    m0 = np.zeros(nu)
+    m1 = np.zeros(nu)
+    m2 = np.zeros(nu)
+    m3 = np.zeros(nu)
+    for r in range(rows):  # pass 2: central moment sums about the float64 mean
+        row = x[r, u0:u1]
+        for j in range(nu):
+            v = row[j]
+            d = np.float64(v) - mean[j] if abs(v) < inf else 0.0
+            d2 = d * d
+            m0[j] += d
+            m1[j] += d2
+            m2[j] += d2 * d
+            m3[j] += d2 * d2
+    for j in range(nu):
+        u = u0 + j
+        count[u], s[u], mn[u], mx[u] = cnt[j], acc[j], lo_a[j], hi_a[j]
+        n_sat[u], n_zero[u] = sat[j], zeros[j]
+        m[0, u], m[1, u], m[2, u], m[3, u] = m0[j], m1[j], m2[j], m3[j]
+
+
+@_jit
 def _block_kernel(a, lo, hi, bins, start, thr, s, n_sat, n_zero, hist, m):  # pragma: no cover
     # a: [positions, units] float32, finite; per-column settings lo, hi, bins, start (the
     # column's first histogram bin in hist), thr: [units]; s, n_sat, n_zero [units]
@@ -237,6 +311,13 @@ def _mean_m2_kernel(x, mean, m2):  # pragma: no cover
         mean[u] = mu + c
         m2[u] = s2 - n * c * c
 
+
+#: Positions from which a site whose units are innermost in memory is reduced by
+#: :func:`rows_moments` (row by row, vectorized over the units) rather than by
+#: :func:`site_moments` (unit by unit, strided): measured here, rows took 0.24 against
+#: 0.58 ms for ``[128, 1000]``, 4.2 against 14.5 ms for ``[4096, 768]`` and 0.051 against
+#: 0.058 ms for ``[60, 100]``, but 40 against 35 ms for ``[2, 10⁶]`` (its per-unit arrays).
+ROWS_MIN = 32
 
 #: Values of a site from which :func:`site_moments` splits its units over threads.
 SPLIT_VALUES = 1 << 20
@@ -364,12 +445,27 @@ def site_moments(
         _site_kernel(x[:, a:b], *settings, *outs, m[:, a:b])
 
     _timed("site", _split, part, len(bounds))
-    hist = hists.sum(0)
+    return _site_fields(count, s, m, mn, mx, n_sat, n_zero, hists.sum(0), x.shape[0] * x.shape[2])
+
+
+def _site_fields(
+    count: np.ndarray,
+    s: np.ndarray,
+    m: np.ndarray,
+    mn: np.ndarray,
+    mx: np.ndarray,
+    n_sat: np.ndarray,
+    n_zero: np.ndarray,
+    hist: np.ndarray,
+    total: int,
+) -> dict[str, np.ndarray]:
+    """The state's fields from a site kernel's outputs (``s``: the sums, ``m``: the central
+    sums about ``s / count``)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, s / np.maximum(count, 1), np.nan)
     return {
         "count": count,
-        "total": np.full(units, x.shape[0] * x.shape[2], np.int64),
+        "total": np.full(count.shape[0], total, np.int64),
         **_corrected(count, mean, m),
         "min": mn,
         "max": mx,
@@ -377,6 +473,51 @@ def site_moments(
         "n_zero": n_zero,
         "hist": hist,
     }
+
+
+def rows_moments(
+    x: np.ndarray, edges: tuple[float, float, int], thr: float | None
+) -> dict[str, np.ndarray]:
+    """:func:`site_moments` of values whose units are innermost in memory: ``x`` is float32
+    ``[positions, units]``, C-contiguous (a channels-last activation ``[N, H, W, C]`` viewed
+    as ``[N·H·W, C]``, as a compiled convolution network keeps it): read in memory order,
+    where :func:`site_moments` would need a transposed copy. Each unit's values are summed in
+    the same order as :func:`site_moments` sums them in the ``[N, C, H·W]`` view of the same
+    tensor, so the results are the same to the bit.
+
+    Examples
+    --------
+    >>> x = np.array([[1.0, 2.0], [3.0, np.nan]], dtype=np.float32)  # [positions, units]
+    >>> out = rows_moments(x, (0.0, 4.0, 4), 2.5)
+    >>> out["count"].tolist(), out["mean"].tolist(), out["n_sat"].tolist(), out["hist"].tolist()
+    ([2, 1], [2.0, 2.0], [1, 0], [0, 0, 1, 1, 1, 0])
+    """
+    if x.dtype != np.float32 or x.ndim != 2 or not x.flags.c_contiguous:
+        raise ValueError(
+            f"rows_moments takes C-contiguous float32 [positions, units], got {x.dtype} with "
+            f"shape {x.shape} (C-contiguous: {x.flags.c_contiguous})"
+        )
+    lo, hi, bins = edges
+    units = x.shape[1]
+    count = np.zeros(units, np.int64)
+    s = np.zeros(units, np.float64)
+    mn = np.empty(units, np.float32)
+    mx = np.empty(units, np.float32)
+    n_sat = np.zeros(units, np.int64)
+    n_zero = np.zeros(units, np.int64)
+    m = np.zeros((4, units), np.float64)
+    t = np.float32(math.inf if thr is None else thr)
+    bounds = _parts(x.size, units)  # units split over threads, as site_moments
+    hists = np.zeros((len(bounds), int(bins) + 2), np.int64)
+    settings = (np.float32(lo), np.float32(hi), int(bins), t)
+
+    def part(i: int) -> None:
+        a, b = bounds[i]
+        outs = (count, s, mn, mx, n_sat, n_zero, hists[i], m)
+        _rows_kernel(x, a, b, *settings, *outs)
+
+    _timed("rows", _split, part, len(bounds))
+    return _site_fields(count, s, m, mn, mx, n_sat, n_zero, hists.sum(0), x.shape[0])
 
 
 def unit_mean_m2(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

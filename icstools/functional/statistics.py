@@ -164,13 +164,15 @@ def summarize(
         return StatisticsState.empty(units, bins=bins, dtype=dtype, device=x.device)
 
     edges = (float(hist_edges[0]), float(hist_edges[-1]), bins)
-    x3 = x.reshape(math.prod(x.shape[:unit_dim]), units, -1)  # [pre, units, post]
     out = None
     if fused is None and on_host(x.device) and dtype == torch.float32 and _kernels.usable():
         # the compiled two-pass kernel: ~7x faster than the eager reductions below
-        host = _kernels.site_moments(x3.numpy(), edges, sat_threshold)
-        out = {k: torch.from_numpy(v) for k, v in host.items()}
+        out = {
+            k: torch.from_numpy(v)
+            for k, v in _kernel_moments(x, unit_dim, edges, sat_threshold).items()
+        }
     elif fused is not None:
+        x3 = x.reshape(math.prod(x.shape[:unit_dim]), units, -1)  # [pre, units, post]
         out = fused_state(x3, edges, sat_threshold, mode=fused)
     if out is not None:
         return StatisticsState(**out, sample=_sample_rows(x, unit_dim, sample_rate, generator))
@@ -178,6 +180,22 @@ def summarize(
     hist = _histogram(flat, hist_edges)
     sample = _sample_rows(x, unit_dim, sample_rate, generator)
     return StatisticsState(**moments, hist=hist, sample=sample)
+
+
+def _kernel_moments(
+    x: torch.Tensor, unit_dim: int, edges: tuple[float, float, int], thr: float | None
+) -> dict[str, np.ndarray]:
+    """The compiled kernels' fields of a CPU float32 ``x``, read in its memory order: with
+    the units innermost (``[batch, units]``, channels-last activations as compiled
+    convolutions leave them) and at least :data:`~icstools.functional.kernels.ROWS_MIN`
+    positions, as ``[positions, units]`` rows; otherwise as ``[pre, units, post]`` (a copy
+    if that view is not contiguous). Both give the same bits."""
+    units = x.shape[unit_dim]
+    rows = x.movedim(unit_dim, -1)  # [..., units], a view
+    if rows.is_contiguous() and rows.numel() >= _kernels.ROWS_MIN * units:
+        return _kernels.rows_moments(rows.reshape(-1, units).numpy(), edges, thr)
+    x3 = x.reshape(math.prod(x.shape[:unit_dim]), units, -1)  # [pre, units, post]
+    return _kernels.site_moments(x3.numpy(), edges, thr)
 
 
 def _unit_moments(
@@ -270,6 +288,8 @@ def _sample_rows(
         raise ValueError("a generator is required to sample quantile values (sample_rate < 1)")
     m = max(1, round(n * rate))
     flat_index = torch.randperm(n, generator=generator)[:m].to(x.device, non_blocking=True)
+    if rows.is_contiguous():  # units innermost (channels-last): rows of a [n, units] view
+        return rows.reshape(n, rows.shape[-1])[flat_index]  # [m, units], a copy
     index = torch.unravel_index(flat_index, rows.shape[:-1])
     return rows[index].clone()  # [m, units]
 
