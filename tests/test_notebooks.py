@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import inspect
 import json
 import os
 import re
@@ -119,11 +120,20 @@ def _execute_all(names: list[str], tmp: Path) -> dict[str, nbformat.NotebookNode
 
 
 def _wanted(session: pytest.Session) -> list[str]:
-    """The notebooks the selected tests of this module execute: all of them, but the slow one
-    when no selected test is marked slow."""
-    mine = [item for item in session.items if item.module.__name__ == __name__]
-    slow = any(item.get_closest_marker("slow") for item in mine)
-    return [n for n in NOTEBOOKS if slow or n != _SLOW_NOTEBOOK]
+    """The notebooks the selected tests of this module execute: a test's ``name`` parameter,
+    and the notebooks its body passes to ``executed``."""
+    names: set[str] = set()
+    for item in session.items:
+        if item.module.__name__ != __name__ or "executed" not in item.fixturenames:
+            continue
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "name" in params:
+            names.add(params["name"])
+        source = inspect.getsource(item.function)
+        names.update(re.findall(r'executed\("([^"]+\.ipynb)"\)', source))
+        if "executed(_SLOW_NOTEBOOK)" in source:
+            names.add(_SLOW_NOTEBOOK)
+    return sorted(names)
 
 
 @pytest.fixture(scope="module")
