@@ -46,6 +46,7 @@ __all__ = [
     "block_fields",
     "rows_moments",
     "site_moments",
+    "tensor_moments",
     "unavailable_reason",
     "unit_mean_m2",
     "usable",
@@ -516,6 +517,29 @@ def rows_moments(
     # one [131072, 64] site)
     _timed("rows", _rows_kernel, x, 0, units, *settings, count, s, mn, mx, n_sat, n_zero, hist, m)
     return _site_fields(count, s, m, mn, mx, n_sat, n_zero, hist, x.shape[0])
+
+
+def tensor_moments(
+    x: torch.Tensor, unit_dim: int, edges: tuple[float, float, int], thr: float | None
+) -> dict[str, np.ndarray]:
+    """:func:`site_moments` of a CPU float32 tensor whose units are on ``unit_dim`` (≥ 0),
+    read in its memory order: with the units innermost (``[batch, units]``, channels-last
+    activations as compiled convolutions leave them) and at least :data:`ROWS_MIN` positions,
+    as ``[positions, units]`` rows (:func:`rows_moments`); otherwise as ``[pre, units,
+    post]`` (a copy if that view is not contiguous). Both give the same bits.
+
+    Examples
+    --------
+    >>> x = torch.arange(64.0).reshape(2, 2, 4, 4).contiguous(memory_format=torch.channels_last)
+    >>> tensor_moments(x, 1, (0.0, 64.0, 4), None)["mean"].tolist()
+    [23.5, 39.5]
+    """
+    units = x.shape[unit_dim]
+    rows = x.movedim(unit_dim, -1)  # [..., units], a view
+    if rows.is_contiguous() and rows.numel() >= ROWS_MIN * units:
+        return rows_moments(rows.reshape(-1, units).numpy(), edges, thr)
+    x3 = x.reshape(math.prod(x.shape[:unit_dim]), units, -1)  # [pre, units, post]
+    return site_moments(x3.numpy(), edges, thr)
 
 
 def unit_mean_m2(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -169,7 +169,7 @@ def summarize(
         # the compiled two-pass kernel: ~7x faster than the eager reductions below
         out = {
             k: torch.from_numpy(v)
-            for k, v in _kernel_moments(x, unit_dim, edges, sat_threshold).items()
+            for k, v in _kernels.tensor_moments(x, unit_dim, edges, sat_threshold).items()
         }
     elif fused is not None:
         x3 = x.reshape(math.prod(x.shape[:unit_dim]), units, -1)  # [pre, units, post]
@@ -180,22 +180,6 @@ def summarize(
     hist = _histogram(flat, hist_edges)
     sample = _sample_rows(x, unit_dim, sample_rate, generator)
     return StatisticsState(**moments, hist=hist, sample=sample)
-
-
-def _kernel_moments(
-    x: torch.Tensor, unit_dim: int, edges: tuple[float, float, int], thr: float | None
-) -> dict[str, np.ndarray]:
-    """The compiled kernels' fields of a CPU float32 ``x``, read in its memory order: with
-    the units innermost (``[batch, units]``, channels-last activations as compiled
-    convolutions leave them) and at least :data:`~icstools.functional.kernels.ROWS_MIN`
-    positions, as ``[positions, units]`` rows; otherwise as ``[pre, units, post]`` (a copy
-    if that view is not contiguous). Both give the same bits."""
-    units = x.shape[unit_dim]
-    rows = x.movedim(unit_dim, -1)  # [..., units], a view
-    if rows.is_contiguous() and rows.numel() >= _kernels.ROWS_MIN * units:
-        return _kernels.rows_moments(rows.reshape(-1, units).numpy(), edges, thr)
-    x3 = x.reshape(math.prod(x.shape[:unit_dim]), units, -1)  # [pre, units, post]
-    return _kernels.site_moments(x3.numpy(), edges, thr)
 
 
 def _unit_moments(
