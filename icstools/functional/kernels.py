@@ -190,7 +190,7 @@ def _rows_kernel(
     x, u0, u1, lo, hi, bins, thr, count, s, mn, mx, n_sat, n_zero, hist, m
 ):  # pragma: no cover
     # x: [positions, units] float32, the units innermost (channels-last data); columns u0:u1
-    # only (a thread's part); per-unit outputs [units], hist [bins + 2] (added to). Each unit's
+    # (rows_moments passes all); per-unit outputs [units], hist [bins + 2] (added to). Each unit's
     # values are visited in the order _site_kernel visits them in the [pre, units, post] view
     # of the same tensor: the same sums, extremes, counts and bins to the bit. The loops over
     # a row's units have no branches, so that the compiler vectorizes them: the per-unit
@@ -315,9 +315,10 @@ def _mean_m2_kernel(x, mean, m2):  # pragma: no cover
 
 #: Positions from which a site whose units are innermost in memory is reduced by
 #: :func:`rows_moments` (row by row, vectorized over the units) rather than by
-#: :func:`site_moments` (unit by unit, strided): measured here, rows took 0.24 against
-#: 0.58 ms for ``[128, 1000]``, 4.2 against 14.5 ms for ``[4096, 768]`` and 0.051 against
-#: 0.058 ms for ``[60, 100]``, but 40 against 35 ms for ``[2, 10⁶]`` (its per-unit arrays).
+#: :func:`site_moments` (unit by unit, strided): ``bench/channels_last.py`` measured rows
+#: 0.34 against 0.62 ms for ``[128, 1000]``, 7.3 against 11.2 ms for ``[4096, 768]`` and
+#: 0.023 against 0.052 ms for ``[60, 100]``, but 84 against 24 ms (split over 2 threads) for
+#: ``[2, 10⁶]``, where its per-unit arrays outweigh two rows.
 ROWS_MIN = 32
 
 #: Values of a site from which :func:`site_moments` splits its units over threads.

@@ -87,8 +87,9 @@ def _stash_format(model: nn.Module) -> torch.memory_format:
     """The memory format of the stashed copies of 4-d site tensors: channels-last in a model
     with 2-d convolutions, which inductor runs channels-last (its layout optimization); there
     a copy in the traced (contiguous) format made every fused kernel of a recorded forward
-    transpose its tiles: measured on the CNN of ``bench/overhead.py``, +131 ms a recorded
-    step over the unrecorded graph's 356 ms, +35 ms channels-last. The statistics read either
+    transpose its tiles: ``bench/channels_last.py`` measured the CNN of ``bench/overhead.py``
+    at +96 ms a recorded step (statistics skipped) over the unrecorded graph's 348 ms, +40 ms
+    with channels-last copies. The statistics read either
     format in memory order (:func:`icstools.functional.statistics.summarize`). Inductor's
     configuration is read only if something imported it already (importing it costs ~1.6 s):
     with its layout optimization switched off, the traced format is kept."""
