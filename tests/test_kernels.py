@@ -146,6 +146,45 @@ def test_rows_moments_refuse_what_they_cannot_read() -> None:
         kernels.rows_moments(np.ones((4, 3), np.float32).T, (0.0, 1.0, 2), None)
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    rows=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+    specials=st.lists(
+        st.sampled_from(
+            [0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan, 1e-45, -1e-45, 3.4e38]
+        ),
+        max_size=8,
+    ),
+)
+def test_the_radix_sort_orders_rows_as_numpy(n: int, rows: int, seed: int, specials) -> None:
+    """Rows with signed zeros, subnormals, infinities and NaN: numpy's order (NaN last, a
+    -0.0 and a 0.0 equal either way)."""
+    rng = np.random.default_rng(seed)
+    a = (rng.normal(0, 10, (rows, n)) * rng.choice([1e-30, 1.0, 1e30], (rows, n))).astype(
+        np.float32
+    )
+    for k, v in enumerate(specials):
+        a[k % rows, int(rng.integers(0, n))] = v
+    was, kernels.RADIX_MIN = kernels.RADIX_MIN, 1  # the radix sort for every row length
+    try:
+        got = kernels.sort_rows(a)
+    finally:
+        kernels.RADIX_MIN = was
+    np.testing.assert_array_equal(got, np.sort(a, axis=1))  # NaN equal to NaN, -0.0 to 0.0
+    assert got.dtype == np.float32 and a.shape == got.shape
+
+
+def test_a_quantile_sample_is_sorted_by_the_radix_kernel() -> None:
+    a = np.random.default_rng(5).normal(size=(3, 8192)).astype(np.float32)
+    assert a.shape[1] >= kernels.RADIX_MIN
+    np.testing.assert_array_equal(kernels.sort_rows(a), np.sort(a, axis=1))
+    assert "radix" in kernels.COMPILE_SECONDS
+    with pytest.raises(ValueError, match=r"sort_rows takes \[rows, n\], got shape \(4,\)"):
+        kernels.sort_rows(np.ones(4, np.float32))
+
+
 def test_block_fields_match_the_numpy_fold() -> None:
     from icstools.functional import exact
 

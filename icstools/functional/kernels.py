@@ -42,10 +42,12 @@ import torch
 __all__ = [
     "COMPILE_SECONDS",
     "ENABLED",
+    "RADIX_MIN",
     "ROWS_MIN",
     "block_fields",
     "rows_moments",
     "site_moments",
+    "sort_rows",
     "tensor_moments",
     "unavailable_reason",
     "unit_mean_m2",
@@ -255,6 +257,44 @@ def _rows_kernel(
         count[u], s[u], mn[u], mx[u] = cnt[j], acc[j], lo_a[j], hi_a[j]
         n_sat[u], n_zero[u] = sat[j], zeros[j]
         m[0, u], m[1, u], m[2, u], m[3, u] = m0[j], m1[j], m2[j], m3[j]
+
+
+@_jit
+def _radix_rows(a, out):  # pragma: no cover
+    # a, out: [rows, n] float32, C-contiguous; each row of a sorted into out by an LSD radix
+    # sort of the float bits (4 passes of 8 bits) mapped to unsigned keys in the float order:
+    # negatives get all bits flipped, the rest the sign bit set; NaN becomes the largest key
+    # (last, as numpy sorts it) and comes back as a NaN
+    rows, n = a.shape
+    keys = np.empty(n, np.uint32)
+    tmp = np.empty(n, np.uint32)
+    count = np.empty(257, np.int64)
+    sign = np.uint32(0x80000000)
+    ones = np.uint32(0xFFFFFFFF)
+    for r in range(rows):
+        bits = a[r].view(np.uint32)
+        for i in range(n):
+            u = bits[i]
+            if (u & ~sign) > np.uint32(0x7F800000):  # NaN
+                keys[i] = ones
+            else:
+                keys[i] = u ^ ones if u & sign else u | sign
+        src, dst = keys, tmp
+        for shift in range(0, 32, 8):
+            count[:] = 0
+            for i in range(n):
+                count[((src[i] >> np.uint32(shift)) & np.uint32(0xFF)) + 1] += 1
+            for b in range(256):
+                count[b + 1] += count[b]
+            for i in range(n):
+                d = (src[i] >> np.uint32(shift)) & np.uint32(0xFF)
+                dst[count[d]] = src[i]
+                count[d] += 1
+            src, dst = dst, src
+        o = out[r].view(np.uint32)
+        for i in range(n):
+            u = src[i]
+            o[i] = u ^ sign if u & sign else u ^ ones
 
 
 @_jit
@@ -541,6 +581,35 @@ def tensor_moments(
         return rows_moments(rows.reshape(-1, units).numpy(), edges, thr)
     x3 = x.reshape(math.prod(x.shape[:unit_dim]), units, -1)  # [pre, units, post]
     return site_moments(x3.numpy(), edges, thr)
+
+
+#: Values per row from which :func:`sort_rows` sorts with the compiled radix sort rather than
+#: ``numpy.sort`` (measured here for 100 rows: 0.58 against 0.53 ms at 1024 values, 4.4
+#: against 2.2 ms at 4096; 0.03 against 0.17 ms at 256).
+RADIX_MIN = 2048
+
+
+def sort_rows(a: np.ndarray) -> np.ndarray:
+    """Each row of ``a`` (``[rows, n]``) sorted ascending, as ``numpy.sort(a, axis=1)`` gives
+    the values (NaN last; ``-0.0`` before ``0.0`` where numpy may order them either way).
+
+    float32 rows of at least :data:`RADIX_MIN` values are sorted by a compiled radix sort
+    (four passes over the values: ~2.5x faster than numpy's sort for the 8192 values of a
+    quantile sample), others by numpy.
+
+    Examples
+    --------
+    >>> sort_rows(np.array([[3.0, -1.0, np.nan, 0.5]], dtype=np.float32)).tolist()
+    [[-1.0, 0.5, 3.0, nan]]
+    """
+    if a.ndim != 2:
+        raise ValueError(f"sort_rows takes [rows, n], got shape {a.shape}")
+    if a.dtype != np.float32 or a.shape[1] < RADIX_MIN or not usable():
+        return np.sort(a, axis=1)
+    a = np.ascontiguousarray(a)
+    out = np.empty_like(a)
+    _timed("radix", _radix_rows, a, out)
+    return out
 
 
 def unit_mean_m2(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

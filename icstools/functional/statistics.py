@@ -691,8 +691,9 @@ class ActivationStatistics:
         # Non-finite values sort last as +inf and are excluded by the per-unit count.
         rows = torch.where(finite, sample, math.inf).T.contiguous()  # [units, m]
         if on_host(rows.device):
-            # numpy sorts short rows ~10x faster than torch on CPU; the order is the same.
-            sorted_rows = torch.from_numpy(np.sort(rows.numpy(), axis=1))
+            # numpy sorts short rows ~10x faster than torch on CPU, the radix kernel long
+            # float32 rows ~2.5x faster than numpy; the order is the same.
+            sorted_rows = torch.from_numpy(_kernels.sort_rows(rows.numpy()))
         else:
             sorted_rows = torch.sort(rows, dim=1).values
         q = torch.as_tensor(self.quantiles, dtype=sorted_rows.dtype, device=sorted_rows.device)
