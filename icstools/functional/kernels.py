@@ -189,18 +189,17 @@ def _site_kernel(
 
 @_jit
 def _rows_kernel(
-    x, u0, u1, lo, hi, bins, thr, count, s, mn, mx, n_sat, n_zero, hist, m
+    x, lo, hi, bins, thr, count, s, mn, mx, n_sat, n_zero, hist, m
 ):  # pragma: no cover
-    # x: [positions, units] float32, the units innermost (channels-last data); columns u0:u1
-    # (rows_moments passes all); per-unit outputs [units], hist [bins + 2] (added to). Each unit's
+    # x: [positions, units] float32, the units innermost (channels-last data); per-unit
+    # outputs [units], hist [bins + 2] (added to). Each unit's
     # values are visited in the order _site_kernel visits them in the [pre, units, post] view
     # of the same tensor: the same sums, extremes, counts and bins to the bit. The loops over
     # a row's units have no branches, so that the compiler vectorizes them: the per-unit
     # accumulators are local arrays, a non-finite value adds +0.0 (which changes no sum), and
     # the bins are computed first (torch.histc's float32 arithmetic, clamped in float32, which
     # truncates to the same bin), then counted in 4 interleaved histograms.
-    rows = x.shape[0]
-    nu = u1 - u0
+    rows, nu = x.shape
     fb = np.float32(bins)
     top = np.float32(bins - 1)
     width = hi - lo
@@ -214,7 +213,7 @@ def _rows_kernel(
     idx = np.empty(nu, np.int32)
     h = np.zeros((4, bins + 3), np.int64)  # the last bin: non-finite values, dropped
     for r in range(rows):  # pass 1: finite count, sum, extremes, counts, histogram
-        row = x[r, u0:u1]
+        row = x[r]
         for j in range(nu):
             v = row[j]
             fin = abs(v) < inf
@@ -243,7 +242,7 @@ def _rows_kernel(
     m2 = np.zeros(nu)
     m3 = np.zeros(nu)
     for r in range(rows):  # pass 2: central moment sums about the float64 mean
-        row = x[r, u0:u1]
+        row = x[r]
         for j in range(nu):
             v = row[j]
             d = np.float64(v) - mean[j] if abs(v) < inf else 0.0
@@ -252,11 +251,9 @@ def _rows_kernel(
             m1[j] += d2
             m2[j] += d2 * d
             m3[j] += d2 * d2
-    for j in range(nu):
-        u = u0 + j
-        count[u], s[u], mn[u], mx[u] = cnt[j], acc[j], lo_a[j], hi_a[j]
-        n_sat[u], n_zero[u] = sat[j], zeros[j]
-        m[0, u], m[1, u], m[2, u], m[3, u] = m0[j], m1[j], m2[j], m3[j]
+    count[:], s[:], mn[:], mx[:] = cnt, acc, lo_a, hi_a
+    n_sat[:], n_zero[:] = sat, zeros
+    m[0], m[1], m[2], m[3] = m0, m1, m2, m3
 
 
 @_jit
@@ -467,13 +464,7 @@ def site_moments(
     x = np.ascontiguousarray(x)  # [pre, units, post], as the kernel reads it
     lo, hi, bins = edges
     units = x.shape[1]
-    count = np.zeros(units, np.int64)
-    s = np.zeros(units, np.float64)
-    mn = np.empty(units, np.float32)
-    mx = np.empty(units, np.float32)
-    n_sat = np.zeros(units, np.int64)
-    n_zero = np.zeros(units, np.int64)
-    m = np.zeros((4, units), np.float64)
+    count, s, mn, mx, n_sat, n_zero, m = _site_outputs(units)
     t = np.float32(math.inf if thr is None else thr)
     # a large site is split by units over threads (the kernel releases the GIL, and torch's
     # own threads wait while a hook runs); each part has its own histogram, summed after
@@ -488,6 +479,20 @@ def site_moments(
 
     _timed("site", _split, part, len(bounds))
     return _site_fields(count, s, m, mn, mx, n_sat, n_zero, hists.sum(0), x.shape[0] * x.shape[2])
+
+
+def _site_outputs(units: int) -> tuple[np.ndarray, ...]:
+    """The per-unit output arrays of a site kernel: ``count, s, mn, mx, n_sat, n_zero``
+    (``[units]``) and ``m`` (``[4, units]``), the sums zeroed."""
+    return (
+        np.zeros(units, np.int64),
+        np.zeros(units, np.float64),
+        np.empty(units, np.float32),
+        np.empty(units, np.float32),
+        np.zeros(units, np.int64),
+        np.zeros(units, np.int64),
+        np.zeros((4, units), np.float64),
+    )
 
 
 def _site_fields(
@@ -541,22 +546,16 @@ def rows_moments(
         )
     lo, hi, bins = edges
     units = x.shape[1]
-    count = np.zeros(units, np.int64)
-    s = np.zeros(units, np.float64)
-    mn = np.empty(units, np.float32)
-    mx = np.empty(units, np.float32)
-    n_sat = np.zeros(units, np.int64)
-    n_zero = np.zeros(units, np.int64)
-    m = np.zeros((4, units), np.float64)
+    count, s, mn, mx, n_sat, n_zero, m = _site_outputs(units)
     t = np.float32(math.inf if thr is None else thr)
     hist = np.zeros(int(bins) + 2, np.int64)
     settings = (np.float32(lo), np.float32(hi), int(bins), t)
-    # one thread (the kernel takes column ranges, but splitting them over the pool did not
-    # pay): in a training step of the CNN of bench/overhead.py, compiled or channels-last
-    # eager, summarizing its three sites (21 M values) took 41-51 ms in one thread against
-    # 92-97 ms split over two, although the split was faster alone (7-12 against 12 ms for
-    # one [131072, 64] site)
-    _timed("rows", _rows_kernel, x, 0, units, *settings, count, s, mn, mx, n_sat, n_zero, hist, m)
+    # one thread (splitting the units over the pool, as site_moments does, did not pay): in
+    # a training step of the CNN of bench/overhead.py, compiled or channels-last eager,
+    # summarizing its three sites (21 M values) took 41-51 ms in one thread against 92-97 ms
+    # split over two, although the split was faster alone (7-12 against 12 ms for one
+    # [131072, 64] site)
+    _timed("rows", _rows_kernel, x, *settings, count, s, mn, mx, n_sat, n_zero, hist, m)
     return _site_fields(count, s, m, mn, mx, n_sat, n_zero, hist, x.shape[0])
 
 
