@@ -62,7 +62,9 @@ def child(mode: str, steps: int, buffer_mib: int, out: Path) -> None:
 
     t0 = time.perf_counter()
     result: dict[str, Any] = {"mode": mode}
-    if mode == "plain":
+    if mode == "libraries":  # what recording loads once, whatever the site: numba's kernels
+        _load_libraries()  # compiled, zarr and xarray imported (no record, no store)
+    if mode in ("plain", "libraries"):
         for i in range(steps):
             step()
             if i % 10 == 0:
@@ -78,6 +80,7 @@ def child(mode: str, steps: int, buffer_mib: int, out: Path) -> None:
                     step()
                     if i % 10 == 0:
                         rss.append(_rss_mib())
+                result["writer_own_peak_rss_mib"] = _writer_peak_mib(rec)
             sink = rec._sink  # what the sink held at most, by its own count
             result |= {
                 "record_mib": rec.record_bytes / 2**20,
@@ -88,12 +91,40 @@ def child(mode: str, steps: int, buffer_mib: int, out: Path) -> None:
     result |= {
         "seconds_per_step": (time.perf_counter() - t0) / steps,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        # the store's writer process (reaped when the recorder closed): its own peak
-        "writer_process_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        / 1024,
         "rss_samples_mib": rss,
     }
     out.write_text(json.dumps(result))
+
+
+def _load_libraries() -> None:
+    """Load what a recorder loads once: the statistics kernels (compiled by numba, run on a
+    small tensor), zarr and xarray."""
+    import numpy as np
+    import xarray  # noqa: F401
+    import zarr  # noqa: F401
+
+    from icstools.functional import kernels
+
+    x = np.zeros((2, 4, 3), np.float32)
+    kernels.site_moments(x, (0.0, 1.0, 4), None)
+    kernels.rows_moments(np.zeros((64, 4), np.float32), (0.0, 1.0, 4), None)
+    kernels.block_fields(np.zeros((2, 4), np.float32), [4], [np.linspace(0, 1, 5)], [1.0])
+    kernels.sort_rows(np.zeros((2, 4096), np.float32))
+
+
+def _writer_peak_mib(rec: Any) -> float | None:
+    """The store's writer process's own peak RSS (``VmHWM``), read while it runs.
+
+    Not ``RUSAGE_CHILDREN``: a child forked from this process inherits its peak, so that
+    figure was this process's RSS at the fork, not the writer's."""
+    writer = rec._sink._writer.writer  # a WriterProcess once the training moved it there
+    pid = getattr(writer, "pid", None)
+    if pid is None:
+        return None
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return None
 
 
 def run_child(mode: str, steps: int, buffer_mib: int, tmp: Path) -> dict[str, Any]:
@@ -107,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=200, help="training steps, all recorded (200)")
     p.add_argument("--buffer-mib", type=int, default=256, help="Recorder buffer_bytes (256)")
-    p.add_argument("--child", choices=("plain", "recorded"), help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("plain", "libraries", "recorded"), help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=RESULTS / "wide_site.json", help="JSON output")
     args = p.parse_args(argv)
     if args.child:
@@ -115,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         plain = run_child("plain", args.steps, args.buffer_mib, Path(tmp))
+        libs = run_child("libraries", args.steps, args.buffer_mib, Path(tmp))
         recorded = run_child("recorded", args.steps, args.buffer_mib, Path(tmp))
     extra = recorded["peak_rss_mib"] - plain["peak_rss_mib"]
+    extra_libs = recorded["peak_rss_mib"] - libs["peak_rss_mib"]
     print(f"site of {UNITS:,} units, batch 2, {args.steps} recorded steps to a store")
     print(f"  one record:              {recorded['record_mib']:8.1f} MiB")
     print(f"  buffer bound:            {args.buffer_mib:8d} MiB")
@@ -125,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  plain peak RSS:          {plain['peak_rss_mib']:8.1f} MiB (model's footprint)")
     print(f"  recorded peak RSS:       {recorded['peak_rss_mib']:8.1f} MiB")
     print(f"  recorded − plain:        {extra:8.1f} MiB")
-    writer = recorded["writer_process_peak_rss_mib"]
-    print(f"  writer process peak RSS: {writer:8.1f} MiB (a process of its own)")
+    print(f"  plain + libraries peak:  {libs['peak_rss_mib']:8.1f} MiB (kernels, zarr, xarray)")
+    print(f"  recorded − that:         {extra_libs:8.1f} MiB")
+    writer = recorded["writer_own_peak_rss_mib"]
+    print(f"  writer process peak RSS: {writer or float('nan'):8.1f} MiB (its own VmHWM)")
     print(f"  last RSS sample:         {recorded['rss_samples_mib'][-1]:8.1f} MiB")
     print(
         f"  s/step plain, recorded:  {plain['seconds_per_step']:.3f}, "
@@ -137,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(
         args.out,
         {"machine": machine_info(), "buffer_mib": args.buffer_mib, "steps": args.steps,
-         "plain": plain, "recorded": recorded, "recorded_minus_plain_mib": extra},
+         "plain": plain, "libraries": libs, "recorded": recorded,
+         "recorded_minus_plain_mib": extra, "recorded_minus_libraries_mib": extra_libs},
     )  # fmt: skip
     print(f"wrote {args.out}")
     return 0

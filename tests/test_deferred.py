@@ -4,6 +4,8 @@ order, and nothing that reads the run sees a record missing."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -158,3 +160,36 @@ def test_histograms_numpy_equals_one_site_at_a_time():
     for w, e, g in zip(widths, edges, got, strict=True):
         np.testing.assert_array_equal(g, exact._histogram_numpy(block[:, start : start + w], e))
         start += w
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_finish_exact_slices_gives_finish_exact_many_bits_slice_by_slice(monkeypatch, bad):
+    """Every statistic of a wide site by slices of units equals the all-at-once fold to the
+    bit; with NaN and ±inf in some columns (``bad``: torch's reductions, whose rounding
+    depends on the block's width) within float32 rounding, counts and extremes exact. The
+    slices' histograms add up to the site's."""
+    from icstools.functional import exact
+    from icstools.functional.statistics import ActivationStatistics
+
+    monkeypatch.setattr(exact, "SLICE_UNITS", 7)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 50, generator=g) * 2
+    x[:, 3] = 0.0
+    if bad:
+        x[1, 10], x[2, 11], x[0, 40] = math.nan, math.inf, -math.inf
+    stats = ActivationStatistics(np.linspace(-3, 3, 9), 1, sat_threshold=1.5)
+    stats.update(x[:2])
+    stats.update(x[2:])
+    ((whole,),) = exact.finish_exact_many([[stats]])
+    slices = list(exact.finish_exact_slices(stats))
+    assert [c.start for c, _ in slices] == list(range(0, 50, 7))
+    for field, value in whole.items():
+        if field == "hist":
+            got = sum(out["hist"] for _, out in slices)
+        else:
+            got = np.concatenate([out[field] for _, out in slices])
+        if bad and field in ("mean", "var", "skew", "kurt"):
+            np.testing.assert_allclose(got, value, rtol=1e-5, atol=1e-6, err_msg=field)
+        else:
+            np.testing.assert_array_equal(got.view(np.uint8), value.view(np.uint8), err_msg=field)
+    assert stats.calls == 2 and stats.exact_on_host  # left as it was

@@ -3,6 +3,7 @@ small chunks, and the store holds the same run as memory."""
 
 from __future__ import annotations
 
+import tracemalloc
 import warnings
 
 import pytest
@@ -120,3 +121,84 @@ def test_record_nbytes_counts_arrays_and_scalars():
 
     record = {"step": 1, "mean": np.zeros((2, 10), np.float32), "hist": np.zeros(5, np.int64)}
     assert record_nbytes(record) == 8 + 80 + 40
+
+
+def _train_traced(path, monkeypatch, writer: str, steps: int = 10) -> tuple[Recorder, int, int]:
+    """``_train`` to a store with records written alone, the wide path taken (slices of 3,000
+    units); returns the recorder, the most numpy memory traced from the third step on above
+    what was held then, and what the run holds after its last step (both in bytes)."""
+    from icstools.functional import exact
+    from icstools.recording import sink as sink_module
+
+    monkeypatch.setenv(sink_module.WRITER_ENV, writer)
+    monkeypatch.setattr(exact, "WIDE_UNITS", 1000)
+    monkeypatch.setattr(exact, "SLICE_UNITS", 3000)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, UNITS), nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    rec = Recorder(model, "1", role="input", optimizer=opt, path=path, buffer_bytes=8 * 2**20)
+    tracemalloc.start()
+    try:
+        with rec:
+            for i in range(steps):
+                if i == 2:
+                    base = tracemalloc.get_traced_memory()[0]
+                    tracemalloc.reset_peak()
+                loss = model(torch.randn(2, 3)).square().mean()
+                rec.log(loss=loss.detach())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            rec.flush()
+            current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return rec, peak - base, current - base
+
+
+@pytest.mark.parametrize("writer", ["process", "thread"])
+def test_a_wide_record_is_held_once_while_it_is_computed_and_not_after(
+    tmp_path, monkeypatch, writer
+):
+    """Fails before the change: the sink's template kept the first record's data, the layout
+    a filled copy of every variable, the recorder the latest record, the writer thread the
+    latest block, and finishing the statistics of all units at once held their float64
+    temporaries and quantile values beside the record (~4 records at the peak)."""
+    rec, peak, held = _train_traced(tmp_path / "run.zarr", monkeypatch, writer)
+    per_record = rec.record_bytes
+    assert 2 * per_record > rec._sink.buffer_bytes  # written alone
+    if writer == "process":  # (a writer thread encodes in this process: its chunks count)
+        assert peak < 1.5 * per_record, peak / per_record
+    assert held < 0.2 * per_record, (held / per_record, writer)
+    assert rec._sink._template.sizes["step"] == 0
+
+
+def test_a_wide_site_finished_by_slices_gives_the_same_run(tmp_path, monkeypatch):
+    from icstools.functional import exact
+
+    slices = []
+    real = exact.finish_exact_slices
+
+    def spy(stats):
+        for cols, out in real(stats):
+            slices.append(cols)
+            yield cols, out
+
+    monkeypatch.setattr(
+        "icstools.recording.measurements.activations.finish_exact_slices", spy, raising=True
+    )
+    whole = _train(None, steps=10).to_dataset().drop_attrs(deep=False)  # 40,000 units: not wide
+    assert not slices
+    _train_traced(tmp_path / "run.zarr", monkeypatch, "process")  # wide from 1,000 units
+    assert len(slices) == 10 * 14 and slices[13] == slice(39000, 40000)  # 13 × 3,000 + 1,000
+    sliced = open_run(tmp_path / "run.zarr").drop_attrs(deep=False)
+    xr.testing.assert_identical(sliced, whole)
+
+
+def test_last_record_of_a_record_written_alone_is_read_back(tmp_path, monkeypatch):
+    rec, _, _ = _train_traced(tmp_path / "run.zarr", monkeypatch, "process", steps=4)
+    assert rec._last is None  # not kept: it is on disk
+    last = rec.last_record()
+    assert last.step.values.tolist() == [3]
+    stored = open_run(tmp_path / "run.zarr").isel(step=[-1])
+    xr.testing.assert_identical(last.drop_attrs(deep=False), stored.drop_attrs(deep=False))

@@ -94,7 +94,7 @@ def test_the_training_thread_neither_builds_datasets_nor_encodes(tmp_path, monke
     rec = _run(tmp_path / "run.zarr", steps=20, chunk_steps=4)
     assert rec.n_committed == 20
     assert encodes == []  # nothing was compressed or checksummed in this process
-    assert blocks == [1]  # the first record, once, as the shape of every block
+    assert blocks == [0]  # once, with no record: the shape of every block, not its memory
     memory = _run(None, steps=20).to_dataset().drop_attrs(deep=False)
     xr.testing.assert_identical(open_run(tmp_path / "run.zarr").drop_attrs(deep=False), memory)
     xr.testing.assert_identical(rec.to_dataset().drop_attrs(deep=False), memory)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,7 +42,13 @@ from icstools.functional.statistics import (
 if TYPE_CHECKING:
     from icstools.functional.statistics import ActivationStatistics
 
-__all__ = ["finish_exact_many", "fold_together", "quantiles_of_sorted_columns"]
+__all__ = [
+    "finish_exact_many",
+    "finish_exact_slices",
+    "fold_together",
+    "is_wide",
+    "quantiles_of_sorted_columns",
+]
 
 
 _UNIT_BLOCK = 1 << 16  # units per block: bounds the temporaries of wide sites (~5 MiB each)
@@ -69,6 +75,14 @@ def quantiles_of_sorted_columns(srt: np.ndarray, levels: np.ndarray) -> np.ndarr
 #: chunk less often (0.113 -> 0.101 ms per record of the paper's MLP from 2**16 to 2**18);
 #: numpy's float64 temporaries (~8 of the chunk, without the kernels) stay ~16 MiB.
 _FOLD_VALUES = 1 << 18
+
+#: Units from which an object's final statistics are computed a slice of units at a time
+#: (:func:`finish_exact_slices`): a site of 10⁶ units held ~250 MiB of temporaries at once.
+WIDE_UNITS = 1 << 17
+#: Units per slice of :func:`finish_exact_slices` (their quantile values and float64
+#: temporaries take ~500 bytes a unit: ~32 MiB), and kept values per slice at most (16 MiB).
+SLICE_UNITS = 1 << 16
+SLICE_VALUES = 1 << 22
 
 
 def _cache_sized(
@@ -199,6 +213,46 @@ def finish_exact_many(
         for (r, j), result in zip(unit, finish_many(objs, fields), strict=True):
             out[r][j] = result
     return out
+
+
+def is_wide(stats: ActivationStatistics) -> bool:
+    """Whether ``stats`` keeps every value on the host (exact mode) for more than
+    :data:`WIDE_UNITS` units: its final statistics are then computed by slices of units
+    (:func:`finish_exact_slices`) rather than all at once."""
+    return stats.exact_on_host and (stats.units or 0) > WIDE_UNITS
+
+
+def finish_exact_slices(
+    stats: ActivationStatistics,
+) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
+    """``(units, statistics)`` of an exact-on-host object, one slice of its units at a time,
+    each as :func:`finish_exact_many` gives them for all units: to the bit where the values
+    are finite (every statistic but the histogram is computed per unit; ``hist`` counts the
+    slice's values, and the object's histogram is the sum over the slices); where a unit has
+    a non-finite value, torch's reductions take the slice, whose rounding depends on the
+    block's width (moments within float32 rounding). The temporaries of one slice of
+    :data:`SLICE_VALUES` values live at a time, so a caller that writes each slice where it
+    belongs never holds a second copy of a wide site's statistics. The object is left as
+    it is.
+
+    Examples
+    --------
+    >>> from icstools.functional.statistics import ActivationStatistics
+    >>> stats = ActivationStatistics(np.linspace(-3, 3, 7), 1)
+    >>> stats.update(torch.randn(4, 10))
+    >>> [(cols.start, cols.stop, out["mean"].shape) for cols, out in finish_exact_slices(stats)]
+    [(0, 10, (10,))]
+    """
+    if not stats.exact_on_host:
+        raise ValueError("finish_exact_slices takes an object whose values are on the CPU")
+    units = int(stats.units)  # type: ignore[arg-type]
+    width = max(1, min(SLICE_UNITS, SLICE_VALUES // max(stats._n_values, 1)))
+    for lo in range(0, units, width):
+        cols = slice(lo, min(lo + width, units))
+        part = copy.copy(stats)  # the settings shared, the values of these units only
+        part._values = [v[:, cols].contiguous() for v in stats._values]  # [positions, width]
+        ((out,),) = finish_exact_many([[part]])
+        yield cols, out
 
 
 def _fold_chunk(

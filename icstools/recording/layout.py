@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Layout", "SiteTable", "site_option", "to_host"]
 
+#: Largest filled array :meth:`Layout.empty` keeps to copy from: a record's variables of
+#: ordinary sites are far smaller; a 10⁶-unit site's would hold another record's memory.
+EMPTY_CACHE_BYTES = 1 << 20
+
 
 def site_option(option: Any, site: str, what: str, kind: type) -> Any:
     """The value of a per-site option for ``site``: the option itself, or the first value of a
@@ -252,10 +256,13 @@ class Layout:
     def empty(self, name: str) -> np.ndarray:
         """One record of variable ``name`` filled with its fill value (a new array)."""
         template = self._empty.get(name)
-        if template is None:  # copying a filled template is ~3x faster than numpy.full
-            shape, dtype, fill = self._shapes[name]
-            template = self._empty[name] = np.full(shape, fill, dtype)
-        return template.copy()
+        if template is not None:  # copying a filled template is ~3x faster than numpy.full
+            return template.copy()
+        shape, dtype, fill = self._shapes[name]
+        filled = np.full(shape, fill, dtype)
+        if filled.nbytes <= EMPTY_CACHE_BYTES:  # a wide site's would hold a record's memory
+            self._empty[name] = filled.copy()
+        return filled
 
     def empty_all(self, variables: Iterable[Variable]) -> dict[str, np.ndarray]:
         """:meth:`empty` of each of ``variables``, by name."""
@@ -292,11 +299,16 @@ class Layout:
         return value
 
     def block(self, records: list[dict[str, Any]], attrs: dict[str, Any]) -> xr.Dataset:
-        """Records stacked along ``step`` into a dataset (with the static coordinates)."""
+        """Records stacked along ``step`` into a dataset (with the static coordinates); no
+        records give a block of zero steps (the run's structure without its memory)."""
         steps = np.array([r[STEP] for r in records], dtype=np.int64)
-        data = {
-            name: (v.dims, np.stack([r[name] for r in records], v.dims.index(STEP)))
-            for name, v in self.variables.items()
-        }
+        data = {}
+        for name, v in self.variables.items():
+            axis = v.dims.index(STEP)
+            if records:
+                data[name] = (v.dims, np.stack([r[name] for r in records], axis))
+            else:
+                shape, dtype, _ = self._shapes[name]
+                data[name] = (v.dims, np.moveaxis(np.empty((0, *shape), dtype), 0, axis))
         coords = {STEP: (STEP, steps), **self.coords}
         return xr.Dataset(data, coords=coords, attrs=attrs)

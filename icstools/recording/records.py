@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -108,23 +109,28 @@ class RunRecords:
         items = self._deferred.take()
         if not items:
             return
-        done: dict[tuple[int, str], dict[str, Any]] = {}
+        # each deferred measurement's records, in step order, taken one record at a time:
+        # a batch of wide records is never held at once
+        outs: dict[str, Iterator[dict[str, Any]]] = {}
         for m in self._ctx.measurements:
-            which = [i for i, item in enumerate(items) if m.name in item.taken]
-            if which:
-                outs = m.collect_many(self._ctx, [items[i].taken[m.name] for i in which])
-                done.update({(i, m.name): out for i, out in zip(which, outs, strict=True)})
-        for i, item in enumerate(items):
-            parts = [(n, done[(i, n)] if a is None else a) for n, a in item.parts]
+            taken = [item.taken[m.name] for item in items if m.name in item.taken]
+            if taken:
+                outs[m.name] = iter(m.collect_many(self._ctx, taken))
+        for item in items:
+            parts = [(n, next(outs[n]) if a is None else a) for n, a in item.parts]
             self._emit(item.step, parts, item.logs)
+            del parts  # before the next record's arrays are made
 
     def _emit(
         self, step: int, parts: list[tuple[str, dict[str, Any] | None]], logs: dict[str, Any]
     ) -> None:
         record = self._ctx.layout.record(step, parts)
         self._check_divergence(record, logs)
-        self._last = record
+        self._last = None  # a wide record is not held twice while the sink writes it
         self._sink.emit(record, self._block)
+        # a record written alone (over half the bound) is on disk: last_record() reads it
+        # back, so that the next record is never built beside this one
+        self._last = None if self._sink.last_written_alone else record
 
     def _harvest(self) -> None:
         """Feed what compiled forwards stashed to the measurements (the core defines it)."""
@@ -211,6 +217,8 @@ class RunRecords:
     def last_record(self) -> xr.Dataset | None:
         """The latest closed record as a one-step dataset (``None`` before the first)."""
         self._complete_deferred()
+        if self._last is None and self._sink.last_written_alone:
+            return self._sink.last_stored()
         return None if self._last is None else self._block([self._last])
 
     def to_dataset(self) -> xr.Dataset:

@@ -119,7 +119,9 @@ class RecordSink:
         self._last_write = time.monotonic()
         self._writer: BackgroundWriter | None = None
         self._rows: _Rows | None = None  # the buffered records of a store, stacked
-        self._template: xr.Dataset | None = None  # the first record as a block
+        self._template: xr.Dataset | None = None  # the run's structure: a block of 0 steps
+        # the latest record went to the store alone (over half the bound) and is not kept
+        self.last_written_alone = False
         self.writer_kind = os.environ.get(WRITER_ENV, "auto") or "auto"
         if self.writer_kind not in _WRITERS:
             raise ValueError(
@@ -153,6 +155,7 @@ class RecordSink:
         elif 2 * size > self.buffer_bytes:
             self._write_alone(record, size, block)
         else:
+            self.last_written_alone = False
             self._buffer(record, size, block)
             if (
                 self._rows.n >= self.chunk_steps
@@ -170,7 +173,7 @@ class RecordSink:
         that would exceed ``buffer_bytes``: the rows, the record itself, the blocks in flight).
         """
         if self._template is None:  # the first record: the store's chunks, the block's shape
-            self._template = block([record])
+            self._template = block([])  # the structure only: zero steps, no memory
             self._fit_chunks()
         if self._bytes_in_flight() + self.buffered_bytes + 2 * size > self.buffer_bytes:
             self._writer.flush()  # back-pressure: only when wide records fill the bound
@@ -189,7 +192,7 @@ class RecordSink:
         than that record (a copy into rows, or the next record beside a block in flight, would
         make two), at the cost of the training waiting for each such write."""
         if self._template is None:
-            self._template = block([record])
+            self._template = block([])  # the structure only: zero steps, no memory
             self._fit_chunks()
         self.submit(block, by_training=True)  # smaller records buffered before it go first
         if self.writer_kind != "thread":  # as submit does for the training loop's blocks
@@ -204,6 +207,7 @@ class RecordSink:
         self._note_peak(size)  # the record, held once: by the recorder and by the writer
         self._writer.flush()
         self._last_write = time.monotonic()
+        self.last_written_alone = True
 
     def _warn_if_outgrown(self) -> None:
         """In memory every record is kept: say once when the run outgrows ``buffer_bytes``."""
@@ -283,6 +287,10 @@ class RecordSink:
         """Close the store (the in-memory records stay)."""
         if self._writer is not None:
             self._writer.close()
+
+    def last_stored(self) -> xr.Dataset:
+        """The latest committed record, read back from the store (a one-step dataset)."""
+        return open_run(self.path).isel(step=slice(-1, None)).load()
 
     def dataset(self, layout: Layout | None, attrs: dict[str, Any]) -> xr.Dataset | None:
         """The whole run: read back from the store, or built from memory (``None``: empty)."""

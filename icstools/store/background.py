@@ -216,6 +216,9 @@ class BackgroundWriter:
                 except BaseException as exc:
                     with self._cond:
                         self._error = exc
+            # not kept while waiting for the next item: a wide block would stay alive beside
+            # the next record the training builds
+            item = payload = None
             with self._cond:
                 self._done += 1
                 self._cond.notify_all()

@@ -8,13 +8,13 @@ quantiles and a fixed-edge histogram per site, from :mod:`icstools.functional.st
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from icstools.functional.exact import finish_exact_many
+from icstools.functional.exact import finish_exact_many, finish_exact_slices, is_wide
 from icstools.functional.fused import MODES as FUSED_MODES
 from icstools.functional.statistics import (
     ActivationStatistics,
@@ -131,6 +131,7 @@ class Activations(Measurement):
         self._edges: dict[str, np.ndarray] = {}
         self._active: list[tuple[tuple[str, str], ActivationStatistics]] = []  # staged
         self._fields: list[list[str]] = []
+        self._wide: list[bool] = []  # of the staged sites: finished by slices of units
         self._restored: dict[str, np.ndarray] = {}  # resume=True: the store's edges
         # keep every value of the statistics made from now on (exact mode), so that their
         # histograms can be redone on other edges (rebin): distributed runs agree on the
@@ -296,7 +297,10 @@ class Activations(Measurement):
 
     def stage(self, ctx: Context) -> dict[Any, torch.Tensor]:
         self._active = [(key, stats) for key, stats in self._stats.items() if stats.calls]
-        parts = device_parts_many([stats for _, stats in self._active])
+        # wide sites are finished by slices of units in collect (exact.finish_exact_slices)
+        self._wide = [is_wide(stats) for _, stats in self._active]
+        narrow = [s for (_, s), wide in zip(self._active, self._wide, strict=True) if not wide]
+        parts = device_parts_many(narrow)
         self._fields = [list(p) for p in parts]
         return {(i, f): t for i, p in enumerate(parts) for f, t in p.items()}
 
@@ -304,8 +308,8 @@ class Activations(Measurement):
         active, self._active = self._active, []
         host = ctx.host.get(self.name, {})
         fields = [{f: host[(i, f)] for f in names} for i, names in enumerate(self._fields)]
-        outs = finish_many([stats for _, stats in active], fields)
-        return self._record(ctx, active, outs)
+        narrow = [s for (_, s), wide in zip(active, self._wide, strict=True) if not wide]
+        return self._record(ctx, active, _with_wide(self._wide, finish_many(narrow, fields)))
 
     def defer(self, ctx: Context) -> _Taken | None:
         """While every value of the record is kept on the CPU (exact mode, float32): the
@@ -321,60 +325,93 @@ class Activations(Measurement):
             return None  # (a width that changed is reported by collect, now)
         return _Taken([(key, stats.take()) for key, stats in active])
 
-    def collect_many(self, ctx: Context, taken: list[_Taken]) -> list[dict[str, np.ndarray]]:
-        """The records of several steps, all their sites folded in one numpy pass."""
-        outs = finish_exact_many([[stats for _, stats in t.active] for t in taken])
-        return [self._record(ctx, t.active, out) for t, out in zip(taken, outs, strict=True)]
+    def collect_many(self, ctx: Context, taken: list[_Taken]) -> Iterator[dict[str, np.ndarray]]:
+        """The records of several steps, all their narrow sites folded in one numpy pass;
+        each record's arrays (and its wide sites' statistics) made as it is taken."""
+        wide = [[is_wide(stats) for _, stats in t.active] for t in taken]
+        narrow = [
+            [s for (_, s), w in zip(t.active, ws, strict=True) if not w]
+            for t, ws in zip(taken, wide, strict=True)
+        ]
+        outs = finish_exact_many(narrow)
+        return (
+            self._record(ctx, t.active, _with_wide(ws, out))
+            for t, ws, out in zip(taken, wide, outs, strict=True)
+        )
 
     def _record(
         self,
         ctx: Context,
         active: list[tuple[tuple[str, str], ActivationStatistics]],
-        outs: list[dict[str, np.ndarray]],
+        outs: list[dict[str, np.ndarray] | None],
     ) -> dict[str, np.ndarray]:
-        """One record's arrays from its sites' final statistics (and the objects reset)."""
+        """One record's arrays from its sites' final statistics (``None``: a wide site's,
+        computed here by slices) and the objects reset."""
         layout = ctx.layout
         rec = layout.empty_all(self.variables)
         for ((source, name), stats), out in zip(active, outs, strict=True):
             calls = stats.calls
-            stats.reset()
-            if name not in layout.widths or source not in layout.sources:
-                continue
-            sat = self.sat[ctx.units.base[name]]
-            self._write(rec, layout, source, name, out, calls, sat, ctx.step)
+            try:
+                if name not in layout.widths or source not in layout.sources:
+                    continue
+                sat = self.sat[ctx.units.base[name]]
+                if out is None:  # wide: its units' statistics a slice at a time
+                    width, slices = int(stats.units), finish_exact_slices(stats)  # type: ignore[arg-type]
+                else:
+                    width, slices = out["mean"].shape[0], [(slice(0, None), out)]
+                _check_width(layout, name, width, ctx.step)
+                self._write(rec, layout, (source, name), slices, calls, sat)
+            finally:
+                stats.reset()
         return rec
 
     def _write(
         self,
         rec: dict[str, np.ndarray],
         layout: Layout,
-        source: str,
-        name: str,
-        out: dict[str, np.ndarray],
+        key: tuple[str, str],
+        slices: Any,
         calls: int,
         sat: float | None,
-        step: int,
     ) -> None:
-        if out["mean"].shape[0] != layout.widths[name]:
-            raise RecorderError(
-                f"site {name} has {out['mean'].shape[0]} units at step {step}, but "
-                f"{layout.widths[name]} at the first record; a site's width must not change "
-                f"(set unit_dim for it if the wrong dimension is taken as units)"
-            )
+        """Write a site's statistics, given as ``(units of the site, statistics)`` slices
+        (the histogram of each counts its units' values: they add), into ``rec``."""
+        source, name = key
         si = layout.sources.index(source)
         k = layout.site_index(name)
         units = layout.units_of(name)
+        hist = 0
         # Statistics are stored as float32: moments beyond its range (a diverging network's
         # variance) become ±inf there, which is what they are.
         with np.errstate(over="ignore"):
-            for field, t in out.items():
-                if field == "hist":
-                    rec["hist"][si, k] = t
-                else:
-                    rec[field][si, units] = t
+            for cols, out in slices:
+                lo = units.start + cols.start
+                mine = slice(lo, lo + out["mean"].shape[0])  # [units of this slice]
+                for field, t in out.items():
+                    if field != "hist":
+                        rec[field][si, mine] = t
+                hist = hist + out["hist"]
+        rec["hist"][si, k] = hist
         rec["calls"][si, k] = calls
         if sat is None:
             rec["sat_frac"][si, units] = np.nan  # no threshold: not a saturating input
+
+
+def _check_width(layout: Layout, name: str, width: int, step: int) -> None:
+    if width != layout.widths[name]:
+        raise RecorderError(
+            f"site {name} has {width} units at step {step}, but {layout.widths[name]} at the "
+            f"first record; a site's width must not change (set unit_dim for it if the wrong "
+            f"dimension is taken as units)"
+        )
+
+
+def _with_wide(
+    wide: list[bool], narrow: list[dict[str, np.ndarray]]
+) -> list[dict[str, np.ndarray] | None]:
+    """The narrow sites' statistics in the sites' order, ``None`` where a site is wide."""
+    it = iter(narrow)
+    return [None if w else next(it) for w in wide]
 
 
 class _Taken:

@@ -49,7 +49,7 @@ so one value per site and record):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -325,9 +325,11 @@ class Measurement:
         returned object counts towards the bound on what waits."""
         return None
 
-    def collect_many(self, ctx: Context, taken: list[Any]) -> list[dict[str, np.ndarray]]:
+    def collect_many(self, ctx: Context, taken: list[Any]) -> Iterable[dict[str, np.ndarray]]:
         """The host arrays of the records whose states :meth:`defer` took (in step order),
-        one dict per record, as :meth:`collect` gives them."""
+        one dict per record, as :meth:`collect` gives them. May be lazy (a generator): the
+        recorder takes each record's arrays as it sends that record to the sink, so that a
+        batch of wide records is never built at once."""
         # only reached when a subclass overrides defer() without collect_many()
         raise NotImplementedError(
             f"{type(self).__name__} defines defer() but not collect_many(), which must collect "
