@@ -201,8 +201,8 @@ def test_chunks_limited_by_max_chunk_bytes(tmp_path):
     assert_same_run(open_run(path), make_block(0, 45, n_unit=n_unit))
 
 
-@pytest.mark.parametrize("chunk_steps", [1, 0, -4])
-def test_chunk_steps_must_be_at_least_two(tmp_path, chunk_steps):
+@pytest.mark.parametrize("chunk_steps", [0, -4])
+def test_chunk_steps_must_be_at_least_one(tmp_path, chunk_steps):
     with pytest.raises(ValueError, match="chunk_steps"):
         RunWriter(tmp_path / "run.zarr", chunk_steps=chunk_steps)
 
@@ -210,7 +210,7 @@ def test_chunk_steps_must_be_at_least_two(tmp_path, chunk_steps):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     sizes=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=6),
-    chunk_steps=st.integers(min_value=2, max_value=24),
+    chunk_steps=st.integers(min_value=1, max_value=24),
 )
 def test_any_block_sizes_round_trip(sizes, chunk_steps):
     with tempfile.TemporaryDirectory() as tmp:
@@ -768,3 +768,25 @@ def test_a_run_of_a_newer_schema_is_refused_with_a_clear_error(tmp_path):
         block.attrs["schema_version"] = SCHEMA_VERSION
         writer.append(block)
     assert open_run(tmp_path / "same.zarr").sizes["step"] == 3
+
+
+@pytest.mark.parametrize("sequential_bytes", [0, 1 << 40])
+def test_a_wide_block_writes_its_arrays_one_at_a_time(tmp_path, monkeypatch, sequential_bytes):
+    """Blocks over SEQUENTIAL_BYTES write one array after the other (all at once held every
+    array's chunks being read, merged and encoded together); the store is the same."""
+    monkeypatch.setattr(store_writer, "SEQUENTIAL_BYTES", sequential_bytes)
+    busy, most = [0], [0]
+    real = zarr.AsyncArray.setitem
+
+    async def counted(self, *args, **kwargs):
+        busy[0] += 1
+        most[0] = max(most[0], busy[0])
+        try:
+            return await real(self, *args, **kwargs)
+        finally:
+            busy[0] -= 1
+
+    monkeypatch.setattr(zarr.AsyncArray, "setitem", counted)
+    blocks = write_run(tmp_path / "run.zarr", [5, 3, 4], chunk_steps=4)
+    assert_same_run(open_run(tmp_path / "run.zarr"), concat(blocks))
+    assert (most[0] == 1) == (sequential_bytes == 0), most[0]

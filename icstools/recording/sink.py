@@ -255,8 +255,9 @@ class RecordSink:
     def _fit_chunks(self) -> None:
         """Lower the store's chunk length along ``step`` for wide records, so that a chunk row
         fits a quarter of the bound: a block smaller than a chunk rewrites the chunk, and
-        wide records are written in small blocks."""
-        fit = max(2, (self.buffer_bytes // 4) // max(self.last_record_bytes or 1, 1))
+        wide records are written in small blocks (a record over a quarter of the bound: one
+        step per chunk row, and no chunk is ever read back, merged and rewritten)."""
+        fit = max(1, (self.buffer_bytes // 4) // max(self.last_record_bytes or 1, 1))
         if fit < self.chunk_steps and self._writer is not None:
             self.chunk_steps = fit
             self._writer.writer.chunk_steps = fit  # read by the writer at its first append

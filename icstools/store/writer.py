@@ -55,6 +55,8 @@ __all__ = ["DEFAULT_CHUNK_STEPS", "RunWriter"]
 #: of 256 (``bench/README.md``, *Issue 11: the store's writer*). Wide records get shorter chunks
 #: (the recorder's bound).
 DEFAULT_CHUNK_STEPS = 256
+#: Bytes of a block from which its arrays are written one after the other, not all at once.
+SEQUENTIAL_BYTES = 16 * 2**20
 
 # --------------------------------------------------------------------------------------------
 # Helpers
@@ -209,7 +211,7 @@ class RunWriter(ResumableWriter):
         directory must exist or be creatable, and be writable: the constructor tries that (it
         creates and removes a test directory there) and raises at once if not.
     chunk_steps : int, default 256 (:data:`DEFAULT_CHUNK_STEPS`)
-        Chunk length along ``step`` (at least 2), fixed by the first append.
+        Chunk length along ``step`` (at least 1), fixed by the first append.
     overwrite : bool, default False
         If False, an existing ``path`` raises FileExistsError. If True, an existing icstools store
         (or empty directory) at ``path`` is replaced at the first commit; any other existing path
@@ -282,8 +284,8 @@ class RunWriter(ResumableWriter):
             )
         if isinstance(chunk_steps, bool) or not isinstance(chunk_steps, int | np.integer):
             raise TypeError(f"chunk_steps must be an int, got {chunk_steps!r}")
-        if chunk_steps < 2:
-            raise ValueError(f"chunk_steps must be at least 2, got {chunk_steps}")
+        if chunk_steps < 1:
+            raise ValueError(f"chunk_steps must be at least 1, got {chunk_steps}")
         if max_chunk_bytes <= 0:
             raise ValueError(f"max_chunk_bytes must be positive, got {max_chunk_bytes}")
         self.chunk_steps = int(chunk_steps)
@@ -697,9 +699,20 @@ class RunWriter(ResumableWriter):
         async def all_arrays() -> list[Any]:
             # return_exceptions: let every write finish before reporting a failure, so nothing
             # is still writing when the caller cleans up
-            return await asyncio.gather(
-                *(one(name) for name in self._arrays), return_exceptions=True
-            )
+            if sum(np.asarray(a).nbytes for a in data.values()) <= SEQUENTIAL_BYTES:
+                return await asyncio.gather(
+                    *(one(name) for name in self._arrays), return_exceptions=True
+                )
+            # a wide block: one array at a time (each still with zarr's concurrent chunks); all
+            # at once held the read, decoded, merged and encoded copies of every array's chunks
+            # together (~5 blocks of memory)
+            done: list[Any] = []
+            for name in self._arrays:
+                try:
+                    done.append(await one(name))
+                except Exception as exc:
+                    done.append(exc)
+            return done
 
         results = _zarr_sync(all_arrays())
         for result in results:
