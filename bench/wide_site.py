@@ -1,12 +1,14 @@
 """Memory of a very wide site streamed to a store: is the record buffer bounded?
 
 A site of 1,000,000 units (``Linear(4, 1_000_000)`` then ReLU, batch 2, SGD) records about
-128 MB per step. Two child processes train the same model for ``--steps`` steps (200): one
-plain, one under ``Recorder(path=<tmp>/run.zarr, every=1, buffer_bytes=--buffer-mib)``. Each
-reports its peak resident set size (``ru_maxrss``) and its RSS sampled during training. The
-recorded child must stay within the plain child's peak (the model's own footprint: weights,
-gradients, activations) plus the buffer bound plus the transient memory of computing one
-record, which is printed too.
+137 MiB per step. Three child processes train the same model for ``--steps`` steps (200):
+plain; plain with what a recorder loads once whatever the site (numba's compiled kernels,
+zarr, xarray: ~100 MiB); and under ``Recorder(path=<tmp>/run.zarr, every=1,
+buffer_bytes=--buffer-mib)``. Each reports its peak resident set size (``ru_maxrss``) and its
+RSS sampled during training; the recorded one also its store writer process's own peak
+(``VmHWM``). The recorded child should stay within the plain child's peak (the model's own
+footprint: weights, gradients, activations) plus the buffer bound; both differences are
+printed.
 
 Usage::
 
