@@ -126,7 +126,7 @@ class RunRecords:
     ) -> None:
         record = self._ctx.layout.record(step, parts)
         self._check_divergence(record, logs)
-        self._last = None  # a wide record is not held twice while the sink writes it
+        self._last = record
         self._sink.emit(record, self._block)
         # a record written alone (over half the bound) is on disk: last_record() reads it
         # back, so that the next record is never built beside this one

@@ -8,7 +8,7 @@ quantiles and a fixed-edge histogram per site, from :mod:`icstools.functional.st
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -370,7 +370,7 @@ class Activations(Measurement):
         rec: dict[str, np.ndarray],
         layout: Layout,
         key: tuple[str, str],
-        slices: Any,
+        slices: Iterable[tuple[slice, dict[str, np.ndarray]]],
         calls: int,
         sat: float | None,
     ) -> None:
