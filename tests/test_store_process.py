@@ -277,3 +277,50 @@ def test_without_a_process_the_run_is_written_from_a_thread(tmp_path, monkeypatc
     assert isinstance(rec._sink._writer.writer, RunWriter)
     assert "no writer process" in caplog.text and "no interpreter here" in caplog.text
     assert open_run(tmp_path / "run.zarr").sizes["step"] == 12
+
+
+def _through_a_pipe(message, receive):
+    """``_send(message)`` into a pipe whose other end ``receive(file)`` reads in a thread."""
+    from icstools.store import process
+
+    rfd, wfd = os.pipe()
+    got = []
+
+    def read() -> None:
+        with os.fdopen(rfd, "rb") as f:
+            got.append(receive(f))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        process._send(wfd, message)
+    finally:
+        os.close(wfd)
+        reader.join(timeout=60)
+    return got[0]
+
+
+def test_a_message_s_arrays_cross_the_pipe_without_a_copy():
+    """Fails before the change: the pickle held a copy of the message's arrays (a template's
+    coordinates, 45 MiB for a 10⁶-unit site), and the header + pickle concatenation another."""
+    import tracemalloc
+
+    from icstools.store import process
+
+    coords = np.arange(4_000_000, dtype=np.int64)  # 32 MB
+    template = xr.Dataset(coords={"unit": coords, "name": ("unit", coords.astype("U3"))})
+    message = ("block", (1, [], template))
+
+    def drain(f) -> int:  # reads it all, 64 KiB at a time, keeping nothing
+        return sum(len(chunk) for chunk in iter(lambda: f.read(1 << 16), b""))
+
+    tracemalloc.start()
+    try:
+        sent = _through_a_pipe(message, drain)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert sent > 80e6  # the coordinates' bytes did cross
+    assert peak < 4 * 2**20, peak / 2**20  # no copy of them was made to send them
+    _, (_, _, received) = _through_a_pipe(message, process._receive)
+    xr.testing.assert_identical(received, template)

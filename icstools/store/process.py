@@ -51,7 +51,7 @@ from icstools.store.writer import RunWriter
 
 __all__ = ["StackedBlock", "WriterProcess"]
 
-_HEADER = struct.Struct("<Q")  # length of the pickled message that follows
+_HEADER = struct.Struct("<Q")  # a length in the framing (below)
 
 # The child's first lines: the package ``icstools`` without its __init__ (which imports torch),
 # so that ``icstools.store`` loads alone; then the parent's sys.path.
@@ -103,7 +103,8 @@ class StackedBlock:
 
 
 # --------------------------------------------------------------------------------------------
-# framing: an 8-byte length, a pickled message, then (blocks) the raw bytes of each array
+# framing: the 8-byte lengths of the pickled message, of its out-of-band buffers and of each,
+# the message, its buffers, then (blocks) the raw bytes of each array
 # --------------------------------------------------------------------------------------------
 
 
@@ -114,8 +115,16 @@ def _write_all(fd: int, data: memoryview | bytes) -> None:
 
 
 def _send(fd: int, message: Any, arrays: list[np.ndarray] = ()) -> None:  # type: ignore[assignment]
-    raw = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    _write_all(fd, _HEADER.pack(len(raw)) + raw)
+    # the message's own arrays (a template's coordinates: 45 MiB for a 10⁶-unit site) go out
+    # of band (pickle protocol 5), written from their memory: in the pickle, and again in a
+    # header + pickle concatenation, they had been copied twice
+    buffers: list[pickle.PickleBuffer] = []
+    raw = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    views = [b.raw() for b in buffers]
+    sizes = [len(raw), len(views), *(v.nbytes for v in views)]
+    _write_all(fd, b"".join(_HEADER.pack(n) for n in sizes))
+    for data in (raw, *views):
+        _write_all(fd, data)
     for a in arrays:
         _write_all(fd, memoryview(np.ascontiguousarray(a)))
 
@@ -131,11 +140,18 @@ def _read_exact(f: BinaryIO, buf: memoryview) -> None:
 
 
 def _receive(f: BinaryIO) -> Any:
+    n_raw, n_buffers = (_read_size(f) for _ in range(2))
+    sizes = [_read_size(f) for _ in range(n_buffers)]
+    raw, *buffers = (bytearray(n) for n in (n_raw, *sizes))
+    for data in (raw, *buffers):
+        _read_exact(f, memoryview(data))
+    return pickle.loads(raw, buffers=buffers)
+
+
+def _read_size(f: BinaryIO) -> int:
     head = bytearray(_HEADER.size)
     _read_exact(f, memoryview(head))
-    raw = bytearray(_HEADER.unpack(head)[0])
-    _read_exact(f, memoryview(raw))
-    return pickle.loads(raw)
+    return int(_HEADER.unpack(head)[0])
 
 
 # --------------------------------------------------------------------------------------------
