@@ -215,7 +215,10 @@ class RunRecords:
             self._sink.close()
 
     def last_record(self) -> xr.Dataset | None:
-        """The latest closed record as a one-step dataset (``None`` before the first)."""
+        """The latest closed record as a one-step dataset (``None`` before the first).
+
+        A record over half of ``buffer_bytes`` is not kept once the store has it (so that a
+        wide site's next record is never built beside it): it is read back from the store."""
         self._complete_deferred()
         if self._last is None and self._sink.last_written_alone:
             return self._sink.last_stored()
