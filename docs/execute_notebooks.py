@@ -2,8 +2,8 @@
 
 The committed notebooks carry no outputs (tests/test_notebooks.py checks it), so the site's
 copies are executed here, at the same reduced scale as the tests (``tests/test_notebooks.py``'s
-parameters: 300 steps, 2 seeds), in an ipykernel of this interpreter, with the runs written to
-``build/docs/runs``. A markdown cell and the overriding code cell are inserted after the cell
+parameters: 300 steps, 2 seeds), each in its own ipykernel of this interpreter and all at the
+same time (one torch thread each), with the runs written to ``build/docs/runs``. A markdown cell and the overriding code cell are inserted after the cell
 tagged ``parameters``, so each page says at which scale it was run. The executed copies go to
 ``build/docs/notebooks`` (``docs/hooks.py`` adds them to the site); a copy newer than its source
 notebook and than every module of icstools is reused.
@@ -60,14 +60,15 @@ def _stale(src: Path, dst: Path) -> bool:
     return dst.stat().st_mtime < max(src.stat().st_mtime, newest)
 
 
-def execute(src: Path, dst: Path) -> float:
-    """Execute ``src`` (parametrized) into ``dst``; the seconds it took."""
+def execute_all(pairs: list[tuple[Path, Path]]) -> dict[Path, float]:
+    """Execute each ``src`` (parametrized) into its ``dst``, all at the same time, a kernel
+    each (one torch thread each: the tests' ``THREADS``); the seconds each took. Every
+    notebook runs to its end (or its first failing cell) and the ones that succeeded are
+    written before a failure is raised, naming the notebooks that failed."""
+    import asyncio
+
     from nbclient import NotebookClient
 
-    start = time.perf_counter()
-    # the notebook's runs are made again with it: runs of an earlier execution would be
-    # refused by its run_preset calls (RunsExistError)
-    shutil.rmtree(RUNS / src.stem, ignore_errors=True)
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp, "kernels", "python3")  # this interpreter's kernel, whatever is installed
         spec.mkdir(parents=True)
@@ -77,24 +78,53 @@ def execute(src: Path, dst: Path) -> float:
         os.environ["JUPYTER_PATH"] = tmp
         os.environ["JUPYTER_PLATFORM_DIRS"] = "1"
         os.environ.pop("MPLBACKEND", None)  # the inline backend draws the figures
-        nb = _parametrized(nbformat.read(src, as_version=4), RUNS / src.stem)
-        client = NotebookClient(
-            nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
-        )
-        client.execute()  # raises CellExecutionError on the first failing cell
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, dst)
-    return time.perf_counter() - start
+        nbs = []
+        for src, _ in pairs:
+            # the notebook's runs are made again with it: runs of an earlier execution would be
+            # refused by its run_preset calls (RunsExistError)
+            shutil.rmtree(RUNS / src.stem, ignore_errors=True)
+            nbs.append(_parametrized(nbformat.read(src, as_version=4), RUNS / src.stem))
+
+        async def one(nb: nbformat.NotebookNode) -> float:
+            start = time.perf_counter()
+            resources = {"metadata": {"path": str(NOTEBOOKS)}}
+            client = NotebookClient(nb, timeout=900, kernel_name="python3", resources=resources)
+            await client.async_execute()  # raises CellExecutionError on the first failing cell
+            return time.perf_counter() - start
+
+        async def run_all() -> list[float | BaseException]:
+            return await asyncio.gather(*(one(nb) for nb in nbs), return_exceptions=True)
+
+        results = asyncio.run(run_all())
+    seconds, failed = {}, []
+    for (src, dst), nb, result in zip(pairs, nbs, results, strict=True):
+        if isinstance(result, BaseException):
+            failed.append((src.name, result))
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, dst)
+        seconds[src] = result
+    if failed:
+        names = ", ".join(name for name, _ in failed)
+        raise RuntimeError(f"notebooks failed: {names}") from failed[0][1]
+    return seconds
 
 
 def main(argv: list[str]) -> int:
     force = "--force" in argv
+    pairs = []
     for src in sorted(NOTEBOOKS.glob("*.ipynb")):
         dst = OUT / src.name
         if not force and not _stale(src, dst):
             print(f"{src.name}: up to date ({dst.relative_to(ROOT)})")
-            continue
-        print(f"{src.name}: executed in {execute(src, dst):.0f} s -> {dst.relative_to(ROOT)}")
+        else:
+            pairs.append((src, dst))
+    start = time.perf_counter()
+    for src, took in execute_all(pairs).items() if pairs else ():
+        print(f"{src.name}: executed in {took:.0f} s -> {(OUT / src.name).relative_to(ROOT)}")
+    if pairs:
+        took = time.perf_counter() - start
+        print(f"{len(pairs)} notebooks executed at the same time in {took:.0f} s")
     return 0
 
 
