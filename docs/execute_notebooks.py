@@ -3,8 +3,9 @@
 The committed notebooks carry no outputs (tests/test_notebooks.py checks it), so the site's
 copies are executed here, at the same reduced scale as the tests (``tests/test_notebooks.py``'s
 parameters: 300 steps, 2 seeds), each in its own ipykernel of this interpreter and all at the
-same time (one torch thread each), with the runs written to ``build/docs/runs``. A markdown cell and the overriding code cell are inserted after the cell
-tagged ``parameters``, so each page says at which scale it was run. The executed copies go to
+same time (one torch thread each), with the runs written to ``build/docs/runs``. A markdown
+cell and the overriding code cell are inserted after the cell tagged ``parameters``, so each
+page says at which scale it was run. The executed copies go to
 ``build/docs/notebooks`` (``docs/hooks.py`` adds them to the site); a copy newer than its source
 notebook and than every module of icstools is reused.
 
@@ -119,10 +120,10 @@ def main(argv: list[str]) -> int:
             print(f"{src.name}: up to date ({dst.relative_to(ROOT)})")
         else:
             pairs.append((src, dst))
-    start = time.perf_counter()
-    for src, took in execute_all(pairs).items() if pairs else ():
-        print(f"{src.name}: executed in {took:.0f} s -> {(OUT / src.name).relative_to(ROOT)}")
     if pairs:
+        start = time.perf_counter()
+        for src, took in execute_all(pairs).items():
+            print(f"{src.name}: executed in {took:.0f} s -> {(OUT / src.name).relative_to(ROOT)}")
         took = time.perf_counter() - start
         print(f"{len(pairs)} notebooks executed at the same time in {took:.0f} s")
     return 0

@@ -172,9 +172,7 @@ class RecordSink:
         """Copy ``record`` into the rows of the next block (waiting for the writer first if
         that would exceed ``buffer_bytes``: the rows, the record itself, the blocks in flight).
         """
-        if self._template is None:  # the first record: the store's chunks, the block's shape
-            self._template = block([])  # the structure only: zero steps, no memory
-            self._fit_chunks()
+        self._fix_template(block)
         if self._bytes_in_flight() + self.buffered_bytes + 2 * size > self.buffer_bytes:
             self._writer.flush()  # back-pressure: only when wide records fill the bound
             self._in_flight.clear()
@@ -191,9 +189,7 @@ class RecordSink:
         made of the record's arrays (no copy), and waited for. The sink then never holds more
         than that record (a copy into rows, or the next record beside a block in flight, would
         make two), at the cost of the training waiting for each such write."""
-        if self._template is None:
-            self._template = block([])  # the structure only: zero steps, no memory
-            self._fit_chunks()
+        self._fix_template(block)
         self.submit(block, by_training=True)  # smaller records buffered before it go first
         if self.writer_kind != "thread":  # as submit does for the training loop's blocks
             self._writer.start_process()  # (does nothing once it is a process)
@@ -208,6 +204,13 @@ class RecordSink:
         self._writer.flush()
         self._last_write = time.monotonic()
         self.last_written_alone = True
+
+    def _fix_template(self, block: Callable[[list], xr.Dataset]) -> None:
+        """At the first record to a store: the block's structure (zero steps, no memory) and
+        the store's chunks along ``step``."""
+        if self._template is None:
+            self._template = block([])
+            self._fit_chunks()
 
     def _warn_if_outgrown(self) -> None:
         """In memory every record is kept: say once when the run outgrows ``buffer_bytes``."""
