@@ -103,7 +103,12 @@ def usable() -> bool:
 class _Kernel:
     """A function compiled by numba at its first call (``cache=True``: the machine code is
     kept beside this module, in ``__pycache__``, so a new process loads it in ~0.1 s instead
-    of compiling it for ~1-2 s; ``nogil``: threads may run it at once)."""
+    of compiling it for ~1-2 s; ``nogil``: threads may run it at once; ``error_model="numpy"``:
+    a division by zero gives inf or NaN instead of raising, so that no division carries a
+    check and a branch: with the check, the histograms' float32 division kept the loops from
+    vectorizing (the paper MLP's block fold took 0.85 against 0.42 ms for 264k values, a
+    CNN site of 4 M values 20.8 against 14.0 ms). No kernel divides by a value that may be
+    zero: widths of histograms are positive, counts are checked first)."""
 
     def __init__(self, fn: Any) -> None:
         self.fn = fn
@@ -114,7 +119,7 @@ class _Kernel:
         if self._compiled is None:
             import numba
 
-            self._compiled = numba.njit(cache=True, nogil=True)(self.fn)
+            self._compiled = numba.njit(cache=True, nogil=True, error_model="numpy")(self.fn)
         return self._compiled(*args)
 
 
@@ -297,28 +302,41 @@ def _radix_rows(a, out):  # pragma: no cover
 @_jit
 def _block_kernel(a, lo, hi, bins, start, thr, s, n_sat, n_zero, hist, m):  # pragma: no cover
     # a: [positions, units] float32, finite; per-column settings lo, hi, bins, start (the
-    # column's first histogram bin in hist), thr: [units]; s, n_sat, n_zero [units]
+    # column's first histogram bin in hist), thr: [units]; s, n_sat, n_zero [units]. Each
+    # row's loops over the columns have no branches (they vectorize): the sums and counts,
+    # then each column's bin (torch.histc's float32 arithmetic, clamped in float32, which
+    # truncates to the same bin), then the bins counted
     rows, units = a.shape
+    idx = np.empty(units, np.int64)
+    fb = np.empty(units, np.float32)
+    top = np.empty(units, np.float32)
+    width = np.empty(units, np.float32)
+    for u in range(units):
+        fb[u] = np.float32(bins[u])
+        top[u] = np.float32(bins[u] - 1)
+        width[u] = hi[u] - lo[u]
     for r in range(rows):  # pass 1, row by row: each row's columns are contiguous
+        row = a[r]
         for u in range(units):
-            v = a[r, u]
+            v = row[u]
             s[u] += v
-            if v == 0:
-                n_zero[u] += 1
-            if abs(v) > thr[u]:
-                n_sat[u] += 1
-            if v < lo[u]:
-                hist[start[u]] += 1
-            elif v > hi[u]:
-                hist[start[u] + bins[u] + 1] += 1
-            else:
-                k = int((v - lo[u]) * np.float32(bins[u]) / (hi[u] - lo[u]))
-                hist[start[u] + min(max(k, 0), bins[u] - 1) + 1] += 1
+            n_zero[u] += v == 0
+            n_sat[u] += abs(v) > thr[u]
+        for u in range(units):
+            v = row[u]
+            t = min(max((v - lo[u]) * fb[u] / width[u], np.float32(0.0)), top[u])
+            k = np.int32(t) + np.int32(1)
+            k = np.int32(0) if v < lo[u] else k
+            k = np.int32(bins[u] + 1) if v > hi[u] else k
+            idx[u] = start[u] + k
+        for u in range(units):
+            hist[idx[u]] += 1
     for u in range(units):
         s[u] /= rows  # now the mean
     for r in range(rows):  # pass 2: central moment sums about the float64 mean
+        row = a[r]
         for u in range(units):
-            d = np.float64(a[r, u]) - s[u]
+            d = np.float64(row[u]) - s[u]
             d2 = d * d
             m[0, u] += d
             m[1, u] += d2
