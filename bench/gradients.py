@@ -48,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import LR, MLP_BATCH, RESULTS, loadavg, machine_info, write_json
 
 from icstools.experiments import paper_mlp, small_cnn
-from icstools.functional.gradients import gradient_ics, landscape_probe, parameter_layers
+from icstools.functional.gradients import gradient_ics, landscape_probe
+from icstools.functional.layers import parameter_layers
 
 MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
 MEASUREMENTS = ("ics", "ics_layers_given", "landscape", "landscape_grad_given")

@@ -21,13 +21,12 @@ from icstools.experiments import paper_mlp, small_cnn
 from icstools.functional.gradients import (
     GradientICS,
     LandscapeProbe,
-    Layer,
     ScaleInvariance,
     check_scale_invariance,
     gradient_ics,
     landscape_probe,
-    parameter_layers,
 )
+from icstools.functional.layers import Layer, parameter_layers
 
 ce = F.cross_entropy
 

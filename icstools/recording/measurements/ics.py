@@ -57,7 +57,7 @@ class GradientICS(StepLossMeasurement):
 
     def before_update(self, ctx: Context) -> None:
         if self.layers is None and ctx.batch is not None:
-            from icstools.functional.gradients import parameter_layers
+            from icstools.functional.layers import parameter_layers
 
             with ctx.own_forwards():  # fixes the run's `layer` dimension at the first record
                 self.layers = parameter_layers(ctx.model, ctx.batch.inputs())
