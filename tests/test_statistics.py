@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from icstools.functional import kernels
+from icstools.functional.final import _finish
 from icstools.functional.gradient_statistics import GradientStatistics
 from icstools.functional.statistics import (
     DEFAULT_QUANTILES,
@@ -31,7 +32,6 @@ from icstools.functional.statistics import (
     ActivationStatistics,
     StateField,
     StatisticsState,
-    _finish,
     choose_hist_edges,
     merge_fields,
     merge_states,

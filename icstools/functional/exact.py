@@ -27,14 +27,12 @@ import torch
 
 from icstools.functional import kernels as _kernels  # usable() asked per call (patchable)
 from icstools.functional import statistics as _statistics  # its on_host decides, patchable
+from icstools.functional.final import _finish, _split_into, finish_many
 from icstools.functional.statistics import (
     StatisticsState,
-    _finish,
     _histogram,
-    _split_into,
     _unit_moments,
     device_parts_many,
-    finish_many,
     host_arrays,
     summarize,
 )

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from icstools.functional import kernels as _kernels  # usable() asked per call (patchable)
+from icstools.functional.final import finish_many
 from icstools.functional.fused import fused_state, scaled_moments, unit_scale
 from icstools.functional.state import StateField, StatisticsState, merge_fields
 
@@ -61,7 +62,6 @@ __all__ = [
     "choose_hist_edges",
     "compute_many",
     "device_parts_many",
-    "finish_many",
     "host_arrays",
     "merge_fields",
     "merge_states",
@@ -730,43 +730,6 @@ def device_parts_many(stats: Sequence[ActivationStatistics]) -> list[dict[str, t
     return [s._device_parts() for s in stats]
 
 
-def finish_many(
-    stats: Sequence[ActivationStatistics], host: Sequence[Mapping[str, np.ndarray]]
-) -> list[dict[str, np.ndarray]]:
-    """The second half of :func:`compute_many`: the final statistics (numpy) of each object
-    from the host arrays of its :func:`device_parts_many`."""
-    out: list[dict[str, np.ndarray]] = [{} for _ in stats]
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, s in enumerate(stats):
-        groups.setdefault(s._state.min.dtype, []).append(i)  # type: ignore[union-attr]
-    for dtype, members in groups.items():
-        # _finish is elementwise per unit: one call on the objects' fields side by side
-        parts = [host[i] for i in members]
-        joined = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        done = _finish(joined, compute_dtype=dtype)
-        sizes = [len(p["count"]) for p in parts], [len(p["hist"]) for p in parts]
-        _split_into(out, members, done, *sizes)
-    return out
-
-
-def _split_into(
-    out: list[dict[str, np.ndarray]],
-    members: list[int],
-    joined: Mapping[str, np.ndarray],
-    units: Sequence[int],
-    bins: Sequence[int],
-) -> None:
-    """``out[members[j]][key]``: object ``j``'s rows of each ``joined`` array (``units[j]``
-    rows, ``bins[j]`` for ``"hist"``), as views."""
-    bounds = {}
-    for name, sizes in (("units", units), ("bins", bins)):
-        stops = np.cumsum(sizes).tolist()
-        bounds[name] = list(zip([0, *stops[:-1]], stops, strict=True))
-    for key, value in joined.items():
-        for i, (a, b) in zip(members, bounds["bins" if key == "hist" else "units"], strict=True):
-            out[i][key] = value[a:b]
-
-
 def on_host(device: torch.device) -> bool:
     """Whether tensors on ``device`` are host memory (CPU): numpy may read them, and reading a
     value is no device synchronisation. The one place that decides it (a test makes it say
@@ -800,42 +763,3 @@ def host_arrays(tensors: Mapping[Any, torch.Tensor]) -> dict[Any, np.ndarray]:
             out[k] = values[pos : pos + t.numel()].reshape(t.shape)
             pos += t.numel()
     return out
-
-
-_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
-
-
-def _finish(host: Mapping[str, np.ndarray], compute_dtype: torch.dtype) -> dict[str, np.ndarray]:
-    """Final statistics from a state's declared fields on the host, by name (numpy: cheap on
-    ``[units]`` vectors); ``host["sample"]`` holds the quantile values."""
-    count, mean = host["count"], host["mean"]
-    m2, m3, m4 = host["m2"], host["m3"], host["m4"]
-    n = count
-    safe = np.where(n > 0, n, 1)
-    var = m2 / safe
-    eps = float(torch.finfo(compute_dtype).eps)  # deviations were formed in the compute dtype
-    # Central sums of nearly constant data are rounding noise: a variance below
-    # (16·eps·|mean|)² is not resolved, so its shape statistics are undefined.
-    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        resolved = var > (16 * eps * np.abs(mean)) ** 2 + np.finfo(np.float64).tiny
-        v = np.maximum(var, 1e-300)
-        skew = np.where(resolved, (m3 / safe) / v**1.5, np.nan)
-        kurt = np.where(resolved, (m4 / safe) / v**2 - 3, np.nan)
-    empty = n == 0
-    cdt = _NP_DTYPE.get(compute_dtype, np.float32)
-    out = {
-        "mean": np.where(empty, np.nan, mean),
-        "var": np.where(empty, np.nan, var),
-        "skew": np.where(empty, np.nan, skew),
-        "kurt": np.where(empty, np.nan, kurt),
-        "min": np.where(empty, np.nan, host["min"]).astype(cdt),
-        "max": np.where(empty, np.nan, host["max"]).astype(cdt),
-        "sat_frac": np.where(empty, np.nan, host["n_sat"] / safe),
-        "zero_frac": np.where(empty, np.nan, host["n_zero"] / safe),
-        # no value at all: undefined (NaN), not "every value non-finite"
-        "nonfinite": np.where(host["total"] > 0, 1 - n / np.maximum(host["total"], 1), np.nan),
-        "count": count.astype(np.int64),
-        "hist": host["hist"].astype(np.int64),
-        "quantile_value": host["sample"].astype(cdt, copy=False),
-    }
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}

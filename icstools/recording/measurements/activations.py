@@ -15,12 +15,12 @@ import numpy as np
 import torch
 
 from icstools.functional.exact import finish_exact_many, finish_exact_slices, is_wide
+from icstools.functional.final import finish_many
 from icstools.functional.fused import MODES as FUSED_MODES
 from icstools.functional.statistics import (
     ActivationStatistics,
     choose_hist_edges,
     device_parts_many,
-    finish_many,
 )
 from icstools.recording.errors import RecorderError
 from icstools.recording.layout import Layout, site_option
