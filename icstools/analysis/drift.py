@@ -190,12 +190,7 @@ from icstools.analysis.drift_arrays import (
     _dims_first,
     _eps_ks,
     _eps_w1,
-    _hist_kernel,
-    _moment_kernel,
     _options,
-    _quantile_kernel,
-    _sample_kernel,
-    _split_bad,
     _steps_list,
     gauss_kl,
     hellinger,
@@ -211,6 +206,13 @@ from icstools.analysis.drift_arrays import (
     w1_std,
 )
 from icstools.analysis.drift_flags import drift_thresholds, flag_drift, site_aggregate
+from icstools.analysis.drift_kernels import (
+    _hist_kernel,
+    _moment_kernel,
+    _quantile_kernel,
+    _sample_kernel,
+    _split_bad,
+)
 from icstools.analysis.tails import TAIL_LEVEL, has_tail_levels
 
 __all__ = [
