@@ -481,7 +481,14 @@ def drift(
             "'quantile_value'/'min'/'max', 'hist' or 'probe_sample'. Present variables: "
             f"{_options(sorted(str(v) for v in ds.data_vars))}"
         )
-    label = _reference_label(kind, value)
+    return _drift_result(ds, out, _reference_label(kind, value), use_samples, source)
+
+
+def _drift_result(
+    ds: xr.Dataset, out: dict, label: str, use_samples: bool, source: Any
+) -> xr.Dataset:
+    """The metrics of ``out`` as a dataset: each variable described, the sites in the run's
+    order, the reference and the method in the attributes."""
     for name, da in out.items():
         base = name.removeprefix("hist_").removesuffix("_lo").removesuffix("_hi")
         desc = _DESCRIPTIONS[base]
@@ -587,59 +594,15 @@ def _drift_summary(
     out: dict,
     missing: dict[str, list[str]],
 ) -> None:
-    have_moments = not _need(ds, ("mean", "var"))
-    if have_moments:
-        mean, var = ds["mean"], ds["var"]
-        mp, vp = _ref_moments(mean, var, kind, value)
-        if any(m in requested for m in _MOMENT_METRICS):
-            mom = _moment_vars(mp, vp, mean.astype(np.float64), var.astype(np.float64))
-            for m in _MOMENT_METRICS:
-                if m in requested:
-                    out[m] = _dims_first(mom[m], ("step", "unit"))
-    else:
-        for m in (*_MOMENT_METRICS, "w1_std"):
-            missing[m] = _need(ds, ("mean", "var"))
+    moments = _summary_moments(ds, kind, value, requested, out, missing)
     shape_req = [m for m in _SHAPE_METRICS if m in requested]
     if not shape_req:
         return
-    lack = _need(ds, ("quantile_value", "min", "max"))
-    levels = (
-        np.asarray(ds["quantile"].values, dtype=np.float64) if "quantile" in ds.coords else None
-    )
-    if not lack and (levels is None or not np.any((levels > 0) & (levels < 1))):
-        lack = ["quantile (levels strictly between 0 and 1)"]
-    if lack:
-        for m in shape_req:
-            missing.setdefault(m, []).extend(lack)
+    found = _quantile_grid(ds, shape_req, missing)
+    if found is None:
         return
-    inner = levels[(levels > 0) & (levels < 1)]
-    u = np.concatenate([[0.0], inner, [1.0]])
-    qv = ds["quantile_value"].sel(quantile=inner).astype(np.float64)
-    grid = xr.concat(
-        [
-            ds["min"].astype(np.float64).expand_dims(quantile=[0.0]),
-            qv,
-            ds["max"].astype(np.float64).expand_dims(quantile=[1.0]),
-        ],
-        dim="quantile",
-        coords="minimal",
-        compat="override",
-        join="override",
-    ).transpose(..., "quantile")
-    if "count" in ds.variables:
-        n = np.minimum(ds["count"].astype(np.float64), _quantile_cap(ds))
-        ew = _apply(
-            _eps_w1,
-            ds["min"].astype(np.float64),
-            ds["max"].astype(np.float64),
-            n,
-            core=[[], [], []],
-        )
-        ek = _apply(_eps_ks, n, core=[[]])
-        n_q = n
-    else:
-        ew = ek = xr.zeros_like(ds["min"], dtype=np.float64)
-        n_q = xr.full_like(ds["min"], np.nan, dtype=np.float64)
+    u, grid = found  # levels [G] with 0 and 1; grid [..., quantile]: min, quantiles, max
+    ew, ek, n_q = _grid_radii(ds)
     n_p = _ref(n_q, kind, value, "mean")
     gp = _ref(grid.transpose("step", ...), kind, value).transpose(..., "quantile")
     ew_p = _ref(ew, kind, value, "mean")
@@ -648,25 +611,10 @@ def _drift_summary(
     def kernel(a: np.ndarray, b: np.ndarray, *e: np.ndarray) -> np.ndarray:
         return _quantile_kernel(u, a, b, *e, eps)
 
-    if have_moments and "count" in ds.variables:
-        # |μQ − μP| bounds W1 below when the means are of the values the grids come from
-        def abs_diff(mp: Any, mq: Any, ok_p: Any, ok_q: Any) -> np.ndarray:
-            with np.errstate(all="ignore"):
-                d = np.abs(np.asarray(mq, float) - np.asarray(mp, float))
-            return np.where((np.asarray(ok_p) == 1) & (np.asarray(ok_q) == 1), d, np.nan)
-
-        exact = (ds["count"] <= _quantile_cap(ds)).astype(np.float64)
-        dmu = _apply(
-            abs_diff,
-            mp,
-            mean.astype(np.float64),
-            _ref(exact, kind, value, "min"),
-            exact,
-            core=[[], [], [], []],
-        )
+    if moments is not None and "count" in ds.variables:
+        dmu = _mean_gap(ds, moments[0], kind, value)
     else:
         dmu = xr.full_like(ds["min"], np.nan, dtype=np.float64)
-
     res = _apply(
         kernel,
         gp.rename(quantile="_level"),
@@ -687,10 +635,104 @@ def _drift_summary(
         da = _dims_first(res.isel(_out=i), ("step", "unit"))
         if base in requested:
             out[name] = da
-        if base == "w1" and "w1_std" in requested and have_moments:
+        if base == "w1" and "w1_std" in requested and moments is not None:
             out[name.replace("w1", "w1_std")] = _dims_first(
-                _divide_by_sigma(da, vp), ("step", "unit")
+                _divide_by_sigma(da, moments[1]), ("step", "unit")
             )
+
+
+def _summary_moments(
+    ds: xr.Dataset,
+    kind: str,
+    value: int,
+    requested: list[str],
+    out: dict,
+    missing: dict[str, list[str]],
+) -> tuple[xr.DataArray, xr.DataArray] | None:
+    """The moment metrics requested into ``out``; returns the reference's mean and variance
+    (``None``, and the metrics that need them marked missing, without ``mean`` and ``var``)."""
+    if _need(ds, ("mean", "var")):
+        for m in (*_MOMENT_METRICS, "w1_std"):
+            missing[m] = _need(ds, ("mean", "var"))
+        return None
+    mean, var = ds["mean"], ds["var"]
+    mp, vp = _ref_moments(mean, var, kind, value)
+    if any(m in requested for m in _MOMENT_METRICS):
+        mom = _moment_vars(mp, vp, mean.astype(np.float64), var.astype(np.float64))
+        for m in _MOMENT_METRICS:
+            if m in requested:
+                out[m] = _dims_first(mom[m], ("step", "unit"))
+    return mp, vp
+
+
+def _quantile_grid(
+    ds: xr.Dataset, shape_req: list[str], missing: dict[str, list[str]]
+) -> tuple[np.ndarray, xr.DataArray] | None:
+    """The levels ``[G]`` (0, the stored levels strictly inside (0, 1), 1) and each unit's
+    grid of values at them (min, quantile values, max; ``quantile`` last); ``None``, and the
+    shape metrics marked missing, when the summaries are not there."""
+    lack = _need(ds, ("quantile_value", "min", "max"))
+    levels = (
+        np.asarray(ds["quantile"].values, dtype=np.float64) if "quantile" in ds.coords else None
+    )
+    if not lack and (levels is None or not np.any((levels > 0) & (levels < 1))):
+        lack = ["quantile (levels strictly between 0 and 1)"]
+    if lack:
+        for m in shape_req:
+            missing.setdefault(m, []).extend(lack)
+        return None
+    inner = levels[(levels > 0) & (levels < 1)]  # type: ignore[index]
+    u = np.concatenate([[0.0], inner, [1.0]])
+    qv = ds["quantile_value"].sel(quantile=inner).astype(np.float64)
+    grid = xr.concat(
+        [
+            ds["min"].astype(np.float64).expand_dims(quantile=[0.0]),
+            qv,
+            ds["max"].astype(np.float64).expand_dims(quantile=[1.0]),
+        ],
+        dim="quantile",
+        coords="minimal",
+        compat="override",
+        join="override",
+    ).transpose(..., "quantile")
+    return u, grid
+
+
+def _grid_radii(ds: xr.Dataset) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
+    """The W1 and KS error radii of each grid, and the values it was taken from (capped at
+    the quantile sample; NaN, radii 0, without ``count``)."""
+    if "count" not in ds.variables:
+        zero = xr.zeros_like(ds["min"], dtype=np.float64)
+        return zero, zero, xr.full_like(ds["min"], np.nan, dtype=np.float64)
+    n = np.minimum(ds["count"].astype(np.float64), _quantile_cap(ds))
+    ew = _apply(
+        _eps_w1,
+        ds["min"].astype(np.float64),
+        ds["max"].astype(np.float64),
+        n,
+        core=[[], [], []],
+    )
+    return ew, _apply(_eps_ks, n, core=[[]]), n
+
+
+def _mean_gap(ds: xr.Dataset, mp: xr.DataArray, kind: str, value: int) -> xr.DataArray:
+    """``|μQ − μP|``, a lower bound of W1 where both means are of the values the grids come
+    from (every value kept: count within the quantile sample), NaN elsewhere."""
+
+    def abs_diff(mp: Any, mq: Any, ok_p: Any, ok_q: Any) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            d = np.abs(np.asarray(mq, float) - np.asarray(mp, float))
+        return np.where((np.asarray(ok_p) == 1) & (np.asarray(ok_q) == 1), d, np.nan)
+
+    exact = (ds["count"] <= _quantile_cap(ds)).astype(np.float64)
+    return _apply(
+        abs_diff,
+        mp,
+        ds["mean"].astype(np.float64),
+        _ref(exact, kind, value, "min"),
+        exact,
+        core=[[], [], [], []],
+    )
 
 
 def _drift_hist(

@@ -524,6 +524,51 @@ def landscape_probe(
 
 
 # -------------------------------------------------------------------------- scale invariance
+def _scale_invariance_args(
+    linear: object, bn: object, inputs: object, scales: object, loss: object, dtype: object
+) -> tuple[torch.Tensor, np.ndarray, torch.dtype]:
+    """:func:`check_scale_invariance`'s arguments checked: the layer's weight, the scales
+    ``[scale]`` (float64) and the compute dtype."""
+    weight = getattr(linear, "weight", None)
+    if not isinstance(linear, nn.Module) or not isinstance(weight, torch.Tensor):
+        raise TypeError(
+            "linear must be a module with a weight parameter (e.g. nn.Linear, nn.Conv2d), "
+            f"got {type(linear).__name__}"
+        )
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(
+            f"bn must be a BatchNorm module (BatchNorm1d/2d/3d), got {type(bn).__name__}"
+        )
+    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
+        raise TypeError(
+            f"inputs must be a floating-point tensor, got {type(inputs).__name__}"
+            + (f" of {inputs.dtype}" if isinstance(inputs, torch.Tensor) else "")
+        )
+    if inputs.ndim < 2 or inputs.shape[0] < 2:
+        raise ValueError(
+            f"inputs must be a batch of at least 2 examples [N, ...], got shape "
+            f"{tuple(inputs.shape)}"
+        )
+    try:
+        a_values = np.asarray(scales, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"scales must be a sequence of numbers, got {scales!r}") from None
+    if (
+        a_values.ndim != 1
+        or a_values.size == 0
+        or not np.all(np.isfinite(a_values) & (a_values > 0))
+    ):
+        raise ValueError(
+            f"scales must be a non-empty sequence of finite numbers > 0, got {scales!r}"
+        )
+    if loss is not None and not callable(loss):
+        raise TypeError(f"loss must be callable (bn_output) -> scalar, got {type(loss).__name__}")
+    dt = weight.dtype if dtype is None else dtype
+    if not (isinstance(dt, torch.dtype) and dt.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    return weight, a_values, dt
+
+
 def check_scale_invariance(
     linear: nn.Module,
     bn: nn.Module,
@@ -584,43 +629,7 @@ def check_scale_invariance(
     >>> bool(max(r.output.max(), r.input_grad.max(), r.weight_grad.max()) < 1e-12)
     True
     """
-    weight = getattr(linear, "weight", None)
-    if not isinstance(linear, nn.Module) or not isinstance(weight, torch.Tensor):
-        raise TypeError(
-            "linear must be a module with a weight parameter (e.g. nn.Linear, nn.Conv2d), "
-            f"got {type(linear).__name__}"
-        )
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        raise TypeError(
-            f"bn must be a BatchNorm module (BatchNorm1d/2d/3d), got {type(bn).__name__}"
-        )
-    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
-        raise TypeError(
-            f"inputs must be a floating-point tensor, got {type(inputs).__name__}"
-            + (f" of {inputs.dtype}" if isinstance(inputs, torch.Tensor) else "")
-        )
-    if inputs.ndim < 2 or inputs.shape[0] < 2:
-        raise ValueError(
-            f"inputs must be a batch of at least 2 examples [N, ...], got shape "
-            f"{tuple(inputs.shape)}"
-        )
-    try:
-        a_values = np.asarray(scales, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"scales must be a sequence of numbers, got {scales!r}") from None
-    if (
-        a_values.ndim != 1
-        or a_values.size == 0
-        or not np.all(np.isfinite(a_values) & (a_values > 0))
-    ):
-        raise ValueError(
-            f"scales must be a non-empty sequence of finite numbers > 0, got {scales!r}"
-        )
-    if loss is not None and not callable(loss):
-        raise TypeError(f"loss must be callable (bn_output) -> scalar, got {type(loss).__name__}")
-    dt = weight.dtype if dtype is None else dtype
-    if not (isinstance(dt, torch.dtype) and dt.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    weight, a_values, dt = _scale_invariance_args(linear, bn, inputs, scales, loss, dtype)
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=weight.device, dtype=dt)
