@@ -335,6 +335,75 @@ def compare(
     With recorded runs: ``compare({"BN": bn_paths, "baseline": base_paths}, "sat_frac",
     steps=slice(1000, None), source="probe")``.
     """
+    _check_options(paired, alpha, confidence_level, ci_method, correction, n_resamples, seed)
+    checked, reference = _check_conditions(runs, reference, paired)
+    values, sites, info, site_notes = _metric_values(
+        checked,
+        metric,
+        site=site,
+        reduce=reduce,
+        unit_reduce=unit_reduce,
+        steps=steps,
+        source=source,
+        select=select,
+        metric_kwargs=metric_kwargs,
+        rename_sites=rename_sites,
+    )
+    rng = np.random.default_rng(seed)
+    others = [c for c in checked if c != reference]
+    interval = {
+        "method": ci_method,
+        "n_resamples": int(n_resamples),
+        "confidence_level": float(confidence_level),
+        "rng": rng,
+    }
+    results: dict[tuple[str, str], dict[str, Any]] = {}
+    caveats: dict[str, list[str]] = {"few": [], "floors": [], "diverged": []}
+    for cond in others:
+        rows = _condition_rows(
+            values[cond], values[reference], sites, paired=paired, alpha=alpha, interval=interval
+        )
+        results.update({(s, cond): row for s, row in zip(sites, rows, strict=True)})
+        _note_caveats(caveats, rows, sites, cond, reference, values, paired=paired, alpha=alpha)
+
+    records = [
+        {
+            "metric": info["metric"],
+            "site": s,
+            "condition": cond,
+            "reference": reference,
+            **results[(s, cond)],
+        }
+        for s in sites
+        for cond in others
+    ]
+    df = pd.DataFrame.from_records(records)
+    df["q"] = benjamini_hochberg(df["p"].to_numpy(np.float64), method=correction)
+    df["significant"] = pd.array(
+        [pd.NA if np.isnan(q) else bool(q <= alpha) for q in df["q"]], dtype="boolean"
+    )
+    df = df[_COLUMNS]
+    _warn_caveats(caveats, site_notes, "wilcoxon" if paired else "mannwhitneyu", alpha)
+    df.attrs.update(info)
+    df.attrs.update(
+        _table_attrs(
+            paired, ci_method, confidence_level, n_resamples, seed, correction, alpha, site_notes
+        )
+    )
+    df.attrs["correction"] += f" over all {int(df['p'].notna().sum())} rows with a p-value"
+    return df
+
+
+def _check_options(
+    paired: object,
+    alpha: object,
+    confidence_level: object,
+    ci_method: object,
+    correction: object,
+    n_resamples: object,
+    seed: object,
+) -> None:
+    """Raise on an option of :func:`compare` of the wrong type or value."""
     if not isinstance(paired, bool | np.bool_):
         raise TypeError(f"paired must be True or False, got {paired!r}")
     for name, value in (("alpha", alpha), ("confidence_level", confidence_level)):
@@ -356,6 +425,12 @@ def compare(
         raise ValueError(f"n_resamples={n_resamples!r} is not valid: expected an integer >= 1")
     if not (seed is None or isinstance(seed, np.random.Generator | numbers.Integral)):
         raise TypeError(f"seed must be an int, a numpy Generator or None, got {seed!r}")
+
+
+def _check_conditions(
+    runs: object, reference: str | None, paired: bool
+) -> tuple[dict[str, list[Any]], str]:
+    """The runs by condition, checked, and the reference (default: the first condition)."""
     checked = _check_runs(runs)
     conditions = list(checked)
     if len(conditions) < 2:
@@ -375,109 +450,92 @@ def compare(
             raise ValueError(
                 f"paired=True needs the same number of runs in every condition, got {sizes}"
             )
-    values, sites, info, site_notes = _metric_values(
-        checked,
-        metric,
-        site=site,
-        reduce=reduce,
-        unit_reduce=unit_reduce,
-        steps=steps,
-        source=source,
-        select=select,
-        metric_kwargs=metric_kwargs,
-        rename_sites=rename_sites,
-    )
-    rng = np.random.default_rng(seed)
-    others = [c for c in conditions if c != reference]
-    ref_all = values[reference]
-    results: dict[tuple[str, str], dict[str, Any]] = {}
-    few: list[str] = []
-    floors: list[str] = []
-    diverged: list[str] = []
-    test_name = "wilcoxon" if paired else "mannwhitneyu"
+    return checked, reference
 
-    for cond in others:
-        cond_all = values[cond]
-        fin_c, fin_r = np.isfinite(cond_all), np.isfinite(ref_all)
-        if paired:
-            fin_c = fin_r = fin_c & fin_r
-        # sites with the same set of finite runs share one bootstrap draw
-        groups: dict[tuple[bytes, bytes], list[int]] = {}
-        for j in range(len(sites)):
-            groups.setdefault((fin_c[j].tobytes(), fin_r[j].tobytes()), []).append(j)
-        for rows in groups.values():
-            mc_, mr_ = fin_c[rows[0]], fin_r[rows[0]]
-            xc, xr_ = cond_all[rows][:, mc_], ref_all[rows][:, mr_]
-            nc, nr = xc.shape[1], xr_.shape[1]
-            boot = tests = None
-            if nc >= 2 and nr >= 2:
-                tests = _rank_tests(xc, xr_, paired)
-                boot = _intervals(
-                    xc,
-                    xr_,
-                    paired=paired,
-                    method=ci_method,
-                    n_resamples=int(n_resamples),
-                    confidence_level=float(confidence_level),
-                    rng=rng,
-                )
-            for k, j in enumerate(rows):
-                results[(sites[j], cond)] = _row(
-                    xc[k],
-                    xr_[k],
-                    cond_all[j],
-                    ref_all[j],
-                    boot,
-                    None if tests is None else tests[k],
-                    k,
-                    paired,
-                    alpha,
-                )
-        for s in sites:
-            row = results[(s, cond)]
-            where = f"site {s!r}" if s != RUN_LEVEL else "the run-level metric"
-            if row["warning"]:
-                few.append(
-                    f"{cond!r} vs {reference!r} at {where} (n={row['n_cond']} vs {row['n_ref']})"
-                )
-            elif row["min_p"] > alpha:
-                floors.append(
-                    f"{row['n_cond']} pairs"
-                    if paired
-                    else f"{row['n_cond']} vs {row['n_ref']} seeds"
-                )
-            nn_c, nn_r = row["n_nonfinite_cond"], row["n_nonfinite_ref"]
-            if nn_c or nn_r:
-                diverged.append(
-                    f"{where}: {nn_c} of {cond_all.shape[1]} runs of {cond!r}, "
-                    f"{nn_r} of {ref_all.shape[1]} of {reference!r}"
-                )
 
-    records = []
-    for s in sites:
-        for cond in others:
-            records.append(
-                {
-                    "metric": info["metric"],
-                    "site": s,
-                    "condition": cond,
-                    "reference": reference,
-                    **results[(s, cond)],
-                }
+def _condition_rows(
+    cond_all: np.ndarray,
+    ref_all: np.ndarray,
+    sites: list[str],
+    *,
+    paired: bool,
+    alpha: float,
+    interval: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """One row per site of a condition against the reference (``[site, run]`` metrics each):
+    means, intervals and rank tests over the runs with a finite metric."""
+    fin_c, fin_r = np.isfinite(cond_all), np.isfinite(ref_all)
+    if paired:
+        fin_c = fin_r = fin_c & fin_r
+    # sites with the same set of finite runs share one bootstrap draw
+    groups: dict[tuple[bytes, bytes], list[int]] = {}
+    for j in range(len(sites)):
+        groups.setdefault((fin_c[j].tobytes(), fin_r[j].tobytes()), []).append(j)
+    out: list[dict[str, Any] | None] = [None] * len(sites)
+    for rows in groups.values():
+        mc_, mr_ = fin_c[rows[0]], fin_r[rows[0]]
+        xc, xr_ = cond_all[rows][:, mc_], ref_all[rows][:, mr_]  # [sites of the group, runs]
+        boot = tests = None
+        if xc.shape[1] >= 2 and xr_.shape[1] >= 2:
+            tests = _rank_tests(xc, xr_, paired)
+            boot = _intervals(xc, xr_, paired=paired, **interval)
+        for k, j in enumerate(rows):
+            out[j] = _row(
+                xc[k],
+                xr_[k],
+                cond_all[j],
+                ref_all[j],
+                boot,
+                None if tests is None else tests[k],
+                k,
+                paired,
+                alpha,
             )
-    df = pd.DataFrame.from_records(records)
-    df["q"] = benjamini_hochberg(df["p"].to_numpy(np.float64), method=correction)
-    df["significant"] = pd.array(
-        [pd.NA if np.isnan(q) else bool(q <= alpha) for q in df["q"]], dtype="boolean"
-    )
-    df = df[_COLUMNS]
+    return out  # type: ignore[return-value]
 
+
+def _note_caveats(
+    caveats: dict[str, list[str]],
+    rows: list[dict[str, Any]],
+    sites: list[str],
+    cond: str,
+    reference: str,
+    values: Mapping[str, np.ndarray],
+    *,
+    paired: bool,
+    alpha: float,
+) -> None:
+    """Add a condition's rows without a test, rows that cannot be significant at their sizes
+    and runs with a non-finite metric to ``caveats`` (``few``, ``floors``, ``diverged``)."""
+    n_cond, n_ref = values[cond].shape[1], values[reference].shape[1]
+    for s, row in zip(sites, rows, strict=True):
+        where = f"site {s!r}" if s != RUN_LEVEL else "the run-level metric"
+        if row["warning"]:
+            caveats["few"].append(
+                f"{cond!r} vs {reference!r} at {where} (n={row['n_cond']} vs {row['n_ref']})"
+            )
+        elif row["min_p"] > alpha:
+            caveats["floors"].append(
+                f"{row['n_cond']} pairs" if paired else f"{row['n_cond']} vs {row['n_ref']} seeds"
+            )
+        nn_c, nn_r = row["n_nonfinite_cond"], row["n_nonfinite_ref"]
+        if nn_c or nn_r:
+            caveats["diverged"].append(
+                f"{where}: {nn_c} of {n_cond} runs of {cond!r}, {nn_r} of {n_ref} of {reference!r}"
+            )
+
+
+def _warn_caveats(
+    caveats: dict[str, list[str]], site_notes: list[str], test_name: str, alpha: float
+) -> None:
+    """One warning per kind of caveat of the table (and one per site note)."""
+    few, floors, diverged = caveats["few"], caveats["floors"], caveats["diverged"]
     if few:
         warnings.warn(
             "fewer than 2 runs with a finite metric, so no confidence interval or p-value "
             f"(NaN) for: {'; '.join(few[:10])}{' ...' if len(few) > 10 else ''}. Add seeds.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     if floors:
         sizes_txt = ", ".join(sorted(set(floors)))
@@ -486,7 +544,7 @@ def compare(
             f"alpha={alpha} (see column min_p): these rows can never be significant, whatever "
             "the effect. Add seeds.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     if diverged:
         warnings.warn(
@@ -494,41 +552,49 @@ def compare(
             f"tests and counted in n_nonfinite_*: {'; '.join(diverged[:10])}"
             f"{' ...' if len(diverged) > 10 else ''}",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     for msg in site_notes:
-        warnings.warn(msg, UserWarning, stacklevel=2)
+        warnings.warn(msg, UserWarning, stacklevel=3)
 
-    df.attrs.update(info)
-    df.attrs.update(
-        {
-            "unit_of_replication": "run (seed)",
-            "resampling": (
-                "none (closed-form t intervals: "
-                + ("paired t, paired Fieller)" if paired else "Welch's t, Fieller)")
-                if ci_method == "t"
-                else "pairs of runs resampled together"
-                if paired
-                else "runs resampled with replacement within each condition independently"
-            ),
-            "ci_method": ci_method,
-            "confidence_level": float(confidence_level),
-            "n_resamples": int(n_resamples),
-            "seed": seed if isinstance(seed, numbers.Integral) or seed is None else repr(seed),
-            "test": (
-                "Wilcoxon signed-rank, two-sided, zero differences dropped "
-                "(scipy.stats.wilcoxon, method='auto')"
-                if paired
-                else "Mann-Whitney U, two-sided (scipy.stats.mannwhitneyu, method='auto')"
-            ),
-            "correction": ("Benjamini-Hochberg" if correction == "bh" else "Benjamini-Yekutieli")
-            + f" over all {int(df['p'].notna().sum())} rows with a p-value",
-            "alpha": float(alpha),
-            "nonfinite": "runs with a NaN/inf metric excluded, counted in n_nonfinite_*",
-            "sites_left_out": "; ".join(site_notes),
-        }
-    )
-    return df
+
+def _table_attrs(
+    paired: bool,
+    ci_method: str,
+    confidence_level: float,
+    n_resamples: int,
+    seed: Any,
+    correction: str,
+    alpha: float,
+    site_notes: list[str],
+) -> dict[str, Any]:
+    """The table's description of its replication, resampling, intervals, test and
+    correction (the caller adds the number of rows the correction went over)."""
+    return {
+        "unit_of_replication": "run (seed)",
+        "resampling": (
+            "none (closed-form t intervals: "
+            + ("paired t, paired Fieller)" if paired else "Welch's t, Fieller)")
+            if ci_method == "t"
+            else "pairs of runs resampled together"
+            if paired
+            else "runs resampled with replacement within each condition independently"
+        ),
+        "ci_method": ci_method,
+        "confidence_level": float(confidence_level),
+        "n_resamples": int(n_resamples),
+        "seed": seed if isinstance(seed, numbers.Integral) or seed is None else repr(seed),
+        "test": (
+            "Wilcoxon signed-rank, two-sided, zero differences dropped "
+            "(scipy.stats.wilcoxon, method='auto')"
+            if paired
+            else "Mann-Whitney U, two-sided (scipy.stats.mannwhitneyu, method='auto')"
+        ),
+        "correction": "Benjamini-Hochberg" if correction == "bh" else "Benjamini-Yekutieli",
+        "alpha": float(alpha),
+        "nonfinite": "runs with a NaN/inf metric excluded, counted in n_nonfinite_*",
+        "sites_left_out": "; ".join(site_notes),
+    }
 
 
 #: ``diff_method``/``ratio_method`` of the bootstrap ``ci_method`` values.
