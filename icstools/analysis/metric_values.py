@@ -244,22 +244,82 @@ def _metric_values(
 ) -> tuple[dict[str, np.ndarray], list[str], dict[str, Any], list[str]]:
     """Metric values ``{condition: array (sites, runs)}``, the sites, a description, warnings."""
     runs = _check_runs(runs)
-    variable_options = {
+    metric_name = _metric_name(metric)
+    _check_value_options(runs, reduce, unit_reduce, select, metric_kwargs, rename_sites)
+    wanted = _wanted_sites(site)
+    options = {
         "reduce": reduce,
         "unit_reduce": unit_reduce,
         "steps": steps,
         "source": source,
         "select": select,
     }
-    if isinstance(metric, str):
-        metric_name = metric
-    elif callable(metric):
-        metric_name = getattr(metric, "__name__", type(metric).__name__)
-    else:
-        raise TypeError(
-            "metric must be a variable name, a name in icstools.analysis.metrics.METRICS, or a "
-            f"callable run -> float | DataArray(site); got {type(metric).__name__}"
+    kind = None
+    sources: set[str] = set()
+    per_run: dict[str, list[tuple[dict[str, float], str]]] = {}
+    for cond, items in runs.items():
+        per_run[cond] = []
+        for i, item in enumerate(items):
+            where = _where(cond, i, item)
+            site_values, kind, used_source = _run_values(
+                _load(item), metric, metric_name, where, options, metric_kwargs
+            )
+            if used_source is not None:
+                sources.add(used_source)
+            mapping = (rename_sites or {}).get(cond)
+            if mapping:
+                site_values = _per_site(
+                    [mapping.get(k, k) for k in site_values],
+                    list(site_values.values()),
+                    f"metric {metric_name!r} of {where} after rename_sites[{cond!r}]",
+                )
+            per_run[cond].append((site_values, where))
+    if len(sources) > 1:
+        raise ValueError(
+            f"the runs were recorded with different sources ({sorted(sources)} chosen "
+            "automatically); choose one with source=..."
         )
+    all_site_values = [sw for items in per_run.values() for sw in items]
+    sites, notes = _common_sites(all_site_values, wanted, site, metric_name)
+    values = {
+        cond: np.array([[s[x] for x in sites] for s, _ in items], dtype=np.float64).T
+        for cond, items in per_run.items()
+    }  # [site, run] each
+    info = {
+        "metric": metric_name,
+        "metric_kind": kind,
+        "source": next(iter(sources)) if sources else "n/a",
+    }
+    if kind == "variable":
+        info["reduce_steps"] = reduce or "mean"
+        info["reduce_units"] = unit_reduce or (reduce if reduce in _UNIT_REDUCTIONS else "mean")
+        info["steps"] = "all" if steps is None else repr(steps)
+        if select:
+            info["select"] = repr(dict(select))
+    return values, sites, info, notes
+
+
+def _metric_name(metric: object) -> str:
+    """The name a metric is reported under (a callable's ``__name__``)."""
+    if isinstance(metric, str):
+        return metric
+    if callable(metric):
+        return getattr(metric, "__name__", type(metric).__name__)
+    raise TypeError(
+        "metric must be a variable name, a name in icstools.analysis.metrics.METRICS, or a "
+        f"callable run -> float | DataArray(site); got {type(metric).__name__}"
+    )
+
+
+def _check_value_options(
+    runs: Mapping[str, Any],
+    reduce: object,
+    unit_reduce: object,
+    select: object,
+    metric_kwargs: object,
+    rename_sites: object,
+) -> None:
+    """Raise on an option of :func:`_metric_values` of the wrong type or value."""
     if reduce is not None and reduce not in REDUCTIONS:
         raise ValueError(f"reduce={reduce!r} is not valid. Expected one of {list(REDUCTIONS)}")
     if unit_reduce is not None and unit_reduce not in _UNIT_REDUCTIONS:
@@ -280,19 +340,34 @@ def _metric_values(
                 )
             if not isinstance(mapping, Mapping):
                 raise TypeError(f"rename_sites[{cond!r}] must be a mapping {{site: new name}}")
-    if isinstance(site, str):
-        wanted: list[str] | None = [site]
-    elif site is None:
-        wanted = None
-    elif isinstance(site, Sequence) and all(isinstance(s, str) for s in site):
-        wanted = list(site)
-        if not wanted:
-            raise ValueError("site=[] selects nothing; give site names or None for all")
-    else:
-        raise TypeError(f"site must be a site name, a list of names or None, got {site!r}")
 
-    def _from_callable(func: MetricFunc, ds: xr.Dataset, where: str) -> dict[str, float]:
-        used = {k: v for k, v in variable_options.items() if v is not None}
+
+def _wanted_sites(site: object) -> list[str] | None:
+    """The sites asked for (``None``: every site present in all runs)."""
+    if isinstance(site, str):
+        return [site]
+    if site is None:
+        return None
+    if isinstance(site, Sequence) and all(isinstance(s, str) for s in site):
+        if not site:
+            raise ValueError("site=[] selects nothing; give site names or None for all")
+        return list(site)
+    raise TypeError(f"site must be a site name, a list of names or None, got {site!r}")
+
+
+def _run_values(
+    ds: xr.Dataset,
+    metric: str | MetricFunc,
+    metric_name: str,
+    where: str,
+    options: dict[str, Any],
+    metric_kwargs: Mapping[str, Any] | None,
+) -> tuple[dict[str, float], str, str | None]:
+    """One run's metric ``{site: value}``, the metric's kind (``"callable"``, ``"variable"``,
+    ``"registered"``) and the source a variable metric was read from."""
+
+    def from_callable(func: MetricFunc) -> dict[str, float]:
+        used = {k: v for k, v in options.items() if v is not None}
         if used:
             raise ValueError(
                 f"{sorted(used)} apply to variable metrics only; metric {metric_name!r} is a "
@@ -300,74 +375,57 @@ def _metric_values(
             )
         return _callable_result(func(ds, **dict(metric_kwargs or {})), metric_name, where)
 
-    kind = None
-    sources: set[str] = set()
-    per_run: dict[str, list[tuple[dict[str, float], str]]] = {}
-    for cond, items in runs.items():
-        per_run[cond] = []
-        for i, item in enumerate(items):
-            ds = _load(item)
-            where = _where(cond, i, item)
-            if callable(metric):
-                site_values = _from_callable(metric, ds, where)
-                kind = "callable"
-            elif metric in ds.data_vars or (metric in ds.coords and metric not in ds.dims):
-                if metric_kwargs is not None:
-                    raise ValueError(
-                        f"metric_kwargs apply to callable metrics only; {metric!r} is a variable"
-                    )
-                site_values, used_source = _variable_metric(
-                    ds,
-                    metric,
-                    reduce=reduce or "mean",
-                    unit_reduce=unit_reduce or (reduce if reduce in _UNIT_REDUCTIONS else "mean"),
-                    steps=steps,
-                    source=source,
-                    select=select,
-                    where=where,
-                )
-                if used_source is not None:
-                    sources.add(used_source)
-                kind = "variable"
-            elif metric in _registry.METRICS:
-                site_values = _from_callable(_registry.METRICS[metric], ds, where)
-                kind = "registered"
-            else:
-                raise ValueError(
-                    f"Variable {metric!r} does not exist. Expected one of "
-                    f"{sorted(map(str, ds.data_vars))} (the variables of {where}) or a metric "
-                    "registered in icstools.analysis.metrics.METRICS "
-                    f"{sorted(_registry.METRICS)}"
-                )
-            mapping = (rename_sites or {}).get(cond)
-            if mapping:
-                site_values = _per_site(
-                    [mapping.get(k, k) for k in site_values],
-                    list(site_values.values()),
-                    f"metric {metric_name!r} of {where} after rename_sites[{cond!r}]",
-                )
-            per_run[cond].append((site_values, where))
-    if len(sources) > 1:
-        raise ValueError(
-            f"the runs were recorded with different sources ({sorted(sources)} chosen "
-            "automatically); choose one with source=..."
+    if callable(metric):
+        return from_callable(metric), "callable", None
+    if metric in ds.data_vars or (metric in ds.coords and metric not in ds.dims):
+        if metric_kwargs is not None:
+            raise ValueError(
+                f"metric_kwargs apply to callable metrics only; {metric!r} is a variable"
+            )
+        reduce = options["reduce"]
+        site_values, used_source = _variable_metric(
+            ds,
+            metric,
+            reduce=reduce or "mean",
+            unit_reduce=options["unit_reduce"]
+            or (reduce if reduce in _UNIT_REDUCTIONS else "mean"),
+            steps=options["steps"],
+            source=options["source"],
+            select=options["select"],
+            where=where,
         )
+        return site_values, "variable", used_source
+    if metric in _registry.METRICS:
+        return from_callable(_registry.METRICS[metric]), "registered", None
+    raise ValueError(
+        f"Variable {metric!r} does not exist. Expected one of "
+        f"{sorted(map(str, ds.data_vars))} (the variables of {where}) or a metric "
+        "registered in icstools.analysis.metrics.METRICS "
+        f"{sorted(_registry.METRICS)}"
+    )
 
-    all_site_values = [sw for items in per_run.values() for sw in items]
+
+def _common_sites(
+    all_site_values: list[tuple[dict[str, float], str]],
+    wanted: list[str] | None,
+    site: object,
+    metric_name: str,
+) -> tuple[list[str], list[str]]:
+    """The sites compared (the run level for one number per run) and notes on sites left
+    out; raises where a wanted site is missing or no site is in every run."""
     run_level = [list(s) == [RUN_LEVEL] for s, _ in all_site_values]
     if any(run_level) and not all(run_level):
         raise ValueError(
             f"metric {metric_name!r} is one number per run for some runs and per site for others"
         )
-    notes: list[str] = []
     if all(run_level):
         if wanted is not None and wanted != [RUN_LEVEL]:
             raise ValueError(
                 f"metric {metric_name!r} is one number per run (no site dimension); "
                 f"site={site!r} does not apply (use site=None)"
             )
-        sites = [RUN_LEVEL]
-    elif wanted is not None:
+        return [RUN_LEVEL], []
+    if wanted is not None:
         for s, w in all_site_values:
             missing = [x for x in wanted if x not in s]
             if missing:
@@ -375,37 +433,22 @@ def _metric_values(
                     f"Site {missing[0]!r} does not exist in {w}. Expected one of "
                     f"{_fmt_list(list(s))}"
                 )
-        sites = wanted
-    else:
-        union = list(dict.fromkeys(x for s, _ in all_site_values for x in s))
-        sites = [x for x in union if all(x in s for s, _ in all_site_values)]
-        partial = [x for x in union if x not in sites]
-        if not sites:
-            raise ValueError(
-                f"no site of metric {metric_name!r} is present in every run (sites seen: "
-                f"{_fmt_list(union)}); align differently named sites with rename_sites="
-            )
-        if partial:
-            notes.append(
-                f"sites {_fmt_list(partial)} are missing from some runs and were left out "
-                "(only sites present in every run are compared; see rename_sites=)"
-            )
-    values = {
-        cond: np.array([[s[x] for x in sites] for s, _ in items], dtype=np.float64).T
-        for cond, items in per_run.items()
-    }
-    info = {
-        "metric": metric_name,
-        "metric_kind": kind,
-        "source": next(iter(sources)) if sources else "n/a",
-    }
-    if kind == "variable":
-        info["reduce_steps"] = reduce or "mean"
-        info["reduce_units"] = unit_reduce or (reduce if reduce in _UNIT_REDUCTIONS else "mean")
-        info["steps"] = "all" if steps is None else repr(steps)
-        if select:
-            info["select"] = repr(dict(select))
-    return values, sites, info, notes
+        return wanted, []
+    union = list(dict.fromkeys(x for s, _ in all_site_values for x in s))
+    sites = [x for x in union if all(x in s for s, _ in all_site_values)]
+    partial = [x for x in union if x not in sites]
+    if not sites:
+        raise ValueError(
+            f"no site of metric {metric_name!r} is present in every run (sites seen: "
+            f"{_fmt_list(union)}); align differently named sites with rename_sites="
+        )
+    notes = []
+    if partial:
+        notes.append(
+            f"sites {_fmt_list(partial)} are missing from some runs and were left out "
+            "(only sites present in every run are compared; see rename_sites=)"
+        )
+    return sites, notes
 
 
 def metric_table(
