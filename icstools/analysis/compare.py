@@ -693,47 +693,72 @@ def _row(
             "no confidence interval or test"
         )
     else:
-        row["diff_lo"], row["diff_hi"] = float(boot["diff_lo"][k]), float(boot["diff_hi"][k])
-        row["diff_method"], row["ratio_method"] = boot["diff_method"], boot["ratio_method"]
-        ends = [row["diff_lo"], row["diff_hi"]]
-        if ratio_defined and not boot["ratio_ci_undefined"][k]:
-            row["ratio_lo"] = float(boot["ratio_lo"][k])
-            row["ratio_hi"] = float(boot["ratio_hi"][k])
-            if boot["ratio_unbounded"][k]:
-                notes.append(
-                    "Fieller's ratio interval is unbounded: the reference mean is not "
-                    "significantly different from 0 at this confidence level; see diff"
-                )
-            else:
-                ends += [row["ratio_lo"], row["ratio_hi"]]
-        else:
-            row["ratio_lo"] = row["ratio_hi"] = np.nan
-            if ratio_defined:
-                notes.append(
-                    "the reference mean's bootstrap/jackknife distribution reaches 0: "
-                    "ratio interval undefined, see diff"
-                )
-        if np.isinf(ends).any():
-            notes.append(
-                "interval unbounded: resamples without spread (too few seeds or "
-                "many equal values); ci_method='t' or 'bca' stays bounded"
-            )
-        elif np.isnan(ends).any():
-            notes.append("interval undefined: degenerate bootstrap distribution")
-        stat, p, test_note = test
-        row["statistic"], row["p"] = stat, p
-        if test_note:
-            notes.append(test_note)
-        row["min_p"] = _min_p(paired, nc, nr)
-        if row["min_p"] > alpha:
-            sizes = f"{nc} pairs" if paired else f"{nc} vs {nr} seeds"
-            notes.append(
-                f"{row['test']} with {sizes} cannot give p below "
-                f"{row['min_p']:.3g} > alpha={alpha}: cannot be significant; add seeds"
-            )
-        row["warning"] = ""
+        _add_intervals(row, notes, boot, k, ratio_defined)
+        _add_test(row, notes, test, paired, alpha)
     row["note"] = "; ".join(notes)
     return row
+
+
+def _add_intervals(
+    row: dict[str, Any],
+    notes: list[str],
+    boot: dict[str, np.ndarray],
+    k: int,
+    ratio_defined: bool,
+) -> None:
+    """Row ``k``'s interval ends of the difference and the ratio into ``row``, and notes on
+    intervals that are unbounded or undefined."""
+    row["diff_lo"], row["diff_hi"] = float(boot["diff_lo"][k]), float(boot["diff_hi"][k])
+    row["diff_method"], row["ratio_method"] = boot["diff_method"], boot["ratio_method"]
+    ends = [row["diff_lo"], row["diff_hi"]]
+    if ratio_defined and not boot["ratio_ci_undefined"][k]:
+        row["ratio_lo"] = float(boot["ratio_lo"][k])
+        row["ratio_hi"] = float(boot["ratio_hi"][k])
+        if boot["ratio_unbounded"][k]:
+            notes.append(
+                "Fieller's ratio interval is unbounded: the reference mean is not "
+                "significantly different from 0 at this confidence level; see diff"
+            )
+        else:
+            ends += [row["ratio_lo"], row["ratio_hi"]]
+    else:
+        row["ratio_lo"] = row["ratio_hi"] = np.nan
+        if ratio_defined:
+            notes.append(
+                "the reference mean's bootstrap/jackknife distribution reaches 0: "
+                "ratio interval undefined, see diff"
+            )
+    if np.isinf(ends).any():
+        notes.append(
+            "interval unbounded: resamples without spread (too few seeds or "
+            "many equal values); ci_method='t' or 'bca' stays bounded"
+        )
+    elif np.isnan(ends).any():
+        notes.append("interval undefined: degenerate bootstrap distribution")
+
+
+def _add_test(
+    row: dict[str, Any],
+    notes: list[str],
+    test: tuple[float, float, str],
+    paired: bool,
+    alpha: float,
+) -> None:
+    """The rank test's statistic, p-value and smallest attainable p into ``row``, and a note
+    where that p cannot reach ``alpha``."""
+    stat, p, test_note = test
+    row["statistic"], row["p"] = stat, p
+    if test_note:
+        notes.append(test_note)
+    nc, nr = row["n_cond"], row["n_ref"]
+    row["min_p"] = _min_p(paired, nc, nr)
+    if row["min_p"] > alpha:
+        sizes = f"{nc} pairs" if paired else f"{nc} vs {nr} seeds"
+        notes.append(
+            f"{row['test']} with {sizes} cannot give p below "
+            f"{row['min_p']:.3g} > alpha={alpha}: cannot be significant; add seeds"
+        )
+    row["warning"] = ""
 
 
 def _sd(x: np.ndarray) -> float:
