@@ -104,23 +104,16 @@ def _choose_source(ds: xr.Dataset, source: str | None, where: str) -> str:
     raise ValueError(f"{where} has sources {available}; choose one with source=...")
 
 
-def _variable_metric(
+def _selected(
     ds: xr.Dataset,
+    da: xr.DataArray,
     name: str,
-    *,
-    reduce: str,
-    unit_reduce: str,
-    steps: Any,
-    source: str | None,
     select: Mapping[str, Any] | None,
+    steps: Any,
     where: str,
-) -> tuple[dict[str, float], str | None]:
-    """One number per site (or per run) from variable ``name``; returns it and the source."""
-    da = ds[name]
-    used_source = None
-    if "source" in da.dims:
-        used_source = _choose_source(ds, source, where)
-        da = da.sel(source=used_source)
+) -> xr.DataArray:
+    """Variable ``name`` (``da``) at the values of ``select`` and the ``steps`` asked for;
+    raises, naming what exists, where one is not there."""
     for dim, value in (select or {}).items():
         if dim not in da.dims:
             raise ValueError(
@@ -154,6 +147,27 @@ def _variable_metric(
             raise ValueError(
                 f"steps={steps!r} selects no record of {where} (recorded steps: {span})"
             )
+    return da
+
+
+def _variable_metric(
+    ds: xr.Dataset,
+    name: str,
+    *,
+    reduce: str,
+    unit_reduce: str,
+    steps: Any,
+    source: str | None,
+    select: Mapping[str, Any] | None,
+    where: str,
+) -> tuple[dict[str, float], str | None]:
+    """One number per site (or per run) from variable ``name``; returns it and the source."""
+    da = ds[name]
+    used_source = None
+    if "source" in da.dims:
+        used_source = _choose_source(ds, source, where)
+        da = da.sel(source=used_source)
+    da = _selected(ds, da, name, select, steps, where)
     if "step" in da.dims and da.sizes["step"] == 0:
         raise ValueError(f"{where} has no recorded step")
     extra = [d for d in da.dims if d not in ("step", "unit", "site")]
