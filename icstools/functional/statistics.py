@@ -253,8 +253,10 @@ def _histogram(flat: torch.Tensor, edges: np.ndarray) -> torch.Tensor:
 def _as_rows(x: torch.Tensor, unit_dim: int) -> torch.Tensor:
     """A copy of ``x`` as ``[positions, units]`` in the compute dtype."""
     unit_dim = _unit_dim(x, unit_dim)
-    rows = x.detach().movedim(unit_dim, -1)
-    rows = rows.reshape(-1, rows.shape[-1]) if rows.ndim != 1 else rows.view(1, -1)
+    rows = x.detach()
+    if rows.ndim != 2 or unit_dim != 1:  # [batch, features] is already rows (2.5 µs a call)
+        rows = rows.movedim(unit_dim, -1)
+        rows = rows.reshape(-1, rows.shape[-1]) if rows.ndim != 1 else rows.view(1, -1)
     dtype = _compute_dtype(x)
     # .to() copies when the dtype changes; otherwise clone: in-place ops may follow.
     return rows.to(dtype) if rows.dtype != dtype else rows.clone()
