@@ -8,7 +8,12 @@ Two measurements, in one process:
 2. in a training loop, ``small_cnn()`` at batch 128 on random 32×32 inputs: blocks of
    ``--steps`` steps alternating plain / recorded with the split kernel / recorded with one
    thread, ``--rounds`` rounds (median ms per step): whether splitting a site over threads pays
-   while torch's own threads run between the hooks.
+   while torch's own threads run between the hooks;
+3. numba's error model: the block fold of the kept values (``_block_kernel``, 60 positions ×
+   4,400 columns: ~15 records of the paper MLP's three sites) and the site kernel (one
+   ``[128, 64, 1024]`` site, one thread), each compiled with ``error_model="python"`` (a
+   check before every division) and ``"numpy"`` (the kernels' setting), called alternately
+   ``--reps`` × 3 times (median ms).
 
     .venv/bin/python bench/kernels.py            # ~3 minutes
 
@@ -58,6 +63,67 @@ def one_site(reps: int) -> dict[str, float]:
     finally:
         kernels.ENABLED = True
     return {"kernel_split_ms": split, "kernel_one_thread_ms": one, "eager_ms": eager}
+
+
+def _fold_args() -> tuple:
+    """The block kernel's arguments: 4,400 columns of 60 values, 44 groups of 100."""
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal((60, 4400)) * 2).astype(np.float32)  # [positions, columns]
+    widths = np.full(44, 100)
+    col = lambda v, dt: np.repeat(np.asarray(v, dtype=dt), widths)  # noqa: E731  [columns]
+    starts = np.arange(44, dtype=np.int64) * 52
+    return (
+        a,
+        col([-5.0] * 44, np.float32),
+        col([5.0] * 44, np.float32),
+        col([50] * 44, np.int64),
+        col(starts, np.int64),
+        col([4.6] * 44, np.float32),
+    )
+
+
+def error_models(reps: int) -> dict[str, float]:
+    """Median ms of the block fold and of the site kernel compiled with each error model."""
+    import numba
+
+    fold_in = _fold_args()
+    site_x = np.random.default_rng(1).standard_normal((128, 64, 1024)).astype(np.float32)
+
+    def fold(fn: object) -> float:
+        units = fold_in[0].shape[1]
+        outs = (
+            np.zeros(units),
+            np.zeros(units, np.int64),
+            np.zeros(units, np.int64),
+            np.zeros(44 * 52, np.int64),
+            np.zeros((4, units)),
+        )
+        t0 = time.perf_counter()
+        fn(*fold_in, *outs)
+        return (time.perf_counter() - t0) * 1e3
+
+    def site(fn: object) -> float:
+        count, s, mn, mx, n_sat, n_zero, m = kernels._site_outputs(64)
+        hist = np.zeros(52, np.int64)
+        t0 = time.perf_counter()
+        fn(site_x, np.float32(-5), np.float32(5), 50, np.float32(4.6), count, s, mn, mx,
+           n_sat, n_zero, hist, m)  # fmt: skip
+        return (time.perf_counter() - t0) * 1e3
+
+    compiled = {
+        (what, model): numba.njit(nogil=True, error_model=model)(k.fn)
+        for what, k in (("fold", kernels._block_kernel), ("site", kernels._site_kernel))
+        for model in ("python", "numpy")
+    }
+    timers = {"fold": fold, "site": site}
+    times: dict[str, list[float]] = {f"{w}_{m}_ms": [] for w, m in compiled}
+    for (what, _model), fn in compiled.items():
+        timers[what](fn)  # compile
+    for r in range(3 * reps):
+        items = list(compiled.items())
+        for (what, model), fn in items if r % 2 == 0 else items[::-1]:
+            times[f"{what}_{model}_ms"].append(timers[what](fn))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def training(steps: int, rounds: int) -> dict[str, list[float]]:
@@ -114,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one site [128, 64, 32, 32] (8.4 M values), {args.threads} torch threads:")
     for name, ms in site.items():
         print(f"  {name:22s} {ms:8.1f} ms")
+    models = error_models(args.reps)
+    print("numba error model, median ms (one thread, alternating):")
+    for name, ms in models.items():
+        print(f"  {name:22s} {ms:8.2f} ms")
     times = training(args.steps, args.rounds)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"small_cnn, batch 128, {args.rounds} rounds of {args.steps}-step blocks:")
@@ -121,7 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {kind:12s} {ms:8.1f} ms/step  ({ms / med['plain']:.3f}x plain)")
     write_json(
         args.out,
-        {"machine": machine_info(), "site": site, "ms_per_step": times, "median": med},
+        {
+            "machine": machine_info(),
+            "site": site,
+            "error_models": models,
+            "ms_per_step": times,
+            "median": med,
+        },
     )
     print(f"wrote {args.out}")
     return 0
