@@ -725,7 +725,7 @@ def device_parts_many(stats: Sequence[ActivationStatistics]) -> list[dict[str, t
     """The first half of :func:`compute_many`: every object's state folded, as device tensors
     (``{field: tensor}`` per object; quantile values under ``"sample"``). Nothing is read on
     the host, so a caller can move these with other tensors in one transfer
-    (:func:`host_arrays`) and finish with :func:`finish_many`."""
+    (:func:`host_arrays`) and finish with :func:`~icstools.functional.final.finish_many`."""
     from icstools.functional.exact import fold_together  # (it imports this module)
 
     fold_together([s for s in stats if s._state is None and s._values])
