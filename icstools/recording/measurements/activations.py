@@ -299,8 +299,7 @@ class Activations(Measurement):
         self._active = [(key, stats) for key, stats in self._stats.items() if stats.calls]
         # wide sites are finished by slices of units in collect (exact.finish_exact_slices)
         self._wide = [is_wide(stats) for _, stats in self._active]
-        narrow = [s for (_, s), wide in zip(self._active, self._wide, strict=True) if not wide]
-        parts = device_parts_many(narrow)
+        parts = device_parts_many(_narrow(self._active, self._wide))
         self._fields = [list(p) for p in parts]
         return {(i, f): t for i, p in enumerate(parts) for f, t in p.items()}
 
@@ -308,8 +307,8 @@ class Activations(Measurement):
         active, self._active = self._active, []
         host = ctx.host.get(self.name, {})
         fields = [{f: host[(i, f)] for f in names} for i, names in enumerate(self._fields)]
-        narrow = [s for (_, s), wide in zip(active, self._wide, strict=True) if not wide]
-        return self._record(ctx, active, _with_wide(self._wide, finish_many(narrow, fields)))
+        narrow = finish_many(_narrow(active, self._wide), fields)
+        return self._record(ctx, active, _with_wide(self._wide, narrow))
 
     def defer(self, ctx: Context) -> _Taken | None:
         """While every value of the record is kept on the CPU (exact mode, float32): the
@@ -329,11 +328,7 @@ class Activations(Measurement):
         """The records of several steps, all their narrow sites folded in one numpy pass;
         each record's arrays (and its wide sites' statistics) made as it is taken."""
         wide = [[is_wide(stats) for _, stats in t.active] for t in taken]
-        narrow = [
-            [s for (_, s), w in zip(t.active, ws, strict=True) if not w]
-            for t, ws in zip(taken, wide, strict=True)
-        ]
-        outs = finish_exact_many(narrow)
+        outs = finish_exact_many([_narrow(t.active, ws) for t, ws in zip(taken, wide, strict=True)])
         return (
             self._record(ctx, t.active, _with_wide(ws, out))
             for t, ws, out in zip(taken, wide, outs, strict=True)
@@ -404,6 +399,13 @@ def _check_width(layout: Layout, name: str, width: int, step: int) -> None:
             f"first record; a site's width must not change (set unit_dim for it if the wrong "
             f"dimension is taken as units)"
         )
+
+
+def _narrow(
+    active: list[tuple[tuple[str, str], ActivationStatistics]], wide: list[bool]
+) -> list[ActivationStatistics]:
+    """The statistics objects of the sites that are not wide, in order."""
+    return [stats for (_, stats), w in zip(active, wide, strict=True) if not w]
 
 
 def _with_wide(
