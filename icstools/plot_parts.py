@@ -16,9 +16,14 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from icstools.analysis.metrics import diverged_step
+from icstools.schema import how_to_record
 
 #: Legend entries at most; beyond, the legend is left out.
 _MAX_LEGEND = 12
+
+#: ``gid`` of the text artists that say why a panel is empty (see
+#: :func:`icstools.plots.figure_notes`).
+NOTE_GID = "icstools-note"
 
 
 def _figure(ax: Axes | None, size: tuple[float, float] = (6.4, 3.6)) -> tuple[Figure, Axes]:
@@ -177,3 +182,27 @@ def _last_jac_step(ds: xr.Dataset) -> int | None:
     ok = np.isfinite(sv).reshape(sv.shape[0], -1).any(1)
     steps = np.asarray(ds["step"].values)[ok]
     return int(steps[-1]) if steps.size else None
+
+
+def _note(ax: Axes, message: str) -> None:
+    """Say in the middle of ``ax`` why it shows nothing (or what is missing)."""
+    ax.text(
+        0.5,
+        0.5,
+        _text(message, 400),
+        ha="center",
+        va="center",
+        wrap=True,
+        fontsize=9,
+        color="0.25",
+        transform=ax.transAxes,
+        gid=NOTE_GID,
+    )
+
+
+def _absent(ax: Axes, var: str, where: str = "the run") -> Figure:
+    how = how_to_record(var)
+    _note(ax, f"'{var}' is not in {where}" + (f" (recorded by {how})" if how else ""))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return ax.get_figure(root=True)

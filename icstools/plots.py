@@ -51,6 +51,8 @@ from icstools.analysis.drift import site_aggregate
 from icstools.analysis.metrics import last_hidden_site
 from icstools.plot_parts import (
     _MAX_LEGEND,
+    NOTE_GID,
+    _absent,
     _as_conditions,
     _check_ds,
     _figure,
@@ -59,6 +61,7 @@ from icstools.plot_parts import (
     _legend,
     _log_if_positive,
     _mark_divergence,
+    _note,
     _palette,
     _save_png,
     _seed_band,
@@ -66,7 +69,6 @@ from icstools.plot_parts import (
     _step_lines,
     _text,
 )
-from icstools.schema import how_to_record
 
 __all__ = [
     "NOTE_GID",
@@ -86,8 +88,6 @@ __all__ = [
     "typical_unit",
 ]
 
-#: ``gid`` of the text artists that say why a panel is empty (see :func:`figure_notes`).
-NOTE_GID = "icstools-note"
 
 _SEGMENT_EXCLUDE = ("input->output",)  # the whole network's block, not a segment
 
@@ -97,30 +97,6 @@ Runs = xr.Dataset | Sequence[xr.Dataset] | Mapping[str, "xr.Dataset | Sequence[x
 # ============================================================================================
 # Helpers
 # ============================================================================================
-
-
-def _note(ax: Axes, message: str) -> None:
-    """Say in the middle of ``ax`` why it shows nothing (or what is missing)."""
-    ax.text(
-        0.5,
-        0.5,
-        _text(message, 400),
-        ha="center",
-        va="center",
-        wrap=True,
-        fontsize=9,
-        color="0.25",
-        transform=ax.transAxes,
-        gid=NOTE_GID,
-    )
-
-
-def _absent(ax: Axes, var: str, where: str = "the run") -> Figure:
-    how = how_to_record(var)
-    _note(ax, f"'{var}' is not in {where}" + (f" (recorded by {how})" if how else ""))
-    ax.set_xticks([])
-    ax.set_yticks([])
-    return ax.get_figure(root=True)
 
 
 def figure_notes(fig: Figure) -> list[str]:

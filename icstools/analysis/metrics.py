@@ -475,7 +475,8 @@ def _identities(ds: xr.Dataset) -> float:
 _DRIFT_DEFAULTS = {"reference": "first", "source": None, "method": "auto", "how": "median"}
 
 
-def _register_builtins() -> None:
+def _register_drift() -> None:
+    """The drift metrics: one per site-level drift metric, and ``drift`` of one site."""
     for name in DRIFT_METRICS:
         METRICS.register(
             name,
@@ -494,6 +495,70 @@ def _register_builtins() -> None:
         site=None,
         **_DRIFT_DEFAULTS,
     )
+
+
+#: ``(name, function, description)`` of the metrics without options.
+_PLAIN_METRICS = (
+    (
+        "sat_frac_mean",
+        _sat_frac_mean,
+        "sat_frac on the training batches, mean over the units of all sites with a saturation "
+        "threshold and over records",
+    ),
+    (
+        "ics_cos_mean",
+        _ics_cos_mean,
+        "ics_cos (cosine of the layer gradient before/after the previous layers' update), mean "
+        "over the records where measured and the layers with weights, normalization layers "
+        "excluded",
+    ),
+    (
+        "beta",
+        _beta,
+        "beta_smoothness (effective β-smoothness), mean over the records where measured",
+    ),
+    (
+        "loss_variation_mean",
+        _loss_variation_mean,
+        "loss_variation (range of the loss along the gradient), mean over records",
+    ),
+    (
+        "grad_predictiveness",
+        _grad_predictiveness,
+        "landscape_grad_diff (‖∇L(w) − ∇L(w − ηg)‖: smaller means more predictive gradients), "
+        "mean over the step sizes η and over the records where measured",
+    ),
+    (
+        "jac_near_one",
+        _jac_near_one,
+        "jac_frac_near_one (share of singular values in [0.5, 2]), mean over the records where "
+        "measured and the segment blocks (the whole network input->output excluded)",
+    ),
+    (
+        "grad_explosion",
+        _grad_explosion,
+        "log10 of grad_norm at the first site over grad_norm at the last site, at the first "
+        "record (> 0: gradients grow towards the input)",
+    ),
+    (
+        "identities",
+        _identities,
+        "largest finite relative error of the §3.3 identities logged in the run (si_*, "
+        "scale_*, over records; NaN if none)",
+    ),
+)
+
+#: The generalization measure's logged values (``final_<name>``).
+_GENERALIZATION = (
+    ("gen_gap_acc", "train − test accuracy (eval mode)"),
+    ("gen_gap_loss", "test − train loss (eval mode)"),
+    ("gen_test_acc", "test accuracy on all 10,000 test images (eval mode)"),
+    ("gen_train_acc", "accuracy on the first 10,000 training images (eval mode)"),
+)
+
+
+def _register_builtins() -> None:
+    _register_drift()
     METRICS.register("final_acc", _final_acc, "test_acc at the last record where it was measured")
     METRICS.register(
         "mean_acc",
@@ -501,65 +566,15 @@ def _register_builtins() -> None:
         "mean test_acc over `steps` (default: the records where it was measured)",
         steps=None,
     )
-    METRICS.register(
-        "sat_frac_mean",
-        _sat_frac_mean,
-        "sat_frac on the training batches, mean over the units of all sites with a saturation "
-        "threshold and over records",
-    )
-    METRICS.register(
-        "ics_cos_mean",
-        _ics_cos_mean,
-        "ics_cos (cosine of the layer gradient before/after the previous layers' update), mean "
-        "over the records where measured and the layers with weights, normalization layers "
-        "excluded",
-    )
-    METRICS.register(
-        "beta",
-        _beta,
-        "beta_smoothness (effective β-smoothness), mean over the records where measured",
-    )
-    METRICS.register(
-        "loss_variation_mean",
-        _loss_variation_mean,
-        "loss_variation (range of the loss along the gradient), mean over records",
-    )
-    METRICS.register(
-        "grad_predictiveness",
-        _grad_predictiveness,
-        "landscape_grad_diff (‖∇L(w) − ∇L(w − ηg)‖: smaller means more predictive gradients), "
-        "mean over the step sizes η and over the records where measured",
-    )
-    for name, what in (
-        ("gen_gap_acc", "train − test accuracy (eval mode)"),
-        ("gen_gap_loss", "test − train loss (eval mode)"),
-        ("gen_test_acc", "test accuracy on all 10,000 test images (eval mode)"),
-        ("gen_train_acc", "accuracy on the first 10,000 training images (eval mode)"),
-    ):
+    for name, fn, description in _PLAIN_METRICS:
+        METRICS.register(name, fn, description)
+    for name, what in _GENERALIZATION:
         METRICS.register(
             f"final_{name}",
             functools.partial(_last_logged, name=name),
             f"{name} ({what}, logged by the generalization measure) at the last record where "
             "it was measured",
         )
-    METRICS.register(
-        "jac_near_one",
-        _jac_near_one,
-        "jac_frac_near_one (share of singular values in [0.5, 2]), mean over the records where "
-        "measured and the segment blocks (the whole network input->output excluded)",
-    )
-    METRICS.register(
-        "grad_explosion",
-        _grad_explosion,
-        "log10 of grad_norm at the first site over grad_norm at the last site, at the first "
-        "record (> 0: gradients grow towards the input)",
-    )
-    METRICS.register(
-        "identities",
-        _identities,
-        "largest finite relative error of the §3.3 identities logged in the run (si_*, "
-        "scale_*, over records; NaN if none)",
-    )
 
 
 _register_builtins()

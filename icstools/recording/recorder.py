@@ -233,30 +233,9 @@ class Recorder(RecorderCore):
         options.sites = select_sites(model, sites, role)
         options.modules = dict(model.named_modules())
         schedule = as_schedule(every)
-        ctx = Context(
-            model,
-            options.sites,
-            SiteTable(model, unit_dim, calls),
-            optimizer=None if optimizer is None else unwrap_optimizer(optimizer),
-            probe=probe,
-            probe_mode=probe_mode,
-            loss_fn=loss_fn,
-            scaler=scaler,
-            seed=options.seed,
-        )
-        ctx.wrapper = wrapper
-        ctx.measurements = build(options, measurements)
-        if ranks is not None:
-            ctx.measurements = ranks.localize(ctx)
-        sink = RecordSink(
-            path if ranks is None or ranks.writer else None,  # rank 0 writes the merged run
-            overwrite=overwrite,
-            resume=resume,
-            chunk_steps=chunk_steps,
-            flush_seconds=flush_seconds,
-            on_record=on_record,
-            buffer_bytes=buffer_bytes,
-        )
+        ctx = _context(model, wrapper, options, ranks)
+        # rank 0 writes the merged run
+        sink = _sink(options, path if ranks is None or ranks.writer else None)
         super().__init__(ctx, schedule, sink)
         self._options = options
         self._dist = ranks
@@ -288,6 +267,41 @@ class Recorder(RecorderCore):
     def config(self) -> dict[str, Any]:
         """The recorder's configuration as JSON-able values (stored in the run's attrs)."""
         return recorder_config(self._options, self.schedule, self._ctx.measurements)
+
+
+def _context(model: nn.Module, wrapper: Any, options: SimpleNamespace, ranks: Any) -> Context:
+    """The shared context of the core and the measurements, built from the keywords."""
+    o = options
+    ctx = Context(
+        model,
+        o.sites,
+        SiteTable(model, o.unit_dim, o.calls),
+        optimizer=None if o.optimizer is None else unwrap_optimizer(o.optimizer),
+        probe=o.probe,
+        probe_mode=o.probe_mode,
+        loss_fn=o.loss_fn,
+        scaler=o.scaler,
+        seed=o.seed,
+    )
+    ctx.wrapper = wrapper
+    ctx.measurements = build(o, o.measurements)
+    if ranks is not None:
+        ctx.measurements = ranks.localize(ctx)
+    return ctx
+
+
+def _sink(options: SimpleNamespace, path: str | Path | None) -> RecordSink:
+    """Where the records go: the store at ``path``, or memory (``None``)."""
+    o = options
+    return RecordSink(
+        path,
+        overwrite=o.overwrite,
+        resume=o.resume,
+        chunk_steps=o.chunk_steps,
+        flush_seconds=o.flush_seconds,
+        on_record=o.on_record,
+        buffer_bytes=o.buffer_bytes,
+    )
 
 
 def _distributed(model: nn.Module, *, resume: bool, **rank0_only: Any) -> Any:

@@ -179,7 +179,10 @@ def _norms(tensors: list[torch.Tensor]) -> torch.Tensor:
     groups tensors by device and dtype, a few kernels for all of them)."""
     if not tensors:
         return torch.empty(0, dtype=torch.float64)
-    return torch.stack([n.double() for n in torch._foreach_norm(tensors)])
+    norms = torch._foreach_norm(tensors)
+    if len({(n.dtype, n.device) for n in norms}) == 1:  # one stack, one cast (not one per tensor)
+        return torch.stack(norms).double()
+    return torch.stack([n.double() for n in norms])
 
 
 def _index(positions: list[int], device: torch.device) -> torch.Tensor:
