@@ -13,6 +13,7 @@ import numpy as np
 import seaborn as sns
 import xarray as xr
 from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 from icstools.analysis.metrics import diverged_step
@@ -24,6 +25,8 @@ _MAX_LEGEND = 12
 #: ``gid`` of the text artists that say why a panel is empty (see
 #: :func:`icstools.plots.figure_notes`).
 NOTE_GID = "icstools-note"
+
+_SEGMENT_EXCLUDE = ("input->output",)  # the whole network's block, not a segment
 
 
 def _figure(ax: Axes | None, size: tuple[float, float] = (6.4, 3.6)) -> tuple[Figure, Axes]:
@@ -206,3 +209,68 @@ def _absent(ax: Axes, var: str, where: str = "the run") -> Figure:
     ax.set_xticks([])
     ax.set_yticks([])
     return ax.get_figure(root=True)
+
+
+def _color_scale(values: np.ndarray) -> tuple[Normalize, np.ma.MaskedArray]:
+    """A heatmap's colour scale and the values it shows (non-finite ones masked): log when
+    the finite positive values span more than two decades (then non-positive ones masked)."""
+    finite = values[np.isfinite(values)]
+    pos = finite[finite > 0]
+    if pos.size and pos.max() / pos.min() > 100:
+        norm: Normalize = LogNorm(vmin=pos.min(), vmax=pos.max())
+        shown = np.where(values > 0, values, np.nan)
+    else:
+        lo = float(finite.min()) if finite.size else 0.0
+        hi = float(finite.max()) if finite.size else 1.0
+        norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0)
+        shown = values
+    return norm, np.ma.masked_invalid(shown)
+
+
+def _cell_edges(steps: np.ndarray) -> np.ndarray:
+    """Edges of heatmap cells centred on ``steps`` (``[len(steps) + 1]``)."""
+    if steps.size > 1:
+        mid = (steps[1:] + steps[:-1]) / 2
+        return np.concatenate(
+            [[steps[0] - (mid[0] - steps[0])], mid, [steps[-1] + (steps[-1] - mid[-1])]]
+        )
+    return np.array([steps[0] - 0.5, steps[0] + 0.5]) if steps.size else np.array([0, 1])
+
+
+def _spectra(
+    conds: dict[str, list[xr.Dataset]], step: int | None, blocks: str | Sequence[str]
+) -> tuple[dict[str, list[np.ndarray]], set[int]]:
+    """The singular values to draw, grouped by block (one run) or by condition, and the steps
+    they were taken at (``step``, or each run's last record with spectra)."""
+    single = len(conds) == 1 and len(next(iter(conds.values()))) == 1
+    groups: dict[str, list[np.ndarray]] = {}
+    steps_used: set[int] = set()
+    for cond, items in conds.items():
+        for ds in items:
+            if "jac_sv" not in ds.data_vars:
+                continue
+            at = _last_jac_step(ds) if step is None else int(step)
+            if at is None:
+                continue
+            if at not in np.asarray(ds["step"].values):
+                raise ValueError(f"step {at} is not recorded in the run of {cond!r}")
+            sv = ds["jac_sv"].sel(step=at)
+            steps_used.add(at)
+            for b in _chosen_blocks([str(b) for b in sv["block"].values], blocks):
+                groups.setdefault(b if single else cond, []).append(
+                    np.asarray(sv.sel(block=b).values, dtype=np.float64).ravel()
+                )
+    return groups, steps_used
+
+
+def _chosen_blocks(names: list[str], blocks: str | Sequence[str]) -> list[str]:
+    """The blocks of a run that ``blocks`` selects (``"segments"``: all but the whole network's,
+    unless it is the only one)."""
+    if blocks == "segments":
+        return [b for b in names if b not in _SEGMENT_EXCLUDE] or names
+    if blocks == "all":
+        return names
+    missing = [b for b in blocks if b not in names]
+    if missing:
+        raise ValueError(f"blocks {missing} do not exist. Expected some of {names}")
+    return list(blocks)

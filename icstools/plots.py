@@ -42,7 +42,6 @@ import numpy as np
 import seaborn as sns
 import xarray as xr
 from matplotlib.axes import Axes
-from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
 import icstools.analysis  # noqa: F401  (registers ds.ics)
@@ -54,10 +53,11 @@ from icstools.plot_parts import (
     NOTE_GID,
     _absent,
     _as_conditions,
+    _cell_edges,
     _check_ds,
+    _color_scale,
     _figure,
     _finite,
-    _last_jac_step,
     _legend,
     _log_if_positive,
     _mark_divergence,
@@ -66,6 +66,7 @@ from icstools.plot_parts import (
     _save_png,
     _seed_band,
     _site_finite_steps,
+    _spectra,
     _step_lines,
     _text,
 )
@@ -88,8 +89,6 @@ __all__ = [
     "typical_unit",
 ]
 
-
-_SEGMENT_EXCLUDE = ("input->output",)  # the whole network's block, not a segment
 
 Runs = xr.Dataset | Sequence[xr.Dataset] | Mapping[str, "xr.Dataset | Sequence[xr.Dataset]"]
 
@@ -504,24 +503,8 @@ def plot_drift_heatmap(
     steps = np.asarray(da["step"].values, dtype=np.float64)
     sites = [str(s) for s in da["site"].values]
     finite = values[np.isfinite(values)]
-    pos = finite[finite > 0]
-    if pos.size and pos.max() / pos.min() > 100:
-        norm: Normalize = LogNorm(vmin=pos.min(), vmax=pos.max())
-        shown = np.where(values > 0, values, np.nan)
-    else:
-        lo = float(finite.min()) if finite.size else 0.0
-        hi = float(finite.max()) if finite.size else 1.0
-        norm = Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1.0)
-        shown = values
-    shown = np.ma.masked_invalid(shown)
-    if steps.size > 1:
-        mid = (steps[1:] + steps[:-1]) / 2
-        xedges = np.concatenate(
-            [[steps[0] - (mid[0] - steps[0])], mid, [steps[-1] + (steps[-1] - mid[-1])]]
-        )
-    else:
-        xedges = np.array([steps[0] - 0.5, steps[0] + 0.5]) if steps.size else np.array([0, 1])
-    yedges = np.arange(len(sites) + 1) - 0.5
+    norm, shown = _color_scale(values)
+    xedges, yedges = _cell_edges(steps), np.arange(len(sites) + 1) - 0.5
     cmap = sns.color_palette("rocket_r", as_cmap=True).with_extremes(bad="0.85")
     mesh = ax.pcolormesh(xedges, yedges, shown, cmap=cmap, norm=norm, shading="flat")
     ax.set_yticks(np.arange(len(sites)), [_text(s, 32) for s in sites], fontsize=7)
@@ -727,35 +710,7 @@ def plot_jacobian_spectra(
     fig, ax = _figure(ax)
     if not any("jac_sv" in ds.data_vars for items in conds.values() for ds in items):
         return _absent(ax, "jac_sv", "any of the runs")
-    single = len(conds) == 1 and len(next(iter(conds.values()))) == 1
-    groups: dict[str, list[np.ndarray]] = {}
-    steps_used: set[int] = set()
-    for cond, items in conds.items():
-        for ds in items:
-            if "jac_sv" not in ds.data_vars:
-                continue
-            at = _last_jac_step(ds) if step is None else int(step)
-            if at is None:
-                continue
-            if at not in np.asarray(ds["step"].values):
-                raise ValueError(f"step {at} is not recorded in the run of {cond!r}")
-            sv = ds["jac_sv"].sel(step=at)
-            names = [str(b) for b in sv["block"].values]
-            if blocks == "segments":
-                chosen = [b for b in names if b not in _SEGMENT_EXCLUDE] or names
-            elif blocks == "all":
-                chosen = names
-            else:
-                missing = [b for b in blocks if b not in names]
-                if missing:
-                    raise ValueError(f"blocks {missing} do not exist. Expected some of {names}")
-                chosen = list(blocks)
-            steps_used.add(at)
-            for b in chosen:
-                key = b if single else cond
-                groups.setdefault(key, []).append(
-                    np.asarray(sv.sel(block=b).values, dtype=np.float64).ravel()
-                )
+    groups, steps_used = _spectra(conds, step, blocks)
     pooled = {k: np.concatenate(v) for k, v in groups.items()}
     pooled = {k: v[np.isfinite(v) & (v > 0)] for k, v in pooled.items()}
     allv = np.concatenate(list(pooled.values())) if pooled else np.array([])

@@ -247,6 +247,15 @@ def test_jacobian_spectra_are_densities_with_a_line_at_one(runs):
     blocks = [str(b) for b in runs["bn"][0]["block"].values]
     assert [p.get_label() for p in one.patches if type(p).__name__ == "StepPatch"] == blocks
     assert ax.get_xscale() == "log"
+    # the default draws the segments: every block but the whole network's
+    segments = plots.plot_jacobian_spectra(runs["bn"][0]).axes[0]
+    drawn = [p.get_label() for p in segments.patches if type(p).__name__ == "StepPatch"]
+    assert "input->output" in blocks
+    assert drawn == [b for b in blocks if b != "input->output"]
+    picked = plots.plot_jacobian_spectra(runs["bn"][0], blocks=blocks[:1]).axes[0]
+    assert [p.get_label() for p in picked.patches if type(p).__name__ == "StepPatch"] == blocks[:1]
+    with pytest.raises(ValueError, match=r"blocks \['nope'\] do not exist"):
+        plots.plot_jacobian_spectra(runs["bn"][0], blocks=["nope"])
 
 
 def test_scalar_band_is_plus_minus_one_sd_and_single_seed_has_none(runs):
