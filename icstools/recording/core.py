@@ -27,7 +27,6 @@ in the middle of a step leave its record open, so they never change what is reco
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from torch import nn
 
 from icstools.recording.compiled import NO_BATCH, SiteSwitch, check_stashable
 from icstools.recording.deferred import DeferredRecords
-from icstools.recording.errors import RecorderError
+from icstools.recording.errors import RecorderError, report_beside
 from icstools.recording.hooks import HookGroup
 from icstools.recording.isolation import RngState, isolated
 from icstools.recording.measurements import Context, Measurement, StepBatch
@@ -71,6 +70,7 @@ class RecorderCore(RunRecords):
         self._in_train_forward = False
         self._in_batch = False  # between begin_batch and end_batch: the root hooks wait
         self._last: dict[str, Any] | None = None  # the latest closed record
+        self._logged_names: set[str] = set()  # names rec.log has accepted
         self._steps = OptimizerSteps(self._before_update, self._after_update, ctx.own_forwards)
         self._switch = SiteSwitch(ctx.model)  # the site hooks, eager or compiled
 
@@ -110,7 +110,8 @@ class RecorderCore(RunRecords):
             self._hooks.forward_pre(root, self._on_root_start, with_kwargs=True)
             for site in ctx.sites:
                 module = ctx.modules[site.module_name]
-                self._hooks.site(module, site.role, functools.partial(self._switch.site, site))
+                fn = functools.partial(self._switch.site, site)
+                self._hooks.site(module, site.role, fn, idle=self._idle)
             self._hooks.forward(root, self._on_root_end, always_call=True)
             if ctx.optimizer is not None:
                 self._steps.attach(self._hooks, ctx.optimizer)
@@ -150,7 +151,7 @@ class RecorderCore(RunRecords):
             except Exception as err:
                 if exc is None:
                     raise
-                _report_beside(exc, err)
+                report_beside(exc, err)
 
     def _sync_switch(self) -> None:
         """Compiled forwards stash at scheduled steps (traced root hooks never run)."""
@@ -168,6 +169,11 @@ class RecorderCore(RunRecords):
             for site, x in forward:
                 self._observe(site, x)
             self._forward_end()
+
+    def _idle(self) -> bool:
+        """An eager site hook has nothing to do (as :meth:`_observe` would find); traced, false
+        without reading the source (a Dynamo guard on it would recompile per record)."""
+        return not torch.compiler.is_compiling() and self._ctx.source is None
 
     def _observe(self, site: Site, x: torch.Tensor | None) -> None:
         ctx = self._ctx
@@ -363,7 +369,7 @@ class RecorderCore(RunRecords):
         >>> rec = Recorder(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
         >>> rec.log(loss=0.5, accuracy=0.9)
         """
-        check_logged(scalars)
+        check_logged(scalars, self._logged_names)
         ctx = self._ctx
         if ctx.silent:  # within the closure's later evaluations (LBFGS): not this step's data
             return
@@ -385,13 +391,3 @@ _EVENTS += ("before_update", "after_update")
 def _defines(measurement: Measurement, event: str) -> bool:
     """Whether a measurement handles ``event`` (overrides the base class's no-op)."""
     return getattr(type(measurement), event, None) is not getattr(Measurement, event, None)
-
-
-def _report_beside(exc: BaseException, err: Exception) -> None:
-    """Report ``err`` (closing the recorder failed) beside the exception ``exc`` in flight."""
-    note = f"icstools: closing the recorder failed as well: {type(err).__name__}: {err}"
-    exc.add_note(note)
-    try:
-        warnings.warn(note, UserWarning, stacklevel=3)
-    except Warning:  # warnings are errors here: the note carries it, ``exc`` must propagate
-        pass

@@ -3,7 +3,14 @@ raises them, and nothing here imports the rest)."""
 
 from __future__ import annotations
 
-__all__ = ["RecorderError", "ResumeWarning", "SharedModuleWarning", "SitesNotRecordedWarning"]
+import warnings
+
+__all__ = [
+    "RecorderError",
+    "ResumeWarning",
+    "SharedModuleWarning",
+    "SitesNotRecordedWarning",
+]
 
 
 class RecorderError(ValueError):
@@ -44,3 +51,13 @@ class ResumeWarning(UserWarning):
     >>> import warnings, icstools
     >>> warnings.filterwarnings("ignore", category=icstools.ResumeWarning)
     """
+
+
+def report_beside(exc: BaseException, err: Exception) -> None:
+    """Report ``err`` (closing the recorder failed) beside the exception ``exc`` in flight."""
+    note = f"icstools: closing the recorder failed as well: {type(err).__name__}: {err}"
+    exc.add_note(note)
+    try:
+        warnings.warn(note, UserWarning, stacklevel=3)
+    except Warning:  # warnings are errors here: the note carries it, ``exc`` must propagate
+        pass

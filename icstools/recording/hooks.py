@@ -73,19 +73,28 @@ class HookGroup:
             )
         )
 
-    def site(self, module: nn.Module, role: str, fn: Callable[..., None]) -> RemovableHandle:
+    def site(
+        self,
+        module: nn.Module,
+        role: str,
+        fn: Callable[..., None],
+        idle: Callable[[], bool] | None = None,
+    ) -> RemovableHandle:
         """A hook that calls ``fn(module, x)`` with the first floating-point tensor ``x`` of the
         module's inputs (``role="input"``, a pre-hook) or output (``role="output"``), or
-        ``None``."""
+        ``None``; not while ``idle()`` is true (checked first: a site hook runs at every
+        forward, recorded or not)."""
         if role == "input":
 
             def pre(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-                fn(mod, find_tensor(args) if args else find_tensor(kwargs))
+                if idle is None or not idle():
+                    fn(mod, find_tensor(args) if args else find_tensor(kwargs))
 
             return self.forward_pre(module, pre, with_kwargs=True)
 
         def post(mod: nn.Module, args: tuple, output: Any) -> None:
-            fn(mod, find_tensor(output))
+            if idle is None or not idle():
+                fn(mod, find_tensor(output))
 
         return self.forward(module, post)
 

@@ -37,10 +37,31 @@ VARIABLES = (
 )
 
 
-def check_logged(scalars: dict[str, Any]) -> None:
-    """Raise if a logged name or value cannot be a scalar variable of the run."""
-    reserved = reserved_names()
+def check_logged(scalars: dict[str, Any], valid: set[str] | None = None) -> None:
+    """Raise if a logged name or value cannot be a scalar variable of the run.
+
+    ``valid``: names already checked (their values are still checked); the names that pass
+    are added to it. The schema's names are gathered from every measurement module, ~3 µs a
+    call, which the recorder pays once per name rather than at every ``rec.log``.
+    """
+    unchecked = scalars.keys() if valid is None else scalars.keys() - valid
+    if unchecked:
+        _check_names(unchecked)
+        if valid is not None:
+            valid.update(unchecked)
     for name, value in scalars.items():
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise RecorderError(
+                    f"log({name}=...) needs a scalar, got a tensor of shape {tuple(value.shape)}"
+                )
+        elif not isinstance(value, (int, float, np.number)) or isinstance(value, bool):
+            raise TypeError(f"log({name}=...) needs a number or a 1-element tensor, got {value!r}")
+
+
+def _check_names(names: Any) -> None:
+    reserved = reserved_names()
+    for name in names:
         if not _LOGGED_NAME.fullmatch(name):
             raise RecorderError(
                 f"cannot log {name!r}: a logged name becomes a variable of the run (a directory "
@@ -51,13 +72,6 @@ def check_logged(scalars: dict[str, Any]) -> None:
                 f"cannot log {name!r}: the name is used by the run dataset "
                 f"({sorted(reserved)}); choose another"
             )
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise RecorderError(
-                    f"log({name}=...) needs a scalar, got a tensor of shape {tuple(value.shape)}"
-                )
-        elif not isinstance(value, (int, float, np.number)) or isinstance(value, bool):
-            raise TypeError(f"log({name}=...) needs a number or a 1-element tensor, got {value!r}")
 
 
 class Scalars(Measurement):
