@@ -1,16 +1,12 @@
 """The recorder's error and warning types (their own module: every part of the recording package
-raises them, and nothing here imports the rest)."""
+raises them, and nothing here imports the rest), and :func:`report_beside`, which reports a
+failure to close beside the exception already in flight."""
 
 from __future__ import annotations
 
 import warnings
 
-__all__ = [
-    "RecorderError",
-    "ResumeWarning",
-    "SharedModuleWarning",
-    "SitesNotRecordedWarning",
-]
+__all__ = ["RecorderError", "ResumeWarning", "SharedModuleWarning", "SitesNotRecordedWarning"]
 
 
 class RecorderError(ValueError):
